@@ -1,0 +1,142 @@
+//! Every name, mark, table, priority and port of the traffic path (SPEC §1), written once.
+//! Other modules and crates refer to these; a reader of the SPEC should recognise each name.
+
+use std::net::Ipv4Addr;
+
+/// The nft set of ambient pod IPs on the node (an ipset of the same name in the original).
+pub const POD_SET: &str = "ztunnel-pods-ips";
+/// The IPv6 twin of [`POD_SET`]: enrolled v6 addresses are recorded so they are visible and
+/// cleaned up, even though the SPEC's capture path (tunnels, tables) is IPv4 only.
+pub const POD_SET_V6: &str = "ztunnel-pods-ips6";
+/// The node's nftables table (family inet) and the ztunnel netns' table (family ip).
+pub const NODE_NFT_TABLE: &str = "ambient-node";
+pub const ZTUNNEL_NFT_TABLE: &str = "ztunnel";
+
+/// Node marks (SPEC §1). The low bits are flags; 0x210/0x220 carry the skip bit 0x200.
+pub mod mark {
+    /// Capture outbound: route by table 101 into `istioout`.
+    pub const CAPTURE: u32 = 0x100;
+    /// Skip: route by the main table (rule 100 jumps to 32766).
+    pub const SKIP: u32 = 0x200;
+    /// Skip + "spoofed by ztunnel" (saved in the connmark).
+    pub const SPOOFED: u32 = 0x210;
+    /// Skip + "ztunnel's or the node's own" (saved in the connmark).
+    pub const OWN: u32 = 0x220;
+    /// Return the rest of a captured flow to ztunnel over its veth (table 102).
+    pub const RETURN: u32 = 0x040;
+}
+
+/// Marks inside the ztunnel netns (SPEC §1, §3), matched under [`ZT_MARK_MASK`].
+pub mod zt_mark {
+    /// Set by TPROXY on captured connections.
+    pub const TPROXY: u32 = 0x400;
+    /// Replies to ztunnel's spoofed upstream sockets, delivered locally via table 100.
+    pub const SPOOF_REPLY: u32 = 0x4d3;
+    pub const MASK: u32 = 0xfff;
+}
+
+/// Node policy-routing rule priorities (SPEC §1).
+pub mod rule {
+    /// `fwmark 0x200/0x200 goto 32766`
+    pub const SKIP: u32 = 100;
+    /// `fwmark 0x100/0x100 lookup 101`
+    pub const CAPTURE: u32 = 101;
+    /// `fwmark 0x40/0x40 lookup 102`
+    pub const RETURN: u32 = 102;
+    /// `lookup 100`
+    pub const INBOUND: u32 = 103;
+    /// The kernel's `from all lookup main` rule, target of rule 100's goto.
+    pub const MAIN: u32 = 32766;
+    /// Every priority the node agent owns.
+    pub const ALL: [u32; 4] = [SKIP, CAPTURE, RETURN, INBOUND];
+}
+
+/// Node routing tables (SPEC §1).
+pub mod table {
+    /// Per-pod routes into `istioin`.
+    pub const INBOUND: u32 = 100;
+    /// Captured outbound traffic: default via `istioout`.
+    pub const OUTBOUND: u32 = 101;
+    /// The rest of captured flows: default via the ztunnel veth.
+    pub const RETURN: u32 = 102;
+    pub const ALL: [u32; 3] = [INBOUND, OUTBOUND, RETURN];
+}
+
+/// ztunnel netns rule priorities and tables (SPEC §1, §3).
+pub mod zt_rule {
+    /// `fwmark 0x400/0xfff lookup 100`
+    pub const TPROXY: u32 = 20000;
+    /// `fwmark 0x4d3/0xfff lookup 100`
+    pub const SPOOF_REPLY: u32 = 20003;
+    pub const ALL: [u32; 2] = [TPROXY, SPOOF_REPLY];
+    /// `local 0.0.0.0/0 dev lo`
+    pub const TABLE_LOCAL: u32 = 100;
+    /// `default via 192.168.127.1 dev pistioout`
+    pub const TABLE_OUTBOUND: u32 = 101;
+    /// `default via 192.168.126.1 dev pistioin`
+    pub const TABLE_INBOUND: u32 = 102;
+}
+
+/// One end of one tunnel: its device name, VNI and /30 address; `peer` is the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelEnd {
+    pub name: &'static str,
+    pub vni: u32,
+    pub addr: Ipv4Addr,
+    pub peer: Ipv4Addr,
+}
+
+pub const TUNNEL_PREFIX_LEN: u8 = 30;
+/// Default UDP port of both tunnels (Geneve's IANA port; VXLAN uses it too here).
+pub const TUNNEL_PORT: u16 = 6081;
+/// Geneve without options and VXLAN both add 50 bytes to the inner packet.
+pub const TUNNEL_OVERHEAD: u32 = 50;
+
+pub const ISTIOIN: TunnelEnd = TunnelEnd {
+    name: "istioin",
+    vni: 1000,
+    addr: Ipv4Addr::new(192, 168, 126, 1),
+    peer: Ipv4Addr::new(192, 168, 126, 2),
+};
+pub const ISTIOOUT: TunnelEnd = TunnelEnd {
+    name: "istioout",
+    vni: 1001,
+    addr: Ipv4Addr::new(192, 168, 127, 1),
+    peer: Ipv4Addr::new(192, 168, 127, 2),
+};
+pub const PISTIOIN: TunnelEnd = TunnelEnd {
+    name: "pistioin",
+    vni: 1000,
+    addr: Ipv4Addr::new(192, 168, 126, 2),
+    peer: Ipv4Addr::new(192, 168, 126, 1),
+};
+pub const PISTIOOUT: TunnelEnd = TunnelEnd {
+    name: "pistioout",
+    vni: 1001,
+    addr: Ipv4Addr::new(192, 168, 127, 2),
+    peer: Ipv4Addr::new(192, 168, 127, 1),
+};
+
+/// ztunnel ports (SPEC §1).
+pub mod port {
+    pub const OUTBOUND: u16 = 15001;
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    pub const INBOUND_HBONE: u16 = 15008;
+    pub const ADMIN: u16 = 15000;
+    pub const METRICS: u16 = 15020;
+    pub const READINESS: u16 = 15021;
+    pub const DNS: u16 = 15053;
+}
+
+/// Membership (SPEC §1).
+pub mod membership {
+    pub const NAMESPACE_LABEL: &str = "istio.io/dataplane-mode";
+    pub const NAMESPACE_LABEL_VALUE: &str = "ambient";
+    pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+    pub const REDIRECTION_DISABLED: &str = "disabled";
+    pub const REDIRECTION_ENABLED: &str = "enabled";
+    pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
+}
+
+/// Where the node agent listens for the CNI plugin by default (root-only).
+pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/ambient/agent.sock";

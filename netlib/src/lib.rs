@@ -1,0 +1,10 @@
+//! ambient-net: the network programming shared by ambient-cni, ambient-agent and ztunnel-init.
+//!
+//! The SPEC's names and numbers live in [`consts`]; [`netns`] enters namespaces;
+//! [`nl`] drives links, addresses, rules and routes over rtnetlink; [`nft`] renders and
+//! applies the nftables rules in atomic batches; [`sysctl`] reads and writes `/proc/sys/net`;
+//! [`proto`] is the wire format between the CNI plugin and the agent.
+
+pub mod consts;
+pub mod netns;
+pub mod proto;
