@@ -7,4 +7,5 @@
 
 pub mod consts;
 pub mod netns;
+pub mod nl;
 pub mod proto;
