@@ -6,6 +6,8 @@
 //! [`proto`] is the wire format between the CNI plugin and the agent.
 
 pub mod consts;
+pub mod model;
 pub mod netns;
 pub mod nl;
 pub mod proto;
+pub mod sysctl;
