@@ -8,6 +8,7 @@
 pub mod consts;
 pub mod model;
 pub mod netns;
+pub mod nft;
 pub mod nl;
 pub mod proto;
 pub mod sysctl;

@@ -1,0 +1,497 @@
+//! The desired rules, written as `nftables` crate statements, one [`ChainSpec`] per chain.
+//!
+//! Every rule carries a comment `"<what it does> [ambient <i>/<n> <fingerprint>]"`; the
+//! fingerprint hashes the chain's rendered rules, so comparing the comments the kernel gives
+//! back with [`ChainSpec::fingerprint`] tells whether the chain is the desired one without
+//! parsing nft's normalized expressions.
+
+use std::borrow::Cow;
+use std::net::Ipv4Addr;
+
+use nftables::expr::{
+    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, CT,
+};
+use nftables::schema::{Chain, Rule};
+use nftables::stmt::{Mangle, Match, NATFamily, Operator, Statement, TProxy, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::{chain, prio, NodeRules, ZtunnelRules};
+use crate::consts::{self, mark, port, zt_mark};
+
+/// One rule: a human description (the comment's text) and its statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub text: &'static str,
+    pub expr: Vec<Statement<'static>>,
+}
+
+/// One base chain with its hook, priority (policy is always accept) and ordered rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    pub name: &'static str,
+    pub kind: NfChainType,
+    pub hook: NfHook,
+    pub prio: i32,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// The tag at the end of every rule comment: position `index` (1-based) of `count` rules in
+/// a chain whose rendered rules hash to `fingerprint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleTag {
+    pub index: usize,
+    pub count: usize,
+    pub fingerprint: u64,
+}
+
+const TAG_OPEN: &str = " [ambient ";
+/// nft refuses comments longer than this many bytes.
+pub(crate) const COMMENT_MAX: usize = 128;
+
+impl RuleTag {
+    /// Reads the tag from the end of a rule comment; `None` for anything else.
+    pub fn parse(comment: &str) -> Option<RuleTag> {
+        let start = comment.rfind(TAG_OPEN)?;
+        let body = comment[start + TAG_OPEN.len()..].strip_suffix(']')?;
+        let (pos, fp) = body.split_once(' ')?;
+        let (index, count) = pos.split_once('/')?;
+        if fp.len() != 16 {
+            return None;
+        }
+        Some(RuleTag {
+            index: index.parse().ok()?,
+            count: count.parse().ok()?,
+            fingerprint: u64::from_str_radix(fp, 16).ok()?,
+        })
+    }
+}
+
+/// `"<text> [ambient <index>/<count> <fingerprint as 16 hex digits>]"`; the text is cut
+/// (at a character boundary) so that the whole comment fits nft's limit.
+pub fn rule_comment(text: &str, tag: RuleTag) -> String {
+    let tag = format!(
+        "{TAG_OPEN}{}/{} {:016x}]",
+        tag.index, tag.count, tag.fingerprint
+    );
+    let mut end = text.len().min(COMMENT_MAX.saturating_sub(tag.len()));
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{tag}", &text[..end])
+}
+
+/// FNV-1a, 64 bit: tiny, stable across builds and platforms (unlike std's SipHash keys).
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+impl ChainSpec {
+    /// Hash of the chain name and every rule's text and serialized statements, in order.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = fnv1a(FNV_OFFSET, self.name.as_bytes());
+        for r in &self.rules {
+            h = fnv1a(h, b"\n");
+            h = fnv1a(h, r.text.as_bytes());
+            h = fnv1a(h, b"\0");
+            // Serializing these plain data types cannot fail; an (impossible) error still
+            // changes the hash instead of panicking.
+            let json = serde_json::to_string(&r.expr).unwrap_or_default();
+            h = fnv1a(h, json.as_bytes());
+        }
+        h
+    }
+
+    /// The chain object for `add chain` (base chain, policy accept).
+    pub fn chain(&self, family: NfFamily, table: &'static str) -> Chain<'static> {
+        Chain {
+            family,
+            table: Cow::Borrowed(table),
+            name: Cow::Borrowed(self.name),
+            _type: Some(self.kind),
+            hook: Some(self.hook),
+            prio: Some(self.prio),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }
+    }
+
+    /// The rules for `add rule`, each with its tagged comment.
+    pub fn rules(&self, family: NfFamily, table: &'static str) -> Vec<Rule<'static>> {
+        let fingerprint = self.fingerprint();
+        let count = self.rules.len();
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Rule {
+                family,
+                table: Cow::Borrowed(table),
+                chain: Cow::Borrowed(self.name),
+                expr: Cow::Owned(r.expr.clone()),
+                handle: None,
+                index: None,
+                comment: Some(Cow::Owned(rule_comment(
+                    r.text,
+                    RuleTag {
+                        index: i + 1,
+                        count,
+                        fingerprint,
+                    },
+                ))),
+            })
+            .collect()
+    }
+}
+
+// ---- expression helpers -------------------------------------------------------------------
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("mark"),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(protocol),
+            field: Cow::Borrowed(field),
+        },
+    )))
+}
+
+fn num(n: u32) -> Expression<'static> {
+    Expression::Number(n)
+}
+
+fn text(s: impl Into<Cow<'static, str>>) -> Expression<'static> {
+    Expression::String(s.into())
+}
+
+fn addr(a: Ipv4Addr) -> Expression<'static> {
+    text(a.to_string())
+}
+
+fn and(a: Expression<'static>, b: Expression<'static>) -> Expression<'static> {
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(a, b)))
+}
+
+fn or(a: Expression<'static>, b: Expression<'static>) -> Expression<'static> {
+    Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![a, b])))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    matches(left, Operator::EQ, right)
+}
+
+fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    matches(left, Operator::NEQ, right)
+}
+
+fn iifname(name: impl Into<Cow<'static, str>>) -> Statement<'static> {
+    eq(meta(MetaKey::Iifname), text(name))
+}
+
+fn l4proto(proto: &'static str) -> Statement<'static> {
+    eq(meta(MetaKey::L4proto), text(proto))
+}
+
+/// `meta mark & bits == bits`
+fn mark_has(bits: u32) -> Statement<'static> {
+    eq(and(meta(MetaKey::Mark), num(bits)), num(bits))
+}
+
+/// `ct mark & bits == bits`
+fn ct_mark_has(bits: u32) -> Statement<'static> {
+    eq(and(ct_mark(), num(bits)), num(bits))
+}
+
+/// `meta mark set meta mark | bits` (never overwrites other bits).
+fn mark_or(bits: u32) -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: or(meta(MetaKey::Mark), num(bits)),
+    })
+}
+
+/// `ct mark set ct mark | bits`
+fn ct_mark_or(bits: u32) -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: ct_mark(),
+        value: or(ct_mark(), num(bits)),
+    })
+}
+
+/// `meta mark set meta mark & ~MASK | value` (ztunnel marks live under 0xfff).
+fn zt_mark_set(value: u32) -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: or(and(meta(MetaKey::Mark), num(!zt_mark::MASK)), num(value)),
+    })
+}
+
+fn ret() -> Statement<'static> {
+    Statement::Return(None)
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+fn rule(text: &'static str, expr: Vec<Statement<'static>>) -> RuleSpec {
+    RuleSpec { text, expr }
+}
+
+fn filter_chain(name: &'static str, hook: NfHook, rules: Vec<RuleSpec>) -> ChainSpec {
+    ChainSpec {
+        name,
+        kind: NfChainType::Filter,
+        hook,
+        prio: prio::MANGLE,
+        rules,
+    }
+}
+
+// ---- node table (SPEC §2) -----------------------------------------------------------------
+
+/// The node table's chains; `None` gives the same chains without rules (nothing captured).
+pub fn node_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
+    let r = rules;
+    let pre = r.map(node_prerouting).unwrap_or_default();
+    let save = r.map(|_| connmark_saves()).unwrap_or_default();
+    let out = r.map(node_output).unwrap_or_default();
+    let (dnat, snat) = r.map(|_| nat_bypass()).unwrap_or_default();
+    vec![
+        filter_chain(chain::PREROUTING, NfHook::Prerouting, pre),
+        filter_chain(chain::FORWARD, NfHook::Forward, save.clone()),
+        filter_chain(chain::INPUT, NfHook::Input, save),
+        ChainSpec {
+            name: chain::OUTPUT,
+            kind: NfChainType::Route,
+            hook: NfHook::Output,
+            prio: prio::MANGLE,
+            rules: out,
+        },
+        ChainSpec {
+            name: chain::NAT_PREROUTING,
+            kind: NfChainType::NAT,
+            hook: NfHook::Prerouting,
+            prio: prio::DSTNAT + prio::NAT_BYPASS_OFFSET,
+            rules: dnat,
+        },
+        ChainSpec {
+            name: chain::NAT_POSTROUTING,
+            kind: NfChainType::NAT,
+            hook: NfHook::Postrouting,
+            prio: prio::SRCNAT + prio::NAT_BYPASS_OFFSET,
+            rules: snat,
+        },
+    ]
+}
+
+fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
+    let tunnels = Expression::Named(NamedExpression::Set(vec![
+        SetItem::Element(text(consts::ISTIOIN.name)),
+        SetItem::Element(text(consts::ISTIOOUT.name)),
+    ]));
+    let veth = || text(r.ztunnel_veth.clone());
+    vec![
+        rule(
+            "decapsulated from the tunnels: skip",
+            vec![
+                eq(meta(MetaKey::Iifname), tunnels),
+                mark_or(mark::SKIP),
+                ret(),
+            ],
+        ),
+        rule(
+            "the tunnels' own UDP: stop",
+            vec![
+                eq(payload("udp", "dport"), num(r.tunnel_port.into())),
+                ret(),
+            ],
+        ),
+        rule(
+            "connection of ztunnel or the node: skip",
+            vec![ct_mark_has(mark::OWN), mark_or(mark::SKIP), ret()],
+        ),
+        rule(
+            "rest of a ztunnel-spoofed flow: back to ztunnel",
+            vec![
+                ne(meta(MetaKey::Iifname), veth()),
+                ct_mark_has(mark::SPOOFED),
+                mark_or(mark::RETURN),
+                ret(),
+            ],
+        ),
+        rule(
+            "from ztunnel with a pod source: skip, spoofed",
+            vec![
+                eq(meta(MetaKey::Iifname), veth()),
+                ne(payload("ip", "saddr"), addr(r.ztunnel_ip)),
+                mark_or(mark::SPOOFED),
+                ret(),
+            ],
+        ),
+        rule(
+            "from ztunnel itself: skip, own",
+            vec![
+                eq(meta(MetaKey::Iifname), veth()),
+                mark_or(mark::OWN),
+                ret(),
+            ],
+        ),
+        rule(
+            "UDP is not captured",
+            vec![l4proto("udp"), mark_or(mark::OWN), ret()],
+        ),
+        rule(
+            "TCP from an ambient pod: capture outbound",
+            vec![
+                l4proto("tcp"),
+                eq(
+                    payload("ip", "saddr"),
+                    text(format!("@{}", consts::POD_SET)),
+                ),
+                mark_or(mark::CAPTURE),
+            ],
+        ),
+    ]
+}
+
+/// forward and input: remember the "own" and "spoofed" marks in the connmark.
+fn connmark_saves() -> Vec<RuleSpec> {
+    vec![
+        rule(
+            "save own mark in the connmark",
+            vec![mark_has(mark::OWN), ct_mark_or(mark::OWN)],
+        ),
+        rule(
+            "save spoofed mark in the connmark",
+            vec![mark_has(mark::SPOOFED), ct_mark_or(mark::SPOOFED)],
+        ),
+    ]
+}
+
+fn node_output(r: &NodeRules) -> Vec<RuleSpec> {
+    let mut gateways = r.node_gateways.clone();
+    gateways.sort();
+    gateways.dedup();
+    gateways
+        .into_iter()
+        .map(|gw| {
+            rule(
+                "from the node gateway address (probes): not captured",
+                vec![eq(payload("ip", "saddr"), addr(gw)), mark_or(mark::OWN)],
+            )
+        })
+        .collect()
+}
+
+/// kube-proxy coexistence (SPEC §2, last paragraph).
+///
+/// An `accept` here would not stop kube-proxy's NAT chains (they are in another table). What
+/// does: a NAT binding made earlier. The kernel runs the NAT chains of one hook in priority
+/// order and stops as soon as the connection has a binding for that manipulation
+/// (`nf_nat_inet_fn`), so an identity DNAT at dstnat-10 keeps the ClusterIP as destination
+/// for ztunnel, and an identity SNAT at srcnat-10 keeps masquerade off. The kernel accepts
+/// `dnat ip to ip daddr` / `snat ip to ip saddr` in an inet table (nft 1.0.6, kernel 6.18):
+/// the address is taken from the packet itself. `meta nfproto ipv4` is explicit so that an
+/// IPv6 packet can never reach an IPv4 NAT statement.
+fn nat_bypass() -> (Vec<RuleSpec>, Vec<RuleSpec>) {
+    let identity = |field: &'static str| NAT {
+        addr: Some(payload("ip", field)),
+        family: Some(NATFamily::IP),
+        port: None,
+        flags: None,
+    };
+    let nfproto = || eq(meta(MetaKey::Nfproto), text("ipv4"));
+    (
+        vec![rule(
+            "captured: identity DNAT, later DNAT (kube-proxy) is skipped",
+            vec![
+                nfproto(),
+                mark_has(mark::CAPTURE),
+                Statement::DNAT(Some(identity("daddr"))),
+            ],
+        )],
+        vec![rule(
+            "captured: identity SNAT, later masquerade is skipped",
+            vec![
+                nfproto(),
+                mark_has(mark::CAPTURE),
+                Statement::SNAT(Some(identity("saddr"))),
+            ],
+        )],
+    )
+}
+
+// ---- ztunnel netns table (SPEC §3) --------------------------------------------------------
+
+pub fn ztunnel_chains(r: &ZtunnelRules) -> Vec<ChainSpec> {
+    let tproxy = |to: u16| {
+        Statement::TProxy(TProxy {
+            family: Some(Cow::Borrowed("ip")),
+            port: to,
+            addr: Some(Cow::Owned(Ipv4Addr::LOCALHOST.to_string())),
+        })
+    };
+    let rules = vec![
+        rule(
+            "inbound HBONE: tproxy 15008",
+            vec![
+                iifname(consts::PISTIOIN.name),
+                eq(payload("tcp", "dport"), num(port::INBOUND_HBONE.into())),
+                tproxy(port::INBOUND_HBONE),
+                zt_mark_set(zt_mark::TPROXY),
+                accept(),
+            ],
+        ),
+        rule(
+            "outbound: tproxy 15001",
+            vec![
+                iifname(consts::PISTIOOUT.name),
+                l4proto("tcp"),
+                tproxy(port::OUTBOUND),
+                zt_mark_set(zt_mark::TPROXY),
+                accept(),
+            ],
+        ),
+        rule(
+            "inbound plaintext: tproxy 15006",
+            vec![
+                iifname(consts::PISTIOIN.name),
+                l4proto("tcp"),
+                tproxy(port::INBOUND_PLAINTEXT),
+                zt_mark_set(zt_mark::TPROXY),
+                accept(),
+            ],
+        ),
+        rule(
+            "reply to a spoofed upstream socket: deliver locally",
+            vec![
+                iifname(r.pod_iface.clone()),
+                l4proto("tcp"),
+                ne(payload("ip", "daddr"), addr(r.ztunnel_ip)),
+                zt_mark_set(zt_mark::SPOOF_REPLY),
+            ],
+        ),
+    ];
+    vec![filter_chain(chain::PREROUTING, NfHook::Prerouting, rules)]
+}
