@@ -186,6 +186,20 @@ fn default_key(table: u32, kind: RouteKind) -> RouteKey {
     }
 }
 
+/// A pod's table-100 route: `<pod ip> via 192.168.126.2 dev istioin src <node gw ip>`.
+/// `src` makes host sockets pick the gateway address, which the output chain exempts.
+pub fn pod_inbound_route(p: &PodRoute) -> (RouteKey, RouteValue) {
+    (
+        host_key(table::INBOUND, p.ip),
+        via(
+            consts::ISTIOIN.name,
+            consts::ISTIOIN.peer,
+            Some(p.gateway),
+            false,
+        ),
+    )
+}
+
 /// The node's desired links, rules, routes and sysctls (SPEC §1–2). Without a ztunnel nothing
 /// is captured: no tunnels, rules or routes, only the sysctls that are safe anyway.
 pub fn node_desired(
@@ -245,18 +259,7 @@ pub fn node_desired(
         default_key(table::RETURN, RouteKind::Unicast),
         via(&zt.host_veth, zt.ip, None, true),
     );
-    for p in pods {
-        // `src` makes host sockets pick the gateway address, which the output chain exempts.
-        d.routes.insert(
-            host_key(table::INBOUND, p.ip),
-            via(
-                consts::ISTIOIN.name,
-                consts::ISTIOIN.peer,
-                Some(p.gateway),
-                false,
-            ),
-        );
-    }
+    d.routes.extend(pods.iter().map(pod_inbound_route));
     // Effective rp_filter is max(all, dev): `all` must be 0 for the per-device 0s to count.
     d.sysctls.push(Sysctl::conf("all", "rp_filter", "0"));
     for dev in [

@@ -37,10 +37,7 @@ where
     std::thread::scope(|s| {
         s.spawn(move || {
             setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                io::Error::new(
-                    to_io(e).kind(),
-                    format!("setns {}: {e}", netns.display()),
-                )
+                io::Error::new(to_io(e).kind(), format!("setns {}: {e}", netns.display()))
             })?;
             Ok(f())
         })

@@ -153,6 +153,17 @@ impl Netlink {
             .ok_or_else(|| NetError::NoSuchLink(name.into()))
     }
 
+    /// A link's name and MTU.
+    pub async fn link_name_mtu(&self, index: u32) -> Result<Option<(String, u32)>, NetError> {
+        Ok(self.link_by_index(index).await?.and_then(|m| {
+            let mtu = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(v) => Some(*v),
+                _ => None,
+            })?;
+            Some((link_name(&m)?, mtu))
+        }))
+    }
+
     /// Every link's index → name.
     pub async fn link_names(&self) -> Result<BTreeMap<u32, String>, NetError> {
         let links: Vec<LinkMessage> = self
@@ -351,6 +362,58 @@ impl Netlink {
         Ok(changed)
     }
 
+    /// Does this kernel create Geneve links? Creates and removes a throwaway device.
+    pub async fn geneve_supported(&self) -> Result<bool, NetError> {
+        let name = format!("ambprobe{}", std::process::id() % 100_000);
+        let probe = TunnelSpec {
+            end: crate::consts::TunnelEnd {
+                name: "",
+                vni: 4242,
+                addr: Ipv4Addr::UNSPECIFIED,
+                peer: Ipv4Addr::UNSPECIFIED,
+            },
+            kind: TunnelKind::Geneve,
+            port: 0,
+            remote: Ipv4Addr::LOCALHOST,
+            mtu: 1400,
+        };
+        let mut msg = tunnel_message(&probe);
+        msg.attributes
+            .retain(|a| !matches!(a, LinkAttribute::IfName(_)));
+        msg.attributes.push(LinkAttribute::IfName(name.clone()));
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => {
+                self.delete_link(&name).await?;
+                Ok(true)
+            }
+            Err(e) if errno_of(&e) == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(source) => Err(NetError::Netlink {
+                what: "probe for Geneve support".into(),
+                source,
+            }),
+        }
+    }
+
+    /// Resolves `--tunnel auto|geneve|vxlan` to a kind: auto takes Geneve unless the kernel
+    /// refuses it with EOPNOTSUPP.
+    pub async fn resolve_tunnel_kind(
+        &self,
+        mode: crate::model::TunnelMode,
+    ) -> Result<TunnelKind, NetError> {
+        use crate::model::TunnelMode;
+        match mode {
+            TunnelMode::Vxlan => Ok(TunnelKind::Vxlan),
+            TunnelMode::Geneve => match self.geneve_supported().await? {
+                true => Ok(TunnelKind::Geneve),
+                false => Err(NetError::GeneveUnsupported),
+            },
+            TunnelMode::Auto => Ok(match self.geneve_supported().await? {
+                true => TunnelKind::Geneve,
+                false => TunnelKind::Vxlan,
+            }),
+        }
+    }
+
     // ---------------------------------------------------------------- rules
 
     /// The IPv4 rules whose priority is in `owned`.
@@ -486,7 +549,10 @@ impl Netlink {
     pub async fn del_route(&self, k: &RouteKey) -> Result<(), NetError> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(k.table)
-            .destination_prefix(k.dst, k.prefix_len);
+            .destination_prefix(k.dst, k.prefix_len)
+            // Like `ip route del`: match any scope and protocol (the kernel compares them).
+            .scope(RouteScope::NoWhere)
+            .protocol(RouteProtocol::Unspec);
         if k.kind == RouteKind::Local {
             b = b.kind(RouteType::Local);
         }
@@ -541,6 +607,30 @@ impl Netlink {
         c.sysctls = apply_sysctls(&d.sysctls)?.len();
         Ok(c)
     }
+}
+
+/// The first UDP port from `start` that nothing in this namespace has bound (the tunnels'
+/// own port counts as free when `ours` says they already use it).
+pub fn free_udp_port(start: u16, ours: Option<u16>) -> Result<u16, NetError> {
+    for port in start..start.saturating_add(64) {
+        if Some(port) == ours {
+            return Ok(port);
+        }
+        match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(_) => return Ok(port),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(source) => {
+                return Err(NetError::Io {
+                    what: format!("probe UDP port {port}"),
+                    source,
+                })
+            }
+        }
+    }
+    Err(NetError::Other(format!(
+        "no free UDP port in {start}..{}",
+        start.saturating_add(64)
+    )))
 }
 
 /// Writes the sysctls that differ; returns (key, previous value) for each one changed.

@@ -1,1 +1,173 @@
-fn main() {}
+//! ambient-agent: owns the node's redirection state (tunnels, rules, routes, nftables).
+
+mod config;
+mod health;
+mod node;
+mod server;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambient_net::model::TunnelMode;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Mutex;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "ambient-agent",
+    version,
+    about = "ambient-node agent: node redirection state"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: adopt and converge the kernel state, then serve the CNI plugin.
+    Run {
+        /// Standalone membership config (JSON).
+        #[arg(long, env = "AMBIENT_CONFIG")]
+        config: PathBuf,
+        #[arg(long, default_value = ambient_net::consts::DEFAULT_AGENT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long, default_value = "/var/run/ambient/state")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:15120")]
+        health_addr: SocketAddr,
+        /// auto: Geneve, or VXLAN with the same VNIs and port when the kernel has no Geneve.
+        #[arg(long, default_value = "auto")]
+        tunnel: TunnelMode,
+        /// The tunnels' UDP port; the next free one is used when it is taken.
+        #[arg(long, default_value_t = ambient_net::consts::TUNNEL_PORT)]
+        tunnel_port: u16,
+        /// Seconds between full reconciles that repair drift.
+        #[arg(long, default_value_t = 30)]
+        resync: u64,
+        /// Remove everything on SIGTERM (uninstall); by default state stays so traffic flows.
+        #[arg(long)]
+        cleanup_on_exit: bool,
+    },
+    /// Remove every link, rule, route, nft table and saved state the agent created.
+    Cleanup {
+        #[arg(long, default_value = "/var/run/ambient/state")]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run {
+                config,
+                socket,
+                state_dir,
+                health_addr,
+                tunnel,
+                tunnel_port,
+                resync,
+                cleanup_on_exit,
+            } => {
+                run(
+                    config,
+                    socket,
+                    state_dir,
+                    health_addr,
+                    tunnel,
+                    tunnel_port,
+                    resync,
+                    cleanup_on_exit,
+                )
+                .await
+            }
+            Cmd::Cleanup { state_dir } => cleanup(state_dir).await,
+        }
+    });
+    if let Err(e) = &r {
+        error!("{e:#}");
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: PathBuf,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    health_addr: SocketAddr,
+    tunnel: TunnelMode,
+    tunnel_port: u16,
+    resync: u64,
+    cleanup_on_exit: bool,
+) -> anyhow::Result<()> {
+    let config = config::Config::load(&config)?;
+    let store = store::Store::new(&state_dir);
+    let mut node = node::Node::open(config, store, tunnel, tunnel_port).await?;
+    info!(
+        pods = node.state.pods.len(),
+        ztunnel = node.state.ztunnel.is_some(),
+        "adopting saved state"
+    );
+    node.reconcile().await?;
+    let node = Arc::new(Mutex::new(node));
+    let ready = Arc::new(AtomicBool::new(false));
+    health::serve(health_addr, ready.clone(), node.clone()).await?;
+    let listener = server::bind(&socket)?;
+    tokio::spawn(server::serve(listener, node.clone()));
+    ready.store(true, Ordering::Release);
+    info!(socket = %socket.display(), health = %health_addr, "ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(resync.max(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = node.lock().await.reconcile().await {
+                    error!("resync: {e:#}");
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    ready.store(false, Ordering::Release);
+    let _ = std::fs::remove_file(&socket);
+    if cleanup_on_exit {
+        node.lock().await.cleanup().await?;
+    } else {
+        info!("stopping; kernel state stays in place for live traffic");
+    }
+    Ok(())
+}
+
+async fn cleanup(state_dir: PathBuf) -> anyhow::Result<()> {
+    let store = store::Store::new(&state_dir);
+    let mut state = store.load().unwrap_or_default();
+    let nl = ambient_net::nl::Netlink::current()?;
+    node::cleanup_kernel(&nl).await?;
+    for (k, v) in std::mem::take(&mut state.saved_sysctls) {
+        ambient_net::sysctl::ensure(&ambient_net::sysctl::Sysctl::new(&k, &v))?;
+    }
+    store.remove()?;
+    info!("cleaned up");
+    Ok(())
+}

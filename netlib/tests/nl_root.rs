@@ -1,0 +1,148 @@
+//! Root tests: apply the node's and the ztunnel netns' desired state to a fresh namespace,
+//! converge twice (the second run changes nothing), then remove everything.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ambient_net::consts::{rule, table, zt_rule};
+use ambient_net::model::{self, PodRoute, TunnelChoice, TunnelKind, ZtunnelEndpoint};
+use ambient_net::netns;
+use ambient_net::nl::{self, Netlink};
+
+struct Ns(String, PathBuf);
+impl Ns {
+    fn new(tag: &str) -> Self {
+        let name = format!("nltest-{}-{tag}", std::process::id());
+        let path = netns::create_named(&name).expect("create netns");
+        Ns(name, path)
+    }
+}
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = netns::delete_named(&self.0);
+    }
+}
+
+/// A veth pair inside the namespace stands in for the ztunnel pod's host side.
+async fn veth(nl: &Netlink, a: &str, b: &str) {
+    nl.handle()
+        .link()
+        .add(rtnetlink::LinkVeth::new(a, b).up().build())
+        .execute()
+        .await
+        .unwrap();
+    let idx = nl.link_index(b).await.unwrap();
+    nl.handle()
+        .link()
+        .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .unwrap();
+}
+
+fn vxlan() -> TunnelChoice {
+    TunnelChoice {
+        kind: TunnelKind::Vxlan,
+        port: 6081,
+    }
+}
+
+#[tokio::test]
+async fn node_state_converges_in_place_and_cleans_up() {
+    let ns = Ns::new("node");
+    let nl = Netlink::in_netns(&ns.1).unwrap();
+    veth(&nl, "vethzt", "ztpeer").await;
+    // The node's gateway address, `src` of the table-100 routes, must be local.
+    let idx = nl.link_index("vethzt").await.unwrap();
+    nl.handle()
+        .address()
+        .add(idx, Ipv4Addr::new(10, 244, 1, 1).into(), 32)
+        .execute()
+        .await
+        .unwrap();
+    let zt = ZtunnelEndpoint {
+        ip: Ipv4Addr::new(10, 244, 1, 2),
+        netns: String::new(),
+        host_veth: "vethzt".into(),
+        veth_mtu: 1500,
+        node_ip: Ipv4Addr::new(10, 244, 1, 1),
+    };
+    let pods: BTreeSet<_> = (5..8)
+        .map(|i| PodRoute {
+            ip: Ipv4Addr::new(10, 244, 1, i),
+            gateway: zt.node_ip,
+        })
+        .collect();
+    let d = model::node_desired(Some(&zt), vxlan(), &pods, &BTreeSet::new());
+    let first = nl.apply(&d, &rule::ALL, &table::ALL).await.unwrap();
+    assert_eq!((first.tunnels, first.rules, first.routes), (2, 4, 8));
+    let again = nl.apply(&d, &rule::ALL, &table::ALL).await.unwrap();
+    assert!(again.is_empty(), "second apply changed {again:?}");
+    assert_eq!(nl.observe_routes(&table::ALL).await.unwrap(), d.routes);
+    let mut rules = nl.observe_rules(&rule::ALL).await.unwrap();
+    rules.sort();
+    assert_eq!(rules, d.rules.iter().copied().collect::<Vec<_>>());
+    let t = nl.observe_tunnel("istioout").await.unwrap().unwrap();
+    assert_eq!(
+        (t.vni, t.port, t.remote, t.mtu),
+        (Some(1001), Some(6081), Some(zt.ip), Some(1450))
+    );
+
+    // One pod leaves, the ztunnel moves: only those routes and the tunnels change.
+    let moved = ZtunnelEndpoint {
+        ip: Ipv4Addr::new(10, 244, 1, 3),
+        ..zt.clone()
+    };
+    let fewer: BTreeSet<_> = pods.iter().skip(1).cloned().collect();
+    let d2 = model::node_desired(Some(&moved), vxlan(), &fewer, &BTreeSet::new());
+    let c = nl.apply(&d2, &rule::ALL, &table::ALL).await.unwrap();
+    assert_eq!(c.rules, 0, "rules stay in place");
+    assert_eq!(nl.observe_routes(&table::ALL).await.unwrap(), d2.routes);
+
+    nl::remove_all(&nl, &["istioin", "istioout"], &rule::ALL, &table::ALL)
+        .await
+        .unwrap();
+    assert!(nl.observe_routes(&table::ALL).await.unwrap().is_empty());
+    assert!(nl.observe_rules(&rule::ALL).await.unwrap().is_empty());
+    assert!(nl.observe_tunnel("istioin").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn ztunnel_netns_state_is_idempotent() {
+    let ns = Ns::new("zt");
+    let nl = Netlink::in_netns(&ns.1).unwrap();
+    veth(&nl, "eth0", "peer0").await;
+    let node_ip = Ipv4Addr::new(10, 244, 1, 1);
+    let d = model::ztunnel_desired(vxlan(), node_ip, "eth0", 1500);
+    let tables = [
+        zt_rule::TABLE_LOCAL,
+        zt_rule::TABLE_OUTBOUND,
+        zt_rule::TABLE_INBOUND,
+    ];
+    nl.apply(&d, &zt_rule::ALL, &tables).await.unwrap();
+    assert!(nl
+        .apply(&d, &zt_rule::ALL, &tables)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(nl.observe_routes(&tables).await.unwrap(), d.routes);
+    nl::remove_all(&nl, &["pistioin", "pistioout"], &zt_rule::ALL, &tables)
+        .await
+        .unwrap();
+    assert!(nl.observe_routes(&tables).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn geneve_probe_answers_and_leaves_nothing() {
+    let ns = Ns::new("probe");
+    let nl = Netlink::in_netns(&ns.1).unwrap();
+    // This machine's kernel has no Geneve; elsewhere it does. Either way no link remains.
+    let supported = nl.geneve_supported().await.unwrap();
+    let kind = nl
+        .resolve_tunnel_kind(model::TunnelMode::Auto)
+        .await
+        .unwrap();
+    assert_eq!(kind == TunnelKind::Geneve, supported);
+    assert_eq!(nl.link_names().await.unwrap().len(), 1, "only lo");
+}

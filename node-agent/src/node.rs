@@ -1,0 +1,430 @@
+//! The node: desired state (ztunnel endpoint + enrolled pods) → diff → apply, in place.
+//! Pod enroll/remove touch only that pod's set element, route and sysctl; a full reconcile
+//! (start, ztunnel change, periodic resync) converges everything without flushing.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ambient_net::consts::{self, rule, table};
+use ambient_net::model::{self, PodRoute, RouteKey, TunnelChoice, TunnelMode, ZtunnelEndpoint};
+use ambient_net::nft::{self, NodeNft, NodeRules};
+use ambient_net::nl::{self, Netlink};
+use ambient_net::proto::{Attachment, PodInfo, Reply, Request};
+use ambient_net::sysctl::Sysctl;
+use anyhow::{anyhow, Context};
+use tracing::{info, warn};
+
+use crate::config::{Config, Verdict};
+use crate::store::{self, AgentState, PodRecord, Store, ZtunnelRecord};
+
+/// Node-wide sysctls whose previous values cleanup restores.
+const RESTORABLE: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"];
+
+pub struct Node {
+    pub config: Config,
+    pub store: Store,
+    pub state: AgentState,
+    nl: Netlink,
+    port: u16,
+}
+
+impl Node {
+    /// Loads the saved state and settles the tunnel kind and port (kept from the saved state
+    /// so a restart never changes them under live traffic).
+    pub async fn open(
+        config: Config,
+        store: Store,
+        mode: TunnelMode,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let nl = Netlink::current()?;
+        let mut state = store.load()?;
+        let kind_ok = |c: &TunnelChoice| match mode {
+            TunnelMode::Auto => true,
+            TunnelMode::Geneve => c.kind == model::TunnelKind::Geneve,
+            TunnelMode::Vxlan => c.kind == model::TunnelKind::Vxlan,
+        };
+        if !state.tunnel.as_ref().is_some_and(kind_ok) {
+            let kind = nl.resolve_tunnel_kind(mode).await?;
+            let ours = existing_tunnel_port(&nl).await?;
+            let port = nl::free_udp_port(port, ours)?;
+            if port != consts::TUNNEL_PORT {
+                warn!(
+                    port,
+                    "UDP {} is taken on this node; the tunnels use {port}",
+                    consts::TUNNEL_PORT
+                );
+            }
+            info!(?kind, port, "tunnel encapsulation chosen");
+            state.tunnel = Some(TunnelChoice { kind, port });
+        }
+        let node = Self {
+            config,
+            store,
+            state,
+            nl,
+            port,
+        };
+        node.store.save(&node.state)?;
+        Ok(node)
+    }
+
+    fn choice(&self) -> TunnelChoice {
+        self.state.tunnel.unwrap_or(TunnelChoice {
+            kind: model::TunnelKind::Vxlan,
+            port: self.port,
+        })
+    }
+
+    fn pod_routes(&self) -> BTreeSet<PodRoute> {
+        self.state
+            .pods
+            .values()
+            .flat_map(|p| {
+                p.v4().map(|ip| PodRoute {
+                    ip,
+                    gateway: p.gateway,
+                })
+            })
+            .collect()
+    }
+
+    fn nft_desired(&self) -> NodeNft {
+        let mut gateways: Vec<Ipv4Addr> = self.state.pods.values().map(|p| p.gateway).collect();
+        let zt = self.state.ztunnel.as_ref().map(|z| &z.endpoint);
+        if let Some(z) = zt {
+            gateways.push(z.node_ip);
+        }
+        gateways.sort();
+        gateways.dedup();
+        NodeNft {
+            rules: zt.map(|z| NodeRules {
+                ztunnel_veth: z.host_veth.clone(),
+                ztunnel_ip: z.ip,
+                node_gateways: gateways,
+                tunnel_port: self.choice().port,
+            }),
+            pods_v4: self.state.pods.values().flat_map(|p| p.v4()).collect(),
+            pods_v6: self.state.pods.values().flat_map(|p| v6(&p.ips)).collect(),
+        }
+    }
+
+    /// Converges every link, rule, route, sysctl and nft object the node agent owns.
+    pub async fn reconcile(&mut self) -> anyhow::Result<bool> {
+        let devs: BTreeSet<String> = self
+            .state
+            .pods
+            .values()
+            .map(|p| p.host_veth.clone())
+            .collect();
+        let zt = self.state.ztunnel.as_ref().map(|z| z.endpoint.clone());
+        let desired = model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
+        self.remember_sysctls(&desired.sysctls);
+        self.store.save(&self.state)?;
+        if zt.is_none() {
+            // Without a ztunnel nothing may be captured: the tunnels go too.
+            nl::remove_all(
+                &self.nl,
+                &[consts::ISTIOIN.name, consts::ISTIOOUT.name],
+                &[],
+                &[],
+            )
+            .await?;
+        }
+        let changes = self.nl.apply(&desired, &rule::ALL, &table::ALL).await?;
+        let nft_changed = nft::reconcile_node(&self.nft_desired())?;
+        let changed = !changes.is_empty() || nft_changed;
+        if changed {
+            info!(?changes, nft_changed, "reconciled node state");
+        }
+        Ok(changed)
+    }
+
+    /// Records the pre-change values of node-wide sysctls the first time they are changed.
+    fn remember_sysctls(&mut self, want: &[Sysctl]) {
+        for s in want.iter().filter(|s| RESTORABLE.contains(&s.key.as_str())) {
+            if self.state.saved_sysctls.contains_key(&s.key) {
+                continue;
+            }
+            if let Ok(Some(v)) = ambient_net::sysctl::read(&s.key) {
+                if v != s.value {
+                    self.state.saved_sysctls.insert(s.key.clone(), v);
+                }
+            }
+        }
+    }
+
+    pub async fn handle(&mut self, req: Request) -> Reply {
+        let r = match req {
+            Request::Add { pod } => self.add(pod).await,
+            Request::Del {
+                container_id,
+                if_name,
+            } => self.del(&container_id, &if_name).await,
+            Request::Check {
+                container_id,
+                if_name,
+            } => self.check(&container_id, &if_name),
+            Request::Status => Ok(Reply::ok(false, "ready")),
+            Request::Gc { valid } => self.gc(&valid).await,
+        };
+        r.unwrap_or_else(|e| Reply::error(format!("{e:#}"), true))
+    }
+
+    async fn add(&mut self, pod: PodInfo) -> anyhow::Result<Reply> {
+        let verdict = self.config.verdict(&pod);
+        let key = store::key(&pod.container_id, &pod.if_name);
+        match verdict {
+            Verdict::Ztunnel => {
+                let endpoint = self.ztunnel_endpoint(&pod).await?;
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %endpoint.ip, veth = %endpoint.host_veth, "ztunnel endpoint");
+                self.state.ztunnel = Some(ZtunnelRecord {
+                    container_id: pod.container_id,
+                    if_name: pod.if_name,
+                    namespace: pod.namespace,
+                    name: pod.name,
+                    endpoint,
+                });
+                self.reconcile().await?;
+                return Ok(Reply::ok(false, verdict.reason()));
+            }
+            Verdict::Enroll => {}
+            _ => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = verdict.reason(), "not enrolled");
+                return Ok(Reply::ok(false, verdict.reason()));
+            }
+        }
+        if self.state.pods.contains_key(&key) {
+            return Ok(Reply::ok(true, "already enrolled"));
+        }
+        let (host_veth, gateway) = self.pod_host_side(&pod).await?;
+        let rec = PodRecord {
+            container_id: pod.container_id,
+            if_name: pod.if_name,
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+            netns: pod.netns,
+            ips: pod.ips,
+            host_veth,
+            gateway,
+        };
+        // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
+        self.state.pods.insert(key.clone(), rec.clone());
+        self.store.save(&self.state)?;
+        if let Err(e) = self.enroll_in_kernel(&rec).await {
+            self.state.pods.remove(&key);
+            self.store.save(&self.state)?;
+            self.unenroll_in_kernel(&rec).await.ok();
+            return Err(e);
+        }
+        let captured = self.state.ztunnel.is_some();
+        info!(pod = %format!("{}/{}", rec.namespace, rec.name), ips = ?rec.ips, veth = %rec.host_veth, captured, "enrolled");
+        Ok(Reply::ok(
+            true,
+            if captured {
+                "enrolled"
+            } else {
+                "enrolled; capture starts when the ztunnel is ready"
+            },
+        ))
+    }
+
+    async fn enroll_in_kernel(&mut self, p: &PodRecord) -> anyhow::Result<()> {
+        nl::apply_sysctls(&[Sysctl::conf(&p.host_veth, "rp_filter", "0")])?;
+        if self.nft_gateways_change(p) {
+            // A new gateway address changes the output chain: converge everything.
+            self.reconcile().await?;
+            return Ok(());
+        }
+        let v4: Vec<Ipv4Addr> = p.v4().collect();
+        nft::add_pod_elements(&v4, &v6(&p.ips))?;
+        if self.state.ztunnel.is_some() {
+            for ip in v4 {
+                let (k, v) = pod_route(ip, p.gateway);
+                self.nl.put_route(&k, &v).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn nft_gateways_change(&self, p: &PodRecord) -> bool {
+        self.state.ztunnel.is_some()
+            && !self
+                .state
+                .pods
+                .values()
+                .any(|o| o.container_id != p.container_id && o.gateway == p.gateway)
+            && self.state.ztunnel.as_ref().map(|z| z.endpoint.node_ip) != Some(p.gateway)
+    }
+
+    async fn unenroll_in_kernel(&self, p: &PodRecord) -> anyhow::Result<()> {
+        let v4: Vec<Ipv4Addr> = p.v4().collect();
+        nft::delete_pod_elements(&v4, &v6(&p.ips))?;
+        for ip in v4 {
+            self.nl.del_route(&pod_route(ip, p.gateway).0).await?;
+        }
+        Ok(())
+    }
+
+    async fn del(&mut self, container_id: &str, if_name: &str) -> anyhow::Result<Reply> {
+        let key = store::key(container_id, if_name);
+        if self
+            .state
+            .ztunnel
+            .as_ref()
+            .is_some_and(|z| z.container_id == container_id && z.if_name == if_name)
+        {
+            info!("ztunnel pod removed: capture stops until a ztunnel is back");
+            self.state.ztunnel = None;
+            self.reconcile().await?;
+            return Ok(Reply::ok(false, "ztunnel removed"));
+        }
+        let Some(rec) = self.state.pods.get(&key).cloned() else {
+            return Ok(Reply::ok(false, "not enrolled"));
+        };
+        self.unenroll_in_kernel(&rec).await?;
+        self.state.pods.remove(&key);
+        self.store.save(&self.state)?;
+        info!(pod = %format!("{}/{}", rec.namespace, rec.name), "removed");
+        Ok(Reply::ok(false, "removed"))
+    }
+
+    fn check(&self, container_id: &str, if_name: &str) -> anyhow::Result<Reply> {
+        let key = store::key(container_id, if_name);
+        let Some(rec) = self.state.pods.get(&key) else {
+            return Ok(Reply::ok(false, "not enrolled"));
+        };
+        for ip in &rec.ips {
+            if !nft::pod_element_present(*ip)? {
+                return Ok(Reply::error(
+                    format!("{ip} is missing from the nft set {}", consts::POD_SET),
+                    false,
+                ));
+            }
+        }
+        Ok(Reply::ok(true, "enrolled"))
+    }
+
+    async fn gc(&mut self, valid: &[Attachment]) -> anyhow::Result<Reply> {
+        let keep: BTreeSet<String> = valid
+            .iter()
+            .map(|a| store::key(&a.container_id, &a.if_name))
+            .collect();
+        let stale: Vec<(String, String)> = self
+            .state
+            .pods
+            .values()
+            .map(|p| (p.container_id.clone(), p.if_name.clone()))
+            .chain(
+                self.state
+                    .ztunnel
+                    .iter()
+                    .map(|z| (z.container_id.clone(), z.if_name.clone())),
+            )
+            .filter(|(c, i)| !keep.contains(&store::key(c, i)))
+            .collect();
+        for (c, i) in &stale {
+            self.del(c, i).await?;
+        }
+        Ok(Reply::ok(
+            false,
+            format!("removed {} stale attachments", stale.len()),
+        ))
+    }
+
+    /// The pod's node-side device: the peer of its interface, found from inside its netns
+    /// (bridge-type primaries have no per-pod host route to find it by).
+    async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<(String, Ipv4Addr)> {
+        let inner = Netlink::in_netns(Path::new(&pod.netns))
+            .with_context(|| format!("open pod netns {}", pod.netns))?;
+        let peer = inner
+            .veth_peer_index(&pod.if_name)
+            .await
+            .with_context(|| format!("{} in {}", pod.if_name, pod.netns))?;
+        let (name, _) =
+            self.nl.link_name_mtu(peer).await?.ok_or_else(|| {
+                anyhow!("the peer of {} (#{peer}) is not in this netns", pod.if_name)
+            })?;
+        let gateway = match pod.gateways.iter().find_map(|g| match g {
+            IpAddr::V4(v4) => Some(*v4),
+            _ => None,
+        }) {
+            Some(g) => g,
+            None => inner
+                .default_gateway()
+                .await?
+                .map(|(g, _)| g)
+                .ok_or_else(|| anyhow!("pod {} has no IPv4 gateway", pod.name))?,
+        };
+        Ok((name, gateway))
+    }
+
+    async fn ztunnel_endpoint(&self, pod: &PodInfo) -> anyhow::Result<ZtunnelEndpoint> {
+        let ip = pod
+            .ips
+            .iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("the ztunnel pod has no IPv4 address"))?;
+        let (host_veth, node_ip) = self.pod_host_side(pod).await?;
+        let index = self.nl.link_index(&host_veth).await?;
+        let veth_mtu = self.nl.link_name_mtu(index).await?.map_or(1500, |(_, m)| m);
+        Ok(ZtunnelEndpoint {
+            ip,
+            netns: pod.netns.clone(),
+            host_veth,
+            veth_mtu,
+            node_ip,
+        })
+    }
+
+    /// Removes everything the agent ever created and restores node-wide sysctls.
+    pub async fn cleanup(&mut self) -> anyhow::Result<()> {
+        cleanup_kernel(&self.nl).await?;
+        for (k, v) in std::mem::take(&mut self.state.saved_sysctls) {
+            if let Err(e) = ambient_net::sysctl::ensure(&Sysctl::new(&k, &v)) {
+                warn!(key = %k, "could not restore sysctl: {e}");
+            }
+        }
+        self.store.remove()?;
+        info!("removed every link, rule, route and nft table of the agent");
+        Ok(())
+    }
+}
+
+/// Removes the agent's kernel objects, whether or not any state is known.
+pub async fn cleanup_kernel(nl: &Netlink) -> anyhow::Result<()> {
+    nl::remove_all(
+        nl,
+        &[consts::ISTIOIN.name, consts::ISTIOOUT.name],
+        &rule::ALL,
+        &table::ALL,
+    )
+    .await?;
+    nft::delete_node_table()?;
+    Ok(())
+}
+
+async fn existing_tunnel_port(nl: &Netlink) -> anyhow::Result<Option<u16>> {
+    Ok(nl
+        .observe_tunnel(consts::ISTIOIN.name)
+        .await?
+        .and_then(|t| t.port))
+}
+
+fn v6(ips: &[IpAddr]) -> Vec<Ipv6Addr> {
+    ips.iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pod_route(ip: Ipv4Addr, gateway: Ipv4Addr) -> (RouteKey, model::RouteValue) {
+    model::pod_inbound_route(&PodRoute { ip, gateway })
+}
