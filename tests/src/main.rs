@@ -1,1 +1,181 @@
-fn main() {}
+//! `ambient-lab`: bring a two-node ambient lab up, show it, tear it down.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ambient_lab::cni::Primary;
+use ambient_lab::up::{Dataplane, UpOptions};
+use ambient_lab::{down, exec, paths, serve, status, tproxy, up};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ambient-lab",
+    version,
+    about = "Two-node ambient mesh lab in network namespaces"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct PrefixArg {
+    /// Prefix of the lab's netns names and of /run/ambient-lab/<prefix> ([a-z0-9], ≤16).
+    #[arg(long, env = "AMBIENT_LAB_PREFIX", default_value = paths::DEFAULT_PREFIX)]
+    prefix: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the lab: nodes, underlay, agents, pods via CNI, servers, Service, ztunnel-init.
+    Up {
+        #[command(flatten)]
+        prefix: PrefixArg,
+        /// The primary CNI plugin.
+        #[arg(long, value_enum, default_value = "ptp")]
+        primary: Primary,
+        /// What runs in the ztunnel netns (only `none` for now).
+        #[arg(long, value_enum, default_value = "none")]
+        dataplane: Dataplane,
+        /// No agent, no ambient-cni in the chain, no ztunnel-init: plain topology.
+        #[arg(long)]
+        no_agent: bool,
+        /// Tunnel kind passed to the agent.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "geneve", "vxlan"])]
+        tunnel: String,
+        /// rp_filter for conf.all/default in every new netns (a distro-like baseline).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        rp_filter: u8,
+        /// Directory holding ambient-cni, ambient-agent and ztunnel-init (default: next
+        /// to this executable).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The ambient-agent binary.
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// The ambient-cni plugin binary (must be named ambient-cni).
+        #[arg(long)]
+        cni_plugin: Option<PathBuf>,
+        /// The ztunnel-init binary.
+        #[arg(long)]
+        ztunnel_init_bin: Option<PathBuf>,
+    },
+    /// Show the lab's topology.
+    Status {
+        #[command(flatten)]
+        prefix: PrefixArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tear the lab down (CNI DEL, stop processes, delete netns and run dir).
+    Down {
+        #[command(flatten)]
+        prefix: PrefixArg,
+        /// Exit 1 when a CNI DEL failed (everything is removed anyway).
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Run a command in a lab netns (`a-client`, `b-app`, `nodeA`, ...).
+    Exec {
+        #[command(flatten)]
+        prefix: PrefixArg,
+        /// The netns name without the prefix.
+        netns: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Test server run inside pods.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = 9080)]
+        port: u16,
+    },
+    /// Transparent test listeners for the ztunnel netns.
+    #[command(hide = true)]
+    TproxyListen {
+        #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008")]
+        ports: Vec<u16>,
+        #[arg(long)]
+        log: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ambient-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Up {
+            prefix,
+            primary,
+            dataplane,
+            no_agent,
+            tunnel,
+            rp_filter,
+            bin_dir,
+            agent_bin,
+            cni_plugin,
+            ztunnel_init_bin,
+        } => {
+            let state = up::up(&UpOptions {
+                prefix: prefix.prefix,
+                primary,
+                dataplane,
+                agent: !no_agent,
+                tunnel,
+                rp_filter,
+                bin_dir,
+                agent_bin,
+                cni_plugin,
+                ztunnel_init_bin,
+            })?;
+            emit(&status::LabStatus::from_state(&state).table())?;
+        }
+        Cmd::Status { prefix, json } => {
+            let st = status::load(&prefix.prefix)?;
+            if json {
+                emit(&(serde_json::to_string_pretty(&st)? + "\n"))?;
+            } else {
+                emit(&st.table())?;
+            }
+        }
+        Cmd::Down { prefix, strict } => {
+            let report = down::down(&prefix.prefix)?;
+            eprintln!("lab[{}] down", prefix.prefix);
+            if strict && !report.del_failures.is_empty() {
+                eprintln!("{} CNI DEL failure(s)", report.del_failures.len());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Exec {
+            prefix,
+            netns,
+            command,
+        } => {
+            let code = exec::exec(&prefix.prefix, &netns, &command)?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        Cmd::Serve { port } => serve::run(port)?,
+        Cmd::TproxyListen { ports, log } => tproxy::run(&ports, &log)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

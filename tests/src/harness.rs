@@ -1,0 +1,277 @@
+//! The integration tests' handle on a lab: `Lab::up` runs `ambient-lab up` and parses
+//! `status --json`; `connect` talks from inside a pod; dropping the `Lab` runs `down`.
+//!
+//! ```no_run
+//! use ambient_lab::{unique_prefix, Lab, LabOptions};
+//! let lab = Lab::up(&unique_prefix("doc"), LabOptions::new("target/debug/ambient-lab").no_agent())
+//!     .unwrap();
+//! let app = lab.pod_ip("b-app");
+//! let line = lab.connect("a-client", app, 9080).unwrap();
+//! assert!(line.starts_with("server="));
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ambient_net::netns;
+use anyhow::{bail, Context, Result};
+
+use crate::paths;
+use crate::status::{LabStatus, PodStatus};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How to bring a lab up.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The `ambient-lab` executable: `env!("CARGO_BIN_EXE_ambient-lab")` in integration tests.
+    pub bin: PathBuf,
+    pub no_agent: bool,
+    pub primary: Option<String>,
+    /// Anything else for `ambient-lab up`.
+    pub extra_args: Vec<String>,
+}
+
+impl LabOptions {
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            no_agent: false,
+            primary: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn no_agent(mut self) -> Self {
+        self.no_agent = true;
+        self
+    }
+
+    pub fn primary(mut self, primary: &str) -> Self {
+        self.primary = Some(primary.into());
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+}
+
+/// A prefix unique to this test process and call: `<base><pid><n>`.
+pub fn unique_prefix(base: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{base}{}{n}", std::process::id())
+}
+
+/// A running lab; `Drop` tears it down.
+pub struct Lab {
+    prefix: String,
+    bin: PathBuf,
+    status: LabStatus,
+    /// stderr of `up` (its progress lines), for diagnostics.
+    pub up_log: String,
+    down_done: bool,
+}
+
+impl Lab {
+    /// Runs `ambient-lab up --prefix <prefix> ...`. On failure the lab is torn down and
+    /// the error carries `up`'s output.
+    pub fn up(prefix: &str, opts: LabOptions) -> Result<Lab> {
+        paths::validate_prefix(prefix)?;
+        if paths::state_file(prefix).exists() {
+            // A leftover of an earlier run of this very prefix.
+            run_down(&opts.bin, prefix)?;
+        }
+        let mut cmd = Command::new(&opts.bin);
+        cmd.args(["up", "--prefix", prefix]);
+        if opts.no_agent {
+            cmd.arg("--no-agent");
+        }
+        if let Some(p) = &opts.primary {
+            cmd.args(["--primary", p]);
+        }
+        cmd.args(&opts.extra_args);
+        let out = cmd
+            .output()
+            .with_context(|| format!("run {}", opts.bin.display()))?;
+        let up_log = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            let _ = run_down(&opts.bin, prefix);
+            bail!(
+                "ambient-lab up --prefix {prefix} failed ({}):\n{up_log}",
+                out.status
+            );
+        }
+        let status = match read_status(&opts.bin, prefix) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = run_down(&opts.bin, prefix);
+                return Err(e);
+            }
+        };
+        Ok(Lab {
+            prefix: prefix.to_string(),
+            bin: opts.bin,
+            status,
+            up_log,
+            down_done: false,
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The status parsed right after `up` (or the last [`Lab::refresh`]).
+    pub fn status(&self) -> &LabStatus {
+        &self.status
+    }
+
+    /// Re-reads `status --json`.
+    pub fn refresh(&mut self) -> Result<&LabStatus> {
+        self.status = read_status(&self.bin, &self.prefix)?;
+        Ok(&self.status)
+    }
+
+    /// A pod by id (`a-app`, `b-client`, ...); panics when there is none.
+    pub fn pod(&self, id: &str) -> &PodStatus {
+        self.status
+            .pod(id)
+            .unwrap_or_else(|| panic!("lab {} has no pod {id}", self.prefix))
+    }
+
+    /// A pod's IP; panics when it has none.
+    pub fn pod_ip(&self, id: &str) -> Ipv4Addr {
+        self.pod(id)
+            .ip
+            .unwrap_or_else(|| panic!("pod {id} has no IP"))
+    }
+
+    /// The netns path of a pod id or node (`nodeA`).
+    pub fn netns_path(&self, short: &str) -> PathBuf {
+        netns::named_path(&paths::netns_name(&self.prefix, short))
+    }
+
+    /// Runs `f` on a thread inside the netns of `from` (a pod id or `nodeA`/`nodeB`).
+    pub fn run_in<T: Send>(&self, from: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = self.netns_path(from);
+        if !path.exists() {
+            bail!("lab {} has no netns {from}", self.prefix);
+        }
+        Ok(netns::run_in(&path, f)?)
+    }
+
+    /// Opens a TCP connection from inside `from` and returns the first line received
+    /// (without the newline).
+    pub fn connect(&self, from: &str, ip: impl Into<IpAddr>, port: u16) -> Result<String> {
+        let addr = SocketAddr::new(ip.into(), port);
+        self.run_in(from, move || -> Result<String> {
+            let stream = open(addr)?;
+            let mut line = String::new();
+            BufReader::new(stream)
+                .read_line(&mut line)
+                .with_context(|| format!("read from {addr}"))?;
+            Ok(line.trim_end_matches('\n').to_string())
+        })?
+        .with_context(|| format!("connect from {from} to {addr}"))
+    }
+
+    /// Like [`Lab::connect`], then sends `payload`, half-closes and returns the first line
+    /// and everything received after it (the test server echoes).
+    pub fn exchange(
+        &self,
+        from: &str,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        payload: &[u8],
+    ) -> Result<(String, Vec<u8>)> {
+        let addr = SocketAddr::new(ip.into(), port);
+        let payload = payload.to_vec();
+        self.run_in(from, move || -> Result<(String, Vec<u8>)> {
+            let stream = open(addr)?;
+            let mut writer = stream.try_clone()?;
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let sender = std::thread::spawn(move || -> std::io::Result<()> {
+                writer.write_all(&payload)?;
+                writer.shutdown(std::net::Shutdown::Write)
+            });
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest)?;
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+            Ok((line.trim_end_matches('\n').to_string(), rest))
+        })?
+        .with_context(|| format!("exchange from {from} with {addr}"))
+    }
+
+    /// Runs a command inside a lab netns (a pod id or `nodeA`) and returns its output.
+    pub fn exec(&self, short: &str, argv: &[&str]) -> Result<Output> {
+        let (program, args) = argv.split_first().context("empty command")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        netns::command_in(&mut cmd, &self.netns_path(short))?;
+        cmd.output()
+            .with_context(|| format!("run {program} in {short}"))
+    }
+
+    /// Tears the lab down now (Drop does it otherwise), reporting failure.
+    pub fn down(&mut self) -> Result<()> {
+        self.down_done = true;
+        run_down(&self.bin, &self.prefix)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down_done {
+            if let Err(e) = self.down() {
+                eprintln!("lab {}: down failed: {e:#}", self.prefix);
+            }
+        }
+    }
+}
+
+fn open(addr: SocketAddr) -> Result<TcpStream> {
+    let stream =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+fn read_status(bin: &Path, prefix: &str) -> Result<LabStatus> {
+    let out = Command::new(bin)
+        .args(["status", "--prefix", prefix, "--json"])
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ambient-lab status --prefix {prefix} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parse ambient-lab status --json")
+}
+
+fn run_down(bin: &Path, prefix: &str) -> Result<()> {
+    let out = Command::new(bin)
+        .args(["down", "--prefix", prefix])
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ambient-lab down --prefix {prefix} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

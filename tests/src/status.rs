@@ -1,0 +1,331 @@
+//! `ambient-lab status`: the topology as JSON (for tests and tools) or a table (for people).
+//! The same types are what the test harness parses.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::procs;
+use crate::state::{LabState, PodRole};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabStatus {
+    pub prefix: String,
+    pub run_dir: PathBuf,
+    pub state_file: PathBuf,
+    /// `building` (up running or died) or `ready`.
+    pub phase: String,
+    pub primary: String,
+    pub dataplane: String,
+    pub agent: bool,
+    pub tunnel: String,
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<PodStatus>,
+    pub ztunnels: Vec<ZtunnelStatus>,
+    pub services: Vec<ServiceStatus>,
+    pub processes: Vec<ProcessStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub netns: String,
+    pub underlay_dev: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub gateway: Ipv4Addr,
+    pub conflist: PathBuf,
+    pub cni_cache_dir: PathBuf,
+    pub cni_log: Option<PathBuf>,
+    pub agent: Option<AgentStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub pid: Option<i32>,
+    pub alive: bool,
+    pub socket: PathBuf,
+    pub health_addr: String,
+    pub state_dir: PathBuf,
+    pub tunnel: String,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// `a-app`: also the netns short name for `exec` and the harness.
+    pub id: String,
+    pub name: String,
+    pub k8s_name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Option<Ipv4Addr>,
+    pub ambient: bool,
+    pub ztunnel: bool,
+    pub host_veth: Option<String>,
+    pub container_id: String,
+    pub uid: String,
+    pub server: Option<ServerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerStatus {
+    pub pid: i32,
+    pub port: u16,
+    pub alive: bool,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ZtunnelStatus {
+    pub node: String,
+    pub pod: String,
+    pub netns: String,
+    pub ip: Option<Ipv4Addr>,
+    pub host_veth: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub backend_pod: String,
+    pub backend_ip: Ipv4Addr,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessStatus {
+    pub name: String,
+    pub pid: i32,
+    pub start_time: u64,
+    pub alive: bool,
+    pub netns: String,
+    pub log: PathBuf,
+}
+
+impl LabStatus {
+    pub fn from_state(s: &LabState) -> Self {
+        let proc_alive = |name: &str| s.process(name).map(|p| (p, procs::is_alive(p)));
+        let nodes = s
+            .nodes
+            .iter()
+            .map(|n| NodeStatus {
+                name: n.name.clone(),
+                netns: n.netns.clone(),
+                underlay_dev: n.underlay_dev.clone(),
+                underlay_ip: n.underlay_ip,
+                pod_cidr: n.pod_cidr.clone(),
+                gateway: n.gateway,
+                conflist: n.cni.conflist.clone(),
+                cni_cache_dir: n.cni.cache_dir.clone(),
+                cni_log: n.cni.log_file.clone(),
+                agent: n.agent.as_ref().map(|a| {
+                    let p = proc_alive(&a.process);
+                    AgentStatus {
+                        pid: p.map(|(r, _)| r.pid),
+                        alive: p.is_some_and(|(_, alive)| alive),
+                        socket: a.socket.clone(),
+                        health_addr: a.health_addr.clone(),
+                        state_dir: a.state_dir.clone(),
+                        tunnel: a.tunnel.clone(),
+                        log: a.log.clone(),
+                    }
+                }),
+            })
+            .collect();
+        let pods =
+            s.pods
+                .iter()
+                .map(|p| PodStatus {
+                    id: p.id.clone(),
+                    name: p.name.clone(),
+                    k8s_name: p.k8s_name.clone(),
+                    namespace: p.namespace.clone(),
+                    node: p.node.clone(),
+                    netns: p.netns.clone(),
+                    ip: p.ip,
+                    ambient: p.ambient,
+                    ztunnel: p.role == PodRole::Ztunnel,
+                    host_veth: p.host_veth.clone(),
+                    container_id: p.container_id.clone(),
+                    uid: p.uid.clone(),
+                    server: p.server.as_deref().and_then(proc_alive).map(|(r, alive)| {
+                        ServerStatus {
+                            pid: r.pid,
+                            port: p.server_port.unwrap_or_default(),
+                            alive,
+                            log: r.log.clone(),
+                        }
+                    }),
+                })
+                .collect();
+        let ztunnels = s
+            .pods
+            .iter()
+            .filter(|p| p.role == PodRole::Ztunnel)
+            .map(|p| ZtunnelStatus {
+                node: p.node.clone(),
+                pod: p.id.clone(),
+                netns: p.netns.clone(),
+                ip: p.ip,
+                host_veth: p.host_veth.clone(),
+            })
+            .collect();
+        let services = s
+            .services
+            .iter()
+            .map(|v| ServiceStatus {
+                name: v.name.clone(),
+                namespace: v.namespace.clone(),
+                cluster_ip: v.cluster_ip,
+                port: v.port,
+                target_port: v.target_port,
+                backend_pod: v.backend_pod.clone(),
+                backend_ip: v.backend_ip,
+                nodes: v.nodes.clone(),
+            })
+            .collect();
+        let processes = s
+            .processes
+            .iter()
+            .map(|p| ProcessStatus {
+                name: p.name.clone(),
+                pid: p.pid,
+                start_time: p.start_time,
+                alive: procs::is_alive(p),
+                netns: p.netns.clone(),
+                log: p.log.clone(),
+            })
+            .collect();
+        Self {
+            prefix: s.prefix.clone(),
+            run_dir: s.run_dir.clone(),
+            state_file: s.path(),
+            phase: format!("{:?}", s.phase).to_lowercase(),
+            primary: s.options.primary.clone(),
+            dataplane: s.options.dataplane.clone(),
+            agent: s.options.agent,
+            tunnel: s.options.tunnel.clone(),
+            nodes,
+            pods,
+            ztunnels,
+            services,
+            processes,
+        }
+    }
+
+    pub fn pod(&self, id: &str) -> Option<&PodStatus> {
+        self.pods.iter().find(|p| p.id == id)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeStatus> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// A readable rendering.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "lab {} ({}): primary {}, dataplane {}, agent {}, tunnel {}\nstate {}",
+            self.prefix,
+            self.phase,
+            self.primary,
+            self.dataplane,
+            if self.agent { "on" } else { "off" },
+            self.tunnel,
+            self.state_file.display()
+        );
+        let _ = writeln!(
+            out,
+            "\nNODE  NETNS              UNDERLAY     POD CIDR         GATEWAY      AGENT"
+        );
+        for n in &self.nodes {
+            let agent = match &n.agent {
+                Some(a) => format!(
+                    "pid {} {} {} health {}",
+                    a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    if a.alive { "up" } else { "DOWN" },
+                    a.socket.display(),
+                    a.health_addr
+                ),
+                None => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<5} {:<18} {:<12} {:<16} {:<12} {}",
+                n.name,
+                n.netns,
+                n.underlay_ip.to_string(),
+                n.pod_cidr,
+                n.gateway.to_string(),
+                agent
+            );
+        }
+        let _ = writeln!(out, "\nPOD        K8S NAMESPACE/NAME      NETNS              IP           AMBIENT  HOST VETH        SERVER");
+        for p in &self.pods {
+            let server = match &p.server {
+                Some(s) => format!(
+                    ":{} pid {} {}",
+                    s.port,
+                    s.pid,
+                    if s.alive { "up" } else { "DOWN" }
+                ),
+                None if p.ztunnel => "(ztunnel)".into(),
+                None => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<10} {:<23} {:<18} {:<12} {:<8} {:<16} {}",
+                p.id,
+                format!("{}/{}", p.namespace, p.k8s_name),
+                p.netns,
+                p.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                if p.ambient { "yes" } else { "no" },
+                p.host_veth.as_deref().unwrap_or("-"),
+                server
+            );
+        }
+        let _ = writeln!(out, "\nSERVICE    CLUSTER IP      BACKEND");
+        for v in &self.services {
+            let _ = writeln!(
+                out,
+                "{:<10} {:<15} {} {}:{} (DNAT on nodes {})",
+                format!("{}/{}", v.namespace, v.name),
+                format!("{}:{}", v.cluster_ip, v.port),
+                v.backend_pod,
+                v.backend_ip,
+                v.target_port,
+                v.nodes.join(",")
+            );
+        }
+        out
+    }
+}
+
+/// Loads the status of a lab.
+pub fn load(prefix: &str) -> Result<LabStatus> {
+    let state = LabState::load(prefix)?.with_context(|| {
+        format!(
+            "no lab with prefix {prefix:?} (no {})",
+            crate::paths::state_file(prefix).display()
+        )
+    })?;
+    Ok(LabStatus::from_state(&state))
+}

@@ -1,0 +1,571 @@
+//! `ambient-lab up`: builds the lab step by step, recording each thing in the state file
+//! before relying on it; on any failure tears down whatever was made.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use ambient_net::netns;
+use anyhow::{bail, Context, Result};
+
+use crate::agent;
+use crate::cni::{self, AmbientCniConf, Primary};
+use crate::down;
+use crate::paths;
+use crate::procs;
+use crate::service;
+use crate::state::{
+    AgentState, LabOptionsState, LabState, NodeCniState, NodeState, Phase, PodState, ServiceState,
+};
+use crate::sysctl;
+use crate::topology::{self, NodePlan, PodPlan, NODES, PODS, SERVER_PORT};
+
+/// What runs in the ztunnel netns besides ztunnel-init. Only `none` exists for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dataplane {
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub prefix: String,
+    pub primary: Primary,
+    pub dataplane: Dataplane,
+    /// Run the agent, chain ambient-cni and run ztunnel-init.
+    pub agent: bool,
+    pub tunnel: String,
+    pub rp_filter: u8,
+    pub bin_dir: Option<PathBuf>,
+    pub agent_bin: Option<PathBuf>,
+    pub cni_plugin: Option<PathBuf>,
+    pub ztunnel_init_bin: Option<PathBuf>,
+}
+
+/// The executables a lab run needs.
+struct Binaries {
+    lab: PathBuf,
+    cniclient: PathBuf,
+    cni_path: String,
+    cni_plugin: Option<PathBuf>,
+    agent: Option<PathBuf>,
+    ztunnel_init: Option<PathBuf>,
+}
+
+/// Progress lines on stderr, with seconds since `up` started.
+struct Progress {
+    prefix: String,
+    start: Instant,
+}
+
+impl Progress {
+    fn say(&self, msg: impl AsRef<str>) {
+        eprintln!(
+            "lab[{}] {:6.2}s {}",
+            self.prefix,
+            self.start.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+    }
+}
+
+pub fn up(opts: &UpOptions) -> Result<LabState> {
+    paths::validate_prefix(&opts.prefix)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("ambient-lab up needs root (network namespaces, netlink, nft)");
+    }
+    if !["auto", "geneve", "vxlan"].contains(&opts.tunnel.as_str()) {
+        bail!("--tunnel must be auto, geneve or vxlan");
+    }
+    let progress = Progress {
+        prefix: opts.prefix.clone(),
+        start: Instant::now(),
+    };
+    let run_dir = paths::run_dir(&opts.prefix);
+    if let Some(old) = LabState::load(&opts.prefix)? {
+        bail!(
+            "lab {:?} already exists (phase {:?}, {}); run `ambient-lab down --prefix {}` first",
+            opts.prefix,
+            old.phase,
+            old.path().display(),
+            opts.prefix
+        );
+    }
+    let leftovers: Vec<String> = netns::list_named()?
+        .into_iter()
+        .filter(|n| paths::owns_netns(&opts.prefix, n))
+        .collect();
+    if !leftovers.is_empty() || run_dir.exists() {
+        bail!(
+            "leftovers of a lab {:?} exist (netns {leftovers:?}, dir {}); run `ambient-lab down --prefix {}` first",
+            opts.prefix,
+            run_dir.display(),
+            opts.prefix
+        );
+    }
+
+    let bins = resolve_binaries(opts)?;
+    progress.say(format!(
+        "libcni client {}, CNI_PATH {}",
+        bins.cniclient.display(),
+        bins.cni_path
+    ));
+
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("create {}", run_dir.display()))?;
+    let mut state = LabState::new(
+        &opts.prefix,
+        LabOptionsState {
+            primary: opts.primary.as_str().into(),
+            dataplane: "none".into(),
+            agent: opts.agent,
+            tunnel: opts.tunnel.clone(),
+            rp_filter: opts.rp_filter,
+            cni_plugin: bins.cni_plugin.clone(),
+            agent_bin: bins.agent.clone(),
+            ztunnel_init_bin: bins.ztunnel_init.clone(),
+        },
+    );
+    state.cniclient = Some(bins.cniclient.clone());
+    state.save()?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let built = Builder {
+        state: &mut state,
+        opts,
+        bins: &bins,
+        rt: &rt,
+        progress: &progress,
+    }
+    .build();
+    match built {
+        Ok(()) => {
+            progress.say("ready");
+            Ok(state)
+        }
+        Err(err) => {
+            progress.say(format!("failed: {err:#}"));
+            progress.say("cleaning up");
+            if let Err(e) = down::teardown(&opts.prefix, Some(&state)) {
+                progress.say(format!("cleanup after the failure also failed: {e:#}"));
+            }
+            Err(err.context(format!("ambient-lab up --prefix {} failed", opts.prefix)))
+        }
+    }
+}
+
+fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
+    let find = |name: &str, explicit: &Option<PathBuf>| -> Result<PathBuf> {
+        let path = match (explicit, &opts.bin_dir) {
+            (Some(p), _) => p.clone(),
+            (None, Some(dir)) => dir.join(name),
+            (None, None) => paths::sibling_bin(name)?,
+        };
+        paths::require_executable(name, &path)
+            .with_context(|| format!("{name} is needed (build it, or run with --no-agent)"))?;
+        Ok(path)
+    };
+    let lab = std::env::current_exe().context("locate ambient-lab")?;
+    let (cni_plugin, agent, ztunnel_init) = if opts.agent {
+        let plugin = find("ambient-cni", &opts.cni_plugin)?;
+        if plugin.file_name().is_none_or(|n| n != "ambient-cni") {
+            bail!(
+                "the CNI plugin binary must be named ambient-cni (the conflist type), got {}",
+                plugin.display()
+            );
+        }
+        (
+            Some(plugin),
+            Some(find("ambient-agent", &opts.agent_bin)?),
+            Some(find("ztunnel-init", &opts.ztunnel_init_bin)?),
+        )
+    } else {
+        (None, None, None)
+    };
+    let plugin_dir = match &cni_plugin {
+        Some(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => paths::exe_dir()?,
+    };
+    let cni_path = format!("{}:{}", plugin_dir.display(), cni::SYSTEM_CNI_DIR);
+    let cniclient = cni::ensure_client()?;
+    Ok(Binaries {
+        lab,
+        cniclient,
+        cni_path,
+        cni_plugin,
+        agent,
+        ztunnel_init,
+    })
+}
+
+struct Builder<'a> {
+    state: &'a mut LabState,
+    opts: &'a UpOptions,
+    bins: &'a Binaries,
+    rt: &'a tokio::runtime::Runtime,
+    progress: &'a Progress,
+}
+
+impl Builder<'_> {
+    fn build(mut self) -> Result<()> {
+        self.nodes()?;
+        self.underlay()?;
+        for node in &NODES {
+            self.node_cni(node)?;
+        }
+        if self.opts.agent {
+            for node in &NODES {
+                self.start_agent(node)?;
+            }
+        }
+        for node in &NODES {
+            for pod in &PODS {
+                self.add_pod(node, pod)?;
+            }
+        }
+        for node in &NODES {
+            for pod in PODS.iter().filter(|p| p.serves) {
+                self.start_server(node, pod)?;
+            }
+        }
+        self.service()?;
+        if self.opts.agent {
+            for node in &NODES {
+                self.ztunnel_init(node)?;
+            }
+        }
+        self.state.phase = Phase::Ready;
+        self.state.save()
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.state.run_dir.clone()
+    }
+
+    /// Creates a netns, records it, sets its sysctls and brings loopback up.
+    fn make_netns(&mut self, short: &str, sysctls: &[(&str, String)]) -> Result<String> {
+        let name = paths::netns_name(&self.state.prefix, short);
+        netns::create_named(&name).with_context(|| format!("create netns {name}"))?;
+        self.state.netns.push(name.clone());
+        self.state.save()?;
+        let pairs: Vec<(&str, &str)> = sysctls.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        sysctl::set_in(&name, &pairs)?;
+        self.rt.block_on(topology::loopback_up(&name))?;
+        Ok(name)
+    }
+
+    fn nodes(&mut self) -> Result<()> {
+        for node in &NODES {
+            let sysctls = topology::node_sysctls(self.opts.rp_filter);
+            let netns = self.make_netns(&node.short(), &sysctls)?;
+            self.progress
+                .say(format!("node {} netns {netns}", node.name));
+        }
+        Ok(())
+    }
+
+    fn underlay(&mut self) -> Result<()> {
+        let [a, b] =
+            [&NODES[0], &NODES[1]].map(|n| paths::netns_name(&self.state.prefix, &n.short()));
+        self.rt.block_on(async {
+            topology::create_underlay(&a, &b).await?;
+            topology::configure_underlay(&a, &NODES[0]).await?;
+            topology::configure_underlay(&b, &NODES[1]).await
+        })?;
+        self.progress.say(format!(
+            "underlay {}: {} <-> {}",
+            topology::UNDERLAY_DEV,
+            NODES[0].underlay_ip,
+            NODES[1].underlay_ip
+        ));
+        Ok(())
+    }
+
+    /// Writes the node's conflist and records its CNI and agent layout.
+    fn node_cni(&mut self, node: &NodePlan) -> Result<()> {
+        let run = self.run_dir();
+        let cni_dir = run.join(format!("node{}-cni", node.name));
+        let conf_dir = cni_dir.join("net.d");
+        let cache_dir = cni_dir.join("cache");
+        let ipam_dir = cni_dir.join("ipam");
+        for d in [&conf_dir, &cache_dir, &ipam_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let agent_dir = run.join(format!("node{}-agent", node.name));
+        let agent = self.opts.agent.then(|| AgentState {
+            process: format!("agent-{}", node.letter),
+            socket: agent_dir.join("agent.sock"),
+            health_addr: agent::HEALTH_ADDR.into(),
+            state_dir: agent_dir.join("state"),
+            config: agent_dir.join("config.json"),
+            tunnel: self.opts.tunnel.clone(),
+            log: run.join(format!("node{}-agent.log", node.name)),
+        });
+        let ambient_conf = agent.as_ref().map(|a| AmbientCniConf {
+            agent_socket: a.socket.clone(),
+            log_file: run.join(format!("node{}-cni.log", node.name)),
+        });
+        let conflist = cni::conflist(self.opts.primary, node, &ipam_dir, ambient_conf.as_ref());
+        let conflist_path = conf_dir.join("10-ambient.conflist");
+        std::fs::write(&conflist_path, serde_json::to_vec_pretty(&conflist)?)
+            .with_context(|| format!("write {}", conflist_path.display()))?;
+        self.state.add_file(&cni_dir);
+        self.state.add_file(&conflist_path);
+        self.state.nodes.push(NodeState {
+            name: node.name.into(),
+            netns: paths::netns_name(&self.state.prefix, &node.short()),
+            underlay_dev: topology::UNDERLAY_DEV.into(),
+            underlay_ip: node.underlay_ip,
+            underlay_prefix_len: topology::UNDERLAY_PREFIX_LEN,
+            peer_underlay_ip: node.peer().underlay_ip,
+            pod_cidr: node.pod_cidr(),
+            gateway: node.gateway,
+            cni: NodeCniState {
+                conf_dir,
+                conflist: conflist_path,
+                network: cni::NETWORK.into(),
+                cache_dir,
+                ipam_data_dir: ipam_dir,
+                cni_path: self.bins.cni_path.clone(),
+                log_file: ambient_conf.map(|a| a.log_file),
+            },
+            agent,
+        });
+        self.state.save()
+    }
+
+    fn start_agent(&mut self, node: &NodePlan) -> Result<()> {
+        let ns = self.node_state(node)?;
+        let a = ns.agent.clone().context("agent layout missing")?;
+        let netns_name = ns.netns.clone();
+        let agent_dir = a.socket.parent().context("socket dir")?.to_path_buf();
+        std::fs::create_dir_all(&a.state_dir)
+            .with_context(|| format!("create {}", a.state_dir.display()))?;
+        std::fs::write(&a.config, serde_json::to_vec_pretty(&agent::config())?)
+            .with_context(|| format!("write {}", a.config.display()))?;
+        self.state.add_file(&agent_dir);
+        let bin = self.bins.agent.as_ref().context("no agent binary")?;
+        let argv = agent::argv(bin, &a.config, &a.socket, &a.state_dir, &a.tunnel);
+        let mut child = self.spawn(&a.process, &netns_name, &argv, &a.log)?;
+        agent::wait_ready(&netns_name, &a.socket, &mut child, &a.log)?;
+        self.progress.say(format!(
+            "node {} agent pid {} ready on {}",
+            node.name,
+            child.id(),
+            a.socket.display()
+        ));
+        Ok(())
+    }
+
+    fn node_state(&self, node: &NodePlan) -> Result<&NodeState> {
+        self.state
+            .node(node.name)
+            .with_context(|| format!("node {} is not recorded", node.name))
+    }
+
+    fn add_pod(&mut self, node: &NodePlan, plan: &PodPlan) -> Result<()> {
+        let id = format!("{}-{}", node.letter, plan.name);
+        let netns_name = self.make_netns(&id, &topology::pod_sysctls(self.opts.rp_filter))?;
+        let pod = PodState {
+            id: id.clone(),
+            name: plan.name.into(),
+            role: plan.role,
+            k8s_name: format!("{}-{}", plan.name, node.letter),
+            namespace: plan.namespace.into(),
+            uid: random_uuid()?,
+            node: node.name.into(),
+            netns: netns_name,
+            container_id: format!("{}-{id}-{}", self.state.prefix, &random_hex(4)?),
+            ifname: "eth0".into(),
+            ambient: plan.ambient,
+            cni_added: true,
+            ip: None,
+            host_veth: None,
+            cni_result: None,
+            server: None,
+            server_port: None,
+        };
+        // Recorded before ADD runs: a half-done ADD still gets its DEL.
+        self.state.pods.push(pod.clone());
+        self.state.save()?;
+        let node_state = self.node_state(node)?.clone();
+        let result = cni::add(&self.bins.cniclient, &node_state, &pod)?;
+        let parsed = cni::parse_result(&result)
+            .with_context(|| format!("CNI ADD result of pod {id}: {result}"))?;
+        if !cni::in_pod_cidr(node, parsed.ip) {
+            bail!("pod {id} got {} outside {}", parsed.ip, node.pod_cidr());
+        }
+        let rec = self.state.pod_mut(&id).context("pod vanished from state")?;
+        rec.ip = Some(parsed.ip);
+        rec.host_veth = parsed.host_veth.clone();
+        rec.cni_result = Some(result);
+        self.state.save()?;
+        self.progress.say(format!(
+            "pod {id} ({}/{}) {} host veth {}",
+            plan.namespace,
+            pod.k8s_name,
+            parsed.ip,
+            parsed.host_veth.as_deref().unwrap_or("?")
+        ));
+        Ok(())
+    }
+
+    fn start_server(&mut self, node: &NodePlan, plan: &PodPlan) -> Result<()> {
+        let id = format!("{}-{}", node.letter, plan.name);
+        let pod = self.state.pod(&id).context("pod not recorded")?.clone();
+        let name = format!("serve-{id}");
+        let log = self.run_dir().join(format!("{id}-serve.log"));
+        let argv = vec![
+            self.bins.lab.display().to_string(),
+            "serve".into(),
+            "--port".into(),
+            SERVER_PORT.to_string(),
+        ];
+        let mut child = self.spawn(&name, &pod.netns, &argv, &log)?;
+        let rec = self.state.pod_mut(&id).context("pod vanished from state")?;
+        rec.server = Some(name.clone());
+        rec.server_port = Some(SERVER_PORT);
+        self.state.save()?;
+        wait_listening(&pod.netns, SERVER_PORT, &mut child, &log)
+            .with_context(|| format!("server in pod {id}"))?;
+        Ok(())
+    }
+
+    /// Starts a detached process and records it right away.
+    fn spawn(
+        &mut self,
+        name: &str,
+        netns_name: &str,
+        argv: &[String],
+        log: &Path,
+    ) -> Result<Child> {
+        let (rec, child) = procs::spawn_detached(name, netns_name, argv, &[], log)?;
+        self.state.add_file(log);
+        self.state.processes.push(rec);
+        self.state.save()?;
+        Ok(child)
+    }
+
+    fn service(&mut self) -> Result<()> {
+        let backend_id = format!("{}-app", NODES[1].letter);
+        let backend_ip = self
+            .state
+            .pod(&backend_id)
+            .and_then(|p| p.ip)
+            .context("backend pod has no IP")?;
+        let script = service::render(
+            service::CLUSTER_IP,
+            service::SERVICE_PORT,
+            backend_ip,
+            SERVER_PORT,
+        );
+        let mut nodes = Vec::new();
+        for node in &NODES {
+            let netns_name = self.node_state(node)?.netns.clone();
+            service::apply(&netns_name, &script)?;
+            nodes.push(node.name.to_string());
+        }
+        self.state.services.push(ServiceState {
+            name: service::SERVICE_NAME.into(),
+            namespace: service::SERVICE_NAMESPACE.into(),
+            cluster_ip: service::CLUSTER_IP,
+            port: service::SERVICE_PORT,
+            target_port: SERVER_PORT,
+            backend_pod: backend_id,
+            backend_ip,
+            nodes,
+        });
+        self.state.save()?;
+        self.progress.say(format!(
+            "service {}/{} {}:{} -> {backend_ip}:{SERVER_PORT} (nft table ip {} on both nodes)",
+            service::SERVICE_NAMESPACE,
+            service::SERVICE_NAME,
+            service::CLUSTER_IP,
+            service::SERVICE_PORT,
+            service::TABLE
+        ));
+        Ok(())
+    }
+
+    fn ztunnel_init(&mut self, node: &NodePlan) -> Result<()> {
+        let a = self.node_state(node)?.agent.clone().context("no agent")?;
+        let id = format!("{}-ztunnel", node.letter);
+        let pod_netns = self.state.pod(&id).context("no ztunnel pod")?.netns.clone();
+        let log = self.run_dir().join(format!("{id}-init.log"));
+        self.state.add_file(&log);
+        let bin = self
+            .bins
+            .ztunnel_init
+            .as_ref()
+            .context("no ztunnel-init binary")?;
+        agent::run_ztunnel_init(
+            bin,
+            &pod_netns,
+            &a.state_dir.join(agent::TUNNEL_STATE_FILE),
+            &log,
+        )?;
+        self.state.save()?;
+        self.progress
+            .say(format!("ztunnel-init done in {pod_netns}"));
+        Ok(())
+    }
+}
+
+/// Waits until `port` accepts on the pod's loopback; fails when the server exits.
+fn wait_listening(netns_name: &str, port: u16, child: &mut Child, log: &Path) -> Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("exited ({status})\n{}", procs::log_tail(log, 10));
+        }
+        let ok = netns::run_in(&netns::named_path(netns_name), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "not listening on {addr} after 10s\n{}",
+                procs::log_tail(log, 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut buf = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("read /dev/urandom")?;
+    Ok(buf)
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let raw = random_bytes::<16>()?;
+    Ok(raw[..bytes.min(16)]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A version-4 UUID, as Kubernetes gives pods.
+fn random_uuid() -> Result<String> {
+    let mut b = random_bytes::<16>()?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
