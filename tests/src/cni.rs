@@ -178,10 +178,9 @@ pub fn parse_cni_error(stderr: &str) -> Option<CniError> {
 }
 
 /// CNI_ARGS for a pod, the way kubelet passes them.
-pub fn cni_args(pod: &PodState) -> String {
+pub fn cni_args(namespace: &str, name: &str, container_id: &str, uid: &str) -> String {
     format!(
-        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
-        pod.namespace, pod.k8s_name, pod.container_id, pod.uid
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uid}"
     )
 }
 
@@ -202,7 +201,10 @@ fn run_client(
         .arg(&pod.ifname)
         .env("CNI_PATH", &node.cni.cni_path)
         .env("CNI_CACHE_DIR", &node.cni.cache_dir)
-        .env("CNI_ARGS", cni_args(pod));
+        .env(
+            "CNI_ARGS",
+            cni_args(&pod.namespace, &pod.k8s_name, &pod.container_id, &pod.uid),
+        );
     netns::command_in(&mut cmd, &netns::named_path(&node.netns))?;
     procs::run_capture(&mut cmd, None, CNI_TIMEOUT)
 }

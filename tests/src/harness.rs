@@ -13,15 +13,19 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambient_net::netns;
 use anyhow::{bail, Context, Result};
 
+use crate::cni;
 use crate::paths;
+use crate::procs;
+use crate::state::{LabState, ProcessRecord};
 use crate::status::{LabStatus, PodStatus};
+use crate::tproxy::{self, TproxyRecord};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -223,6 +227,100 @@ impl Lab {
             .with_context(|| format!("run {program} in {short}"))
     }
 
+    /// Runs the lab's libcni client inside `node`'s netns (`A`/`B`) with that node's
+    /// CNI_PATH and cache dir: `args` are what follows the command name, e.g.
+    /// `["check", <conf dir>, "ambient", <netns>, <container id>, "eth0"]`.
+    pub fn cniclient(&self, node: &str, args: &[&str], cni_args: &str) -> Result<Output> {
+        let n = self
+            .status
+            .node(node)
+            .with_context(|| format!("no node {node}"))?;
+        let client = self.status.cniclient.as_ref().context("no cniclient")?;
+        let mut cmd = Command::new(client);
+        cmd.args(args)
+            .env("CNI_PATH", &n.cni_path)
+            .env("CNI_CACHE_DIR", &n.cni_cache_dir)
+            .env("CNI_ARGS", cni_args);
+        netns::command_in(&mut cmd, &netns::named_path(&n.netns))?;
+        cmd.output().context("run cniclient")
+    }
+
+    /// `cniclient <op>` (add, check, del) for a lab pod with its own identity and netns.
+    pub fn cni(&self, op: &str, pod_id: &str) -> Result<Output> {
+        let pod = self.pod(pod_id).clone();
+        let node = self.status.node(&pod.node).context("pod's node")?.clone();
+        let netns = netns::named_path(&pod.netns);
+        let netns = if netns.exists() {
+            netns.display().to_string()
+        } else {
+            "-".into()
+        };
+        let cni_args = cni::cni_args(&pod.namespace, &pod.k8s_name, &pod.container_id, &pod.uid);
+        let conf_dir = node.cni_conf_dir.display().to_string();
+        self.cniclient(
+            &pod.node,
+            &[
+                op,
+                &conf_dir,
+                &node.cni_network,
+                &netns,
+                &pod.container_id,
+                "eth0",
+            ],
+            &cni_args,
+        )
+    }
+
+    /// Starts `argv` detached inside a lab netns, output to `<run dir>/<name>.log`, and
+    /// records it in the lab's state file so `down` stops it even if the test dies. The
+    /// returned guard stops it when dropped.
+    pub fn spawn(&self, name: &str, short: &str, argv: &[String]) -> Result<Spawned> {
+        let state_path = paths::state_file(&self.prefix);
+        let mut state = LabState::load_from(&state_path)?
+            .with_context(|| format!("lab {} has no state file", self.prefix))?;
+        if state.process(name).is_some() {
+            bail!("lab {} already has a process named {name}", self.prefix);
+        }
+        let log = state.run_dir.join(format!("{name}.log"));
+        let netns_name = paths::netns_name(&self.prefix, short);
+        let (rec, child) = procs::spawn_detached(name, &netns_name, argv, &[], &log)?;
+        state.processes.push(rec.clone());
+        state.add_file(&log);
+        state.save()?;
+        Ok(Spawned { rec, child })
+    }
+
+    /// Starts `ambient-lab tproxy-listen` on 15001/15006/15008 in a ztunnel pod's netns
+    /// (`a-ztunnel`), and waits until its listeners are bound.
+    pub fn tproxy_listen(&self, ztunnel_pod: &str) -> Result<TproxyListener> {
+        let records = self
+            .status
+            .run_dir
+            .join(format!("{ztunnel_pod}-tproxy.jsonl"));
+        let argv = vec![
+            self.bin.display().to_string(),
+            "tproxy-listen".into(),
+            "--log".into(),
+            records.display().to_string(),
+        ];
+        let mut proc = self.spawn(&format!("tproxy-{ztunnel_pod}"), ztunnel_pod, &argv)?;
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&proc.rec.log).unwrap_or_default();
+            if text.contains("IP_TRANSPARENT listeners") {
+                break;
+            }
+            if let Some(status) = proc.child.try_wait()? {
+                bail!("tproxy-listen in {ztunnel_pod} exited ({status}): {text}");
+            }
+            if Instant::now() >= deadline {
+                bail!("tproxy-listen in {ztunnel_pod} not listening: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(TproxyListener { proc, records })
+    }
+
     /// Tears the lab down now (Drop does it otherwise), reporting failure.
     pub fn down(&mut self) -> Result<()> {
         self.down_done = true;
@@ -237,6 +335,45 @@ impl Drop for Lab {
                 eprintln!("lab {}: down failed: {e:#}", self.prefix);
             }
         }
+    }
+}
+
+/// A process started by [`Lab::spawn`]; dropping it stops the process.
+pub struct Spawned {
+    pub rec: ProcessRecord,
+    child: Child,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> i32 {
+        self.rec.pid
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL).
+    pub fn stop(&mut self) -> Result<()> {
+        procs::stop(&self.rec, Duration::from_secs(2))?;
+        let _ = self.child.try_wait();
+        Ok(())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// The test transparent listener in a ztunnel netns.
+pub struct TproxyListener {
+    pub proc: Spawned,
+    /// Its JSON-lines log of accepted connections.
+    pub records: PathBuf,
+}
+
+impl TproxyListener {
+    /// Every connection accepted so far.
+    pub fn records(&self) -> Result<Vec<TproxyRecord>> {
+        tproxy::read_log(&self.records)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct LabStatus {
     pub dataplane: String,
     pub agent: bool,
     pub tunnel: String,
+    /// The libcni client the lab drives the chain with.
+    pub cniclient: Option<PathBuf>,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
     pub ztunnels: Vec<ZtunnelStatus>,
@@ -40,7 +42,11 @@ pub struct NodeStatus {
     pub pod_cidr: String,
     pub gateway: Ipv4Addr,
     pub conflist: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_network: String,
     pub cni_cache_dir: PathBuf,
+    /// CNI_PATH as the lab used it.
+    pub cni_path: String,
     pub cni_log: Option<PathBuf>,
     pub agent: Option<AgentStatus>,
 }
@@ -133,7 +139,10 @@ impl LabStatus {
                 pod_cidr: n.pod_cidr.clone(),
                 gateway: n.gateway,
                 conflist: n.cni.conflist.clone(),
+                cni_conf_dir: n.cni.conf_dir.clone(),
+                cni_network: n.cni.network.clone(),
                 cni_cache_dir: n.cni.cache_dir.clone(),
+                cni_path: n.cni.cni_path.clone(),
                 cni_log: n.cni.log_file.clone(),
                 agent: n.agent.as_ref().map(|a| {
                     let p = proc_alive(&a.process);
@@ -222,6 +231,7 @@ impl LabStatus {
             dataplane: s.options.dataplane.clone(),
             agent: s.options.agent,
             tunnel: s.options.tunnel.clone(),
+            cniclient: s.cniclient.clone(),
             nodes,
             pods,
             ztunnels,

@@ -28,6 +28,14 @@ pub enum Dataplane {
     None,
 }
 
+impl Dataplane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataplane::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     pub prefix: String,
@@ -117,7 +125,7 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
         &opts.prefix,
         LabOptionsState {
             primary: opts.primary.as_str().into(),
-            dataplane: "none".into(),
+            dataplane: opts.dataplane.as_str().into(),
             agent: opts.agent,
             tunnel: opts.tunnel.clone(),
             rp_filter: opts.rp_filter,
