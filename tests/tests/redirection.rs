@@ -262,6 +262,8 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
     captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
 }
 
+type BadInput = (&'static str, Vec<(&'static str, String)>, String, i64);
+
 /// Malformed CNI input gets the spec's error code and changes nothing in the kernel.
 #[test]
 fn malformed_cni_input_is_refused_and_changes_nothing() {
@@ -278,7 +280,8 @@ fn malformed_cni_input_is_refused_and_changes_nothing() {
     };
     let prev = pod.cni_result.clone().unwrap();
     let netns_path = netns::named_path(&pod.netns).display().to_string();
-    let cases: Vec<(&str, Vec<(&str, String)>, String, i64)> = vec![
+    // (what, env overrides, stdin, expected CNI error code)
+    let cases: Vec<BadInput> = vec![
         ("bad JSON", vec![], "{not json".into(), 6),
         ("unknown version", vec![], good("9.9.9", prev.clone()), 1),
         (
