@@ -128,6 +128,25 @@ impl Lab {
         })
     }
 
+    /// A handle on a lab that is already up (e.g. for `ambient-lab demo`); dropping it does
+    /// not tear the lab down unless [`Lab::down`] is called.
+    pub fn attach(prefix: &str, bin: &Path) -> Result<Lab> {
+        let status = read_status(bin, prefix)
+            .with_context(|| format!("lab {prefix} is not up (run `ambient-lab up` first)"))?;
+        Ok(Lab {
+            prefix: prefix.to_string(),
+            bin: bin.to_path_buf(),
+            status,
+            up_log: String::new(),
+            down_done: true,
+        })
+    }
+
+    /// Leaves the lab up when this handle is dropped.
+    pub fn detach(mut self) {
+        self.down_done = true;
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

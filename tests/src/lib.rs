@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod demo;
 pub mod down;
 pub mod exec;
 pub mod harness;

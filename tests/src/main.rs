@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use ambient_lab::cni::Primary;
 use ambient_lab::up::{Dataplane, UpOptions};
-use ambient_lab::{down, exec, paths, serve, status, tproxy, up};
+use ambient_lab::{demo, down, exec, paths, serve, status, tproxy, up};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
@@ -30,6 +30,11 @@ struct PrefixArg {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// On a lab that is up: show which connections node A captures into its ztunnel netns.
+    Demo {
+        #[command(flatten)]
+        prefix: PrefixArg,
+    },
     /// Build the lab: nodes, underlay, agents, pods via CNI, servers, Service, ztunnel-init.
     Up {
         #[command(flatten)]
@@ -174,6 +179,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let code = exec::exec(&prefix.prefix, &netns, &command)?;
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
+        Cmd::Demo { prefix } => emit(&demo::run(&prefix.prefix)?)?,
         Cmd::Serve { port } => serve::run(port)?,
         Cmd::TproxyListen { ports, log } => tproxy::run(&ports, &log)?,
     }
