@@ -119,10 +119,24 @@ pub struct ZtunnelEndpoint {
     pub netns: String,
     /// The node-side veth of the ztunnel pod.
     pub host_veth: String,
+    /// The bridge that veth is a port of, with a bridge-type primary CNI: routes to the
+    /// ztunnel then go via the bridge.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// The ztunnel pod interface's MAC (matched on the bridge).
+    #[serde(default)]
+    pub mac: String,
     /// Its MTU: the tunnels' underlay.
     pub veth_mtu: u32,
     /// The node address on the ztunnel's side (its gateway): the tunnels' source.
     pub node_ip: Ipv4Addr,
+}
+
+impl ZtunnelEndpoint {
+    /// The node device that reaches the ztunnel: its veth, or the bridge it is a port of.
+    pub fn route_dev(&self) -> &str {
+        self.bridge.as_deref().unwrap_or(&self.host_veth)
+    }
 }
 
 /// One captured pod address and the node-side device its traffic uses.
@@ -247,9 +261,9 @@ pub fn node_desired(
     .into();
     // Each table first routes the ztunnel IP over its veth: the encapsulated packet inherits
     // the capture mark, and without this the tunnel would route into itself.
+    let zt_dev = zt.route_dev();
     for t in table::ALL {
-        d.routes
-            .insert(host_key(t, zt.ip), device_route(&zt.host_veth));
+        d.routes.insert(host_key(t, zt.ip), device_route(zt_dev));
     }
     d.routes.insert(
         default_key(table::OUTBOUND, RouteKind::Unicast),
@@ -257,16 +271,18 @@ pub fn node_desired(
     );
     d.routes.insert(
         default_key(table::RETURN, RouteKind::Unicast),
-        via(&zt.host_veth, zt.ip, None, true),
+        via(zt_dev, zt.ip, None, true),
     );
     d.routes.extend(pods.iter().map(pod_inbound_route));
     // Effective rp_filter is max(all, dev): `all` must be 0 for the per-device 0s to count.
     d.sysctls.push(Sysctl::conf("all", "rp_filter", "0"));
-    for dev in [
+    let mut zt_devs = vec![
         zt.host_veth.as_str(),
         consts::ISTIOIN.name,
         consts::ISTIOOUT.name,
-    ] {
+    ];
+    zt_devs.extend(zt.bridge.as_deref());
+    for dev in zt_devs {
         d.sysctls.push(Sysctl::conf(dev, "rp_filter", "0"));
         d.sysctls.push(Sysctl::conf(dev, "accept_local", "1"));
     }
@@ -421,6 +437,8 @@ mod tests {
             ip: ZT_IP,
             netns: "/run/netns/zt".into(),
             host_veth: "vethzt".into(),
+            bridge: None,
+            mac: String::new(),
             veth_mtu: 1500,
             node_ip: GW,
         }
@@ -520,6 +538,24 @@ mod tests {
             .tunnels
             .iter()
             .all(|t| t.remote == ZT_IP && t.mtu == 1450 && t.port == 6081));
+    }
+
+    #[test]
+    fn behind_a_bridge_the_routes_use_the_bridge() {
+        let z = ZtunnelEndpoint {
+            bridge: Some("cni0".into()),
+            ..zt()
+        };
+        let d = node_desired(Some(&z), VX, &pods(), &BTreeSet::new());
+        assert_eq!(
+            d.routes.get(&host_key(101, ZT_IP)),
+            Some(&device_route("cni0"))
+        );
+        assert_eq!(
+            d.routes.get(&default_key(102, RouteKind::Unicast)),
+            Some(&via("cni0", ZT_IP, None, true))
+        );
+        assert!(d.sysctls.contains(&Sysctl::conf("cni0", "rp_filter", "0")));
     }
 
     #[test]

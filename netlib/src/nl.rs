@@ -164,6 +164,40 @@ impl Netlink {
         }))
     }
 
+    /// The name of the bridge (controller) a link is a port of, if any.
+    pub async fn link_controller(&self, index: u32) -> Result<Option<String>, NetError> {
+        let Some(m) = self.link_by_index(index).await? else {
+            return Ok(None);
+        };
+        let Some(ctl) = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Controller(c) => Some(*c),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        Ok(self.link_by_index(ctl).await?.and_then(|c| link_name(&c)))
+    }
+
+    /// A link's MAC address as `aa:bb:cc:dd:ee:ff`.
+    pub async fn link_mac(&self, name: &str) -> Result<String, NetError> {
+        let m = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| NetError::NoSuchLink(name.into()))?;
+        m.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(b) if b.len() == 6 => Some(
+                    b.iter()
+                        .map(|o| format!("{o:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                ),
+                _ => None,
+            })
+            .ok_or_else(|| NetError::Other(format!("{name} has no MAC address")))
+    }
+
     /// Every link's index → name.
     pub async fn link_names(&self) -> Result<BTreeMap<u32, String>, NetError> {
         let links: Vec<LinkMessage> = self

@@ -65,6 +65,8 @@ async fn node_state_converges_in_place_and_cleans_up() {
         ip: Ipv4Addr::new(10, 244, 1, 2),
         netns: String::new(),
         host_veth: "vethzt".into(),
+        bridge: None,
+        mac: String::new(),
         veth_mtu: 1500,
         node_ip: Ipv4Addr::new(10, 244, 1, 1),
     };

@@ -101,6 +101,8 @@ impl Node {
         NodeNft {
             rules: zt.map(|z| NodeRules {
                 ztunnel_veth: z.host_veth.clone(),
+                ztunnel_bridge: z.bridge.clone(),
+                ztunnel_mac: z.mac.clone(),
                 ztunnel_ip: z.ip,
                 node_gateways: gateways,
                 tunnel_port: self.choice().port,
@@ -116,7 +118,7 @@ impl Node {
             .state
             .pods
             .values()
-            .map(|p| p.host_veth.clone())
+            .flat_map(|p| std::iter::once(p.host_veth.clone()).chain(p.host_bridge.clone()))
             .collect();
         let zt = self.state.ztunnel.as_ref().map(|z| z.endpoint.clone());
         let desired = model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
@@ -198,7 +200,7 @@ impl Node {
         if self.state.pods.contains_key(&key) {
             return Ok(Reply::ok(true, "already enrolled"));
         }
-        let (host_veth, gateway) = self.pod_host_side(&pod).await?;
+        let side = self.pod_host_side(&pod).await?;
         let rec = PodRecord {
             container_id: pod.container_id,
             if_name: pod.if_name,
@@ -207,8 +209,9 @@ impl Node {
             uid: pod.uid,
             netns: pod.netns,
             ips: pod.ips,
-            host_veth,
-            gateway,
+            host_veth: side.veth,
+            host_bridge: side.bridge,
+            gateway: side.gateway,
         };
         // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
         self.state.pods.insert(key.clone(), rec.clone());
@@ -232,7 +235,9 @@ impl Node {
     }
 
     async fn enroll_in_kernel(&mut self, p: &PodRecord) -> anyhow::Result<()> {
-        nl::apply_sysctls(&[Sysctl::conf(&p.host_veth, "rp_filter", "0")])?;
+        let devs = std::iter::once(&p.host_veth).chain(p.host_bridge.as_ref());
+        let relax: Vec<_> = devs.map(|d| Sysctl::conf(d, "rp_filter", "0")).collect();
+        nl::apply_sysctls(&relax)?;
         if self.nft_gateways_change(p) {
             // A new gateway address changes the output chain: converge everything.
             self.reconcile().await?;
@@ -336,7 +341,7 @@ impl Node {
 
     /// The pod's node-side device: the peer of its interface, found from inside its netns
     /// (bridge-type primaries have no per-pod host route to find it by).
-    async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<(String, Ipv4Addr)> {
+    async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<HostSide> {
         let inner = Netlink::in_netns(Path::new(&pod.netns))
             .with_context(|| format!("open pod netns {}", pod.netns))?;
         let peer = inner
@@ -358,7 +363,14 @@ impl Node {
                 .map(|(g, _)| g)
                 .ok_or_else(|| anyhow!("pod {} has no IPv4 gateway", pod.name))?,
         };
-        Ok((name, gateway))
+        let index = self.nl.link_index(&name).await?;
+        Ok(HostSide {
+            bridge: self.nl.link_controller(index).await?,
+            mtu: self.nl.link_name_mtu(index).await?.map_or(1500, |(_, m)| m),
+            pod_mac: inner.link_mac(&pod.if_name).await?,
+            veth: name,
+            gateway,
+        })
     }
 
     async fn ztunnel_endpoint(&self, pod: &PodInfo) -> anyhow::Result<ZtunnelEndpoint> {
@@ -370,15 +382,15 @@ impl Node {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("the ztunnel pod has no IPv4 address"))?;
-        let (host_veth, node_ip) = self.pod_host_side(pod).await?;
-        let index = self.nl.link_index(&host_veth).await?;
-        let veth_mtu = self.nl.link_name_mtu(index).await?.map_or(1500, |(_, m)| m);
+        let side = self.pod_host_side(pod).await?;
         Ok(ZtunnelEndpoint {
             ip,
             netns: pod.netns.clone(),
-            host_veth,
-            veth_mtu,
-            node_ip,
+            host_veth: side.veth,
+            bridge: side.bridge,
+            mac: side.pod_mac,
+            veth_mtu: side.mtu,
+            node_ip: side.gateway,
         })
     }
 
@@ -394,6 +406,18 @@ impl Node {
         info!("removed every link, rule, route and nft table of the agent");
         Ok(())
     }
+}
+
+/// Where a pod attaches to the node.
+struct HostSide {
+    veth: String,
+    /// The bridge the veth is a port of, if any.
+    bridge: Option<String>,
+    mtu: u32,
+    /// The pod interface's own MAC.
+    pod_mac: String,
+    /// The node's gateway address toward the pod.
+    gateway: Ipv4Addr,
 }
 
 /// Removes the agent's kernel objects, whether or not any state is known.

@@ -22,6 +22,10 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     /// The node-side device of the pod (its veth, found from the pod's netns).
     pub host_veth: String,
+    /// The bridge that veth is a port of (bridge-type primaries): routed traffic of the pod
+    /// enters the node through it, so its rp_filter is relaxed too.
+    #[serde(default)]
+    pub host_bridge: Option<String>,
     /// The node's gateway address toward the pod.
     pub gateway: Ipv4Addr,
 }

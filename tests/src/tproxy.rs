@@ -2,7 +2,7 @@
 //! gets an IP_TRANSPARENT listener on 0.0.0.0 (TPROXY only hands packets to such
 //! sockets); every accepted connection is answered with one line naming the listener
 //! port, the original destination (the accepted socket's local address) and the peer,
-//! logged as a JSON line, and closed.
+//! logged as a JSON line; then whatever the client sends is echoed until it closes.
 
 use std::fs::File;
 use std::io::Write;
@@ -139,7 +139,13 @@ fn answer(port: u16, mut stream: TcpStream, log: &Mutex<File>) -> Result<()> {
         f.write_all(line.as_bytes())?;
     }
     stream.write_all(rec.line().as_bytes())?;
-    stream.shutdown(std::net::Shutdown::Both).ok();
+    // Then echo until the client closes, so long-lived captured connections can be tested.
+    std::thread::spawn(move || {
+        if let Ok(mut reader) = stream.try_clone() {
+            let _ = std::io::copy(&mut reader, &mut stream);
+        }
+        stream.shutdown(std::net::Shutdown::Both).ok();
+    });
     Ok(())
 }
 

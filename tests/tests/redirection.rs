@@ -206,11 +206,12 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
     let rec = state.process(&agent.process).unwrap().clone();
     let before = node_snapshot(&lab, "nodeA");
 
-    // A long-lived connection from an ambient pod over the node (the server echoes).
-    let b_plain = SocketAddr::new(lab.pod_ip("b-plain").into(), 9080);
+    // A long-lived captured connection: ambient pod -> ztunnel A's listener (which echoes).
+    let _zt = lab.tproxy_listen("a-ztunnel").unwrap();
+    let b_app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
     let conn = lab
-        .run_in("a-plain", move || {
-            TcpStream::connect_timeout(&b_plain, Duration::from_secs(3))
+        .run_in("a-client", move || {
+            TcpStream::connect_timeout(&b_app, Duration::from_secs(3))
         })
         .unwrap()
         .unwrap();
@@ -218,7 +219,7 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut greeting = String::new();
     reader.read_line(&mut greeting).unwrap();
-    assert!(greeting.starts_with("server="), "{greeting}");
+    assert!(greeting.starts_with("tproxy port=15001"), "{greeting}");
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(rec.pid),
@@ -257,8 +258,7 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
     let mut echoed = [0u8; 11];
     reader.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"still here\n");
-    // Capture still works after the restart.
-    let _zt = lab.tproxy_listen("a-ztunnel").unwrap();
+    // New connections are captured too.
     captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
 }
 
@@ -403,4 +403,104 @@ fn cleanup_and_down_leave_nothing() {
     assert!(left.is_empty(), "netns left: {left:?}");
     assert!(all.iter().all(|p| !procs::is_alive(p)), "processes left");
     assert!(!Path::new(&format!("/run/ambient-lab/{prefix}")).exists());
+}
+
+/// With a bridge-type primary the ztunnel's veth is a bridge port: the agent routes via the
+/// bridge and recognises ztunnel's packets by bridge + MAC. Cross-node capture works; traffic
+/// between pods of one bridge is switched at layer 2 and never reaches the routing rules.
+#[test]
+fn bridge_primary_captures_across_nodes() {
+    let lab = Lab::up(
+        &unique_prefix("brg"),
+        LabOptions::new(LAB).primary("bridge"),
+    )
+    .unwrap();
+    let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
+    let _zt_b = lab.tproxy_listen("b-ztunnel").unwrap();
+    captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
+    captured(&lab, "a-client", SERVICE_IP, 80, 15001);
+    captured(&lab, "b-plain", lab.pod_ip("a-app"), 9080, 15006);
+    direct(
+        &lab,
+        "a-plain",
+        lab.pod_ip("b-plain"),
+        lab.pod_ip("a-plain"),
+    );
+    let gw_a = lab.status().node("A").unwrap().gateway;
+    direct(&lab, "nodeA", lab.pod_ip("a-app"), gw_a);
+    let routes = lab
+        .exec("nodeA", &["ip", "route", "show", "table", "102"])
+        .unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(routes.contains("dev cni0"), "{routes}");
+}
+
+/// A new ztunnel pod (rolling update: the new one is added before the old one is deleted)
+/// re-points the tunnels and tables in place; the old pod's DEL does not undo it.
+#[test]
+fn new_ztunnel_pod_repoints_tunnels_and_tables() {
+    let lab = lab("rpt");
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let node = state.node("A").unwrap().clone();
+    let agent = node.agent.clone().unwrap();
+    let old = state.pod("a-ztunnel").unwrap().clone();
+    let client = cni::ensure_client().unwrap();
+    let rules_before =
+        String::from_utf8(lab.exec("nodeA", &["ip", "rule"]).unwrap().stdout).unwrap();
+
+    // The new ztunnel pod gets its own netns, container and IP.
+    let new_netns = format!("{}-a-zt2", lab.prefix());
+    netns::create_named(&new_netns).unwrap();
+    let mut new = old.clone();
+    new.id = "a-zt2".into();
+    new.netns = new_netns.clone();
+    new.container_id = format!("{}-v2", old.container_id);
+    new.k8s_name = "ztunnel-a-v2".into();
+    let result = cni::add(&client, &node, &new).unwrap();
+    let new_ip = cni::parse_result(&result).unwrap().ip;
+    assert_ne!(Some(new_ip), old.ip);
+    let out = lab
+        .exec(
+            "a-zt2",
+            &[
+                &bin("ztunnel-init"),
+                "--tunnel-state",
+                &agent.state_dir.join("tunnel.json").display().to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old pod goes away afterwards.
+    cni::del(&client, &node, &old).unwrap();
+
+    let link = String::from_utf8(
+        lab.exec("nodeA", &["ip", "-d", "link", "show", "istioout"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(link.contains(&format!("remote {new_ip}")), "{link}");
+    let t101 = String::from_utf8(
+        lab.exec("nodeA", &["ip", "route", "show", "table", "101"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(t101.contains(&format!("{new_ip} dev")), "{t101}");
+    assert!(
+        !t101.contains(&format!("{} dev", old.ip.unwrap())),
+        "{t101}"
+    );
+    let rules_after =
+        String::from_utf8(lab.exec("nodeA", &["ip", "rule"]).unwrap().stdout).unwrap();
+    assert_eq!(rules_after, rules_before, "rules were rebuilt");
+
+    let _zt = lab.tproxy_listen("a-zt2").unwrap();
+    captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
+    cni::del(&client, &node, &new).unwrap();
+    netns::delete_named(&new_netns).unwrap();
 }

@@ -79,6 +79,11 @@ pub mod prio {
 pub struct NodeRules {
     /// The ztunnel pod's host-side veth.
     pub ztunnel_veth: String,
+    /// The bridge that veth is a port of (bridge-type primary CNIs): routing then sees the
+    /// bridge as the input device, so "from ztunnel" also matches on [`Self::ztunnel_mac`].
+    pub ztunnel_bridge: Option<String>,
+    /// The ztunnel pod interface's MAC, `aa:bb:cc:dd:ee:ff`; used only with a bridge.
+    pub ztunnel_mac: String,
     pub ztunnel_ip: Ipv4Addr,
     /// The node's addresses toward pods (`src` of table-100 routes); node → pod traffic from
     /// these is not captured.
@@ -132,7 +137,22 @@ pub enum NftError {
 impl NodeRules {
     /// Checks what nft would otherwise refuse with a less helpful message.
     pub fn validate(&self) -> Result<(), NftError> {
-        validate_ifname("ztunnel_veth", &self.ztunnel_veth)
+        validate_ifname("ztunnel_veth", &self.ztunnel_veth)?;
+        if let Some(b) = &self.ztunnel_bridge {
+            validate_ifname("ztunnel_bridge", b)?;
+            let octets: Vec<_> = self.ztunnel_mac.split(':').collect();
+            if octets.len() != 6
+                || !octets
+                    .iter()
+                    .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(NftError::Invalid(format!(
+                    "ztunnel_mac {:?} is not a MAC address",
+                    self.ztunnel_mac
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -310,7 +310,6 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
         SetItem::Element(text(consts::ISTIOIN.name)),
         SetItem::Element(text(consts::ISTIOOUT.name)),
     ]));
-    let veth = || text(r.ztunnel_veth.clone());
     vec![
         rule(
             "decapsulated from the tunnels: skip",
@@ -331,31 +330,26 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             "connection of ztunnel or the node: skip",
             vec![ct_mark_has(mark::OWN), mark_or(mark::SKIP), ret()],
         ),
-        rule(
-            "rest of a ztunnel-spoofed flow: back to ztunnel",
-            vec![
-                ne(meta(MetaKey::Iifname), veth()),
-                ct_mark_has(mark::SPOOFED),
-                mark_or(mark::RETURN),
-                ret(),
-            ],
-        ),
+        // The two "from ztunnel" rules come before the return rule, so that rule needs no
+        // "not from ztunnel" condition (which a bridge port could not express as one match).
         rule(
             "from ztunnel with a pod source: skip, spoofed",
-            vec![
-                eq(meta(MetaKey::Iifname), veth()),
-                ne(payload("ip", "saddr"), addr(r.ztunnel_ip)),
-                mark_or(mark::SPOOFED),
-                ret(),
-            ],
+            from_zt(
+                r,
+                vec![
+                    ne(payload("ip", "saddr"), addr(r.ztunnel_ip)),
+                    mark_or(mark::SPOOFED),
+                    ret(),
+                ],
+            ),
         ),
         rule(
             "from ztunnel itself: skip, own",
-            vec![
-                eq(meta(MetaKey::Iifname), veth()),
-                mark_or(mark::OWN),
-                ret(),
-            ],
+            from_zt(r, vec![mark_or(mark::OWN), ret()]),
+        ),
+        rule(
+            "rest of a ztunnel-spoofed flow: back to ztunnel",
+            vec![ct_mark_has(mark::SPOOFED), mark_or(mark::RETURN), ret()],
         ),
         rule(
             "UDP is not captured",
@@ -373,6 +367,20 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             ],
         ),
     ]
+}
+
+/// Prefixes `rest` with the match for "arrived from the ztunnel pod": its veth, or, when the
+/// veth is a bridge port, the bridge plus the ztunnel's MAC (routing sees the bridge).
+fn from_zt(r: &NodeRules, rest: Vec<Statement<'static>>) -> Vec<Statement<'static>> {
+    let mut m = match &r.ztunnel_bridge {
+        None => vec![eq(meta(MetaKey::Iifname), text(r.ztunnel_veth.clone()))],
+        Some(b) => vec![
+            eq(meta(MetaKey::Iifname), text(b.clone())),
+            eq(payload("ether", "saddr"), text(r.ztunnel_mac.clone())),
+        ],
+    };
+    m.extend(rest);
+    m
 }
 
 /// forward and input: remember the "own" and "spoofed" marks in the connmark.

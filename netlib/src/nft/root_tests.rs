@@ -89,6 +89,8 @@ fn node_desired(zt: [u8; 4]) -> NodeNft {
     NodeNft {
         rules: Some(NodeRules {
             ztunnel_veth: "veth-zt".into(),
+            ztunnel_bridge: None,
+            ztunnel_mac: String::new(),
             ztunnel_ip: zt.into(),
             node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
             tunnel_port: consts::TUNNEL_PORT,
@@ -126,7 +128,7 @@ fn node_table_in_a_fresh_netns() {
         "iifname { \"istioin\", \"istioout\" } meta mark set meta mark | 0x00000200 return",
         "udp dport 6081 return",
         "ct mark & 0x00000220 == 0x00000220 meta mark set meta mark | 0x00000200 return",
-        "iifname != \"veth-zt\" ct mark & 0x00000210 == 0x00000210 meta mark set meta mark | 0x00000040 return",
+        "ct mark & 0x00000210 == 0x00000210 meta mark set meta mark | 0x00000040 return",
         "iifname \"veth-zt\" ip saddr != 10.4.4.18 meta mark set meta mark | 0x00000210 return",
         "iifname \"veth-zt\" meta mark set meta mark | 0x00000220 return",
         "meta l4proto udp meta mark set meta mark | 0x00000220 return",
@@ -402,6 +404,8 @@ fn captured_traffic_skips_kube_proxy_nat() {
     let desired = NodeNft {
         rules: Some(NodeRules {
             ztunnel_veth: "veth-zt".into(),
+            ztunnel_bridge: None,
+            ztunnel_mac: String::new(),
             ztunnel_ip: Ipv4Addr::new(10, 244, 1, 2),
             node_gateways: vec![Ipv4Addr::new(10, 244, 1, 1)],
             tunnel_port: consts::TUNNEL_PORT,

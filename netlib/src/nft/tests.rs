@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 fn rules(zt: [u8; 4]) -> NodeRules {
     NodeRules {
         ztunnel_veth: "veth-zt".into(),
+        ztunnel_bridge: None,
+        ztunnel_mac: String::new(),
         ztunnel_ip: Ipv4Addr::from(zt),
         node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
         tunnel_port: consts::TUNNEL_PORT,
@@ -60,9 +62,9 @@ fn node_prerouting_reads_like_the_spec() {
         Some(mark::SKIP),
         None,
         Some(mark::SKIP),
-        Some(mark::RETURN),
         Some(mark::SPOOFED),
         Some(mark::OWN),
+        Some(mark::RETURN),
         Some(mark::OWN),
         Some(mark::CAPTURE),
     ];
@@ -90,18 +92,20 @@ fn node_prerouting_reads_like_the_spec() {
         js(&pre.rules[2].expr)[0]["match"],
         json!({"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 0x220]}, "right": 0x220})
     );
-    // 4: iifname != veth, ct mark has 0x210
+    // 4: from the ztunnel veth, ip saddr != ztunnel ip (spoofed)
     let r4 = js(&pre.rules[3].expr);
-    assert_eq!(r4[0]["match"]["op"], "!=");
+    assert_eq!(r4[0]["match"]["op"], "==");
     assert_eq!(r4[0]["match"]["right"], "veth-zt");
-    assert_eq!(r4[1]["match"]["right"], json!(0x210));
-    // 5: iifname == veth, ip saddr != ztunnel ip
-    let r5 = js(&pre.rules[4].expr);
-    assert_eq!(r5[0]["match"]["op"], "==");
     assert_eq!(
-        r5[1]["match"],
+        r4[1]["match"],
         json!({"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.4.4.18"})
     );
+    // 5: from the ztunnel veth (own)
+    assert_eq!(js(&pre.rules[4].expr)[0]["match"]["right"], "veth-zt");
+    // 6: the rest of a spoofed flow (ct mark has 0x210) goes back to ztunnel; every packet
+    // from ztunnel already returned above, so no "not from ztunnel" match is needed.
+    let r6 = js(&pre.rules[5].expr);
+    assert_eq!(r6[0]["match"]["right"], json!(0x210));
     // 8: tcp from the pod set
     let r8 = js(&pre.rules[7].expr);
     assert_eq!(r8[0]["match"]["right"], "tcp");
@@ -810,4 +814,24 @@ fn error_messages_explain() {
         stderr: "Error: x".into(),
     };
     assert!(e.to_string().contains("Error: x"));
+}
+
+#[test]
+fn bridge_port_ztunnel_is_matched_by_bridge_and_mac() {
+    let mut r = rules([10, 4, 4, 18]);
+    r.ztunnel_bridge = Some("cni0".into());
+    r.ztunnel_mac = "0a:58:0a:f4:01:02".into();
+    r.validate().unwrap();
+    let chains = node_chains(Some(&r));
+    let pre = &chains[0];
+    for i in [3, 4] {
+        let m = js(&pre.rules[i].expr);
+        assert_eq!(m[0]["match"]["right"], "cni0");
+        assert_eq!(
+            m[1]["match"],
+            json!({"op": "==", "left": {"payload": {"protocol": "ether", "field": "saddr"}}, "right": "0a:58:0a:f4:01:02"})
+        );
+    }
+    r.ztunnel_mac = "nope".into();
+    assert!(r.validate().is_err());
 }
