@@ -450,10 +450,8 @@ impl Netlink {
 
     // ---------------------------------------------------------------- rules
 
-    /// The IPv4 rules whose priority is in `owned`.
-    pub async fn observe_rules(&self, owned: &[u32]) -> Result<Vec<RuleSpec>, NetError> {
-        let msgs: Vec<RuleMessage> = self
-            .handle
+    async fn rules_v4(&self) -> Result<Vec<RuleMessage>, NetError> {
+        self.handle
             .rule()
             .get(IpVersion::V4)
             .execute()
@@ -462,8 +460,14 @@ impl Netlink {
             .map_err(|source| NetError::Netlink {
                 what: "list rules".into(),
                 source,
-            })?;
-        Ok(msgs
+            })
+    }
+
+    /// The IPv4 rules whose priority is in `owned`.
+    pub async fn observe_rules(&self, owned: &[u32]) -> Result<Vec<RuleSpec>, NetError> {
+        Ok(self
+            .rules_v4()
+            .await?
             .iter()
             .filter_map(rule_spec)
             .filter(|r| owned.contains(&r.priority))
@@ -492,17 +496,7 @@ impl Netlink {
     }
 
     pub async fn del_rule(&self, r: &RuleSpec) -> Result<(), NetError> {
-        let msgs: Vec<RuleMessage> = self
-            .handle
-            .rule()
-            .get(IpVersion::V4)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| NetError::Netlink {
-                what: "list rules".into(),
-                source,
-            })?;
+        let msgs = self.rules_v4().await?;
         if let Some(m) = msgs.into_iter().find(|m| rule_spec(m).as_ref() == Some(r)) {
             match self.handle.rule().del(m).execute().await {
                 Ok(()) => {}

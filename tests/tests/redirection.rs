@@ -140,7 +140,7 @@ fn cni_add_check_del_gc_change_only_that_pod() {
         new_lines.iter().all(|l| l.contains(&again.to_string())),
         "ADD changed more than the pod's element and route: {new_lines:?}"
     );
-    let check = client_cmd(&client, &node, &pod, "check");
+    let check = lab.cni("check", "a-app").unwrap();
     assert!(
         check.status.success(),
         "CHECK: {}",
@@ -154,15 +154,11 @@ fn cni_add_check_del_gc_change_only_that_pod() {
         .filter(|p| p.node == "A" && p.id != "a-app")
         .map(|p| serde_json::json!({"containerID": p.container_id, "ifname": p.ifname}))
         .collect();
-    let mut gc = Command::new(&client);
-    gc.args(["gc"])
-        .arg(&node.cni.conf_dir)
-        .arg(&node.cni.network)
-        .arg(serde_json::to_string(&valid).unwrap())
-        .env("CNI_PATH", &node.cni.cni_path)
-        .env("CNI_CACHE_DIR", &node.cni.cache_dir);
-    netns::command_in(&mut gc, &netns::named_path(&node.netns)).unwrap();
-    let out = gc.output().unwrap();
+    let valid = serde_json::to_string(&valid).unwrap();
+    let conf_dir = node.cni.conf_dir.display().to_string();
+    let out = lab
+        .cniclient("A", &["gc", &conf_dir, &node.cni.network, &valid], "")
+        .unwrap();
     assert!(
         out.status.success(),
         "GC: {}",
@@ -171,29 +167,6 @@ fn cni_add_check_del_gc_change_only_that_pod() {
     let after_gc = node_snapshot(&lab, "nodeA");
     assert!(!after_gc.contains(&route_again), "{after_gc}");
     assert!(after_gc.contains(&format!("{} via 192.168.126.2", lab.pod_ip("a-client"))));
-}
-
-fn client_cmd(
-    client: &Path,
-    node: &ambient_lab::state::NodeState,
-    pod: &ambient_lab::state::PodState,
-    op: &str,
-) -> std::process::Output {
-    let mut cmd = Command::new(client);
-    cmd.arg(op)
-        .arg(&node.cni.conf_dir)
-        .arg(&node.cni.network)
-        .arg(netns::named_path(&pod.netns))
-        .arg(&pod.container_id)
-        .arg(&pod.ifname)
-        .env("CNI_PATH", &node.cni.cni_path)
-        .env("CNI_CACHE_DIR", &node.cni.cache_dir)
-        .env(
-            "CNI_ARGS",
-            cni::cni_args(&pod.namespace, &pod.k8s_name, &pod.container_id, &pod.uid),
-        );
-    netns::command_in(&mut cmd, &netns::named_path(&node.netns)).unwrap();
-    cmd.output().unwrap()
 }
 
 /// SIGKILL the agent and start it again: the kernel state is unchanged (not even the tunnel
