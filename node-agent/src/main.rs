@@ -2,6 +2,7 @@
 
 mod config;
 mod health;
+mod install_cni;
 mod node;
 mod server;
 mod store;
@@ -55,6 +56,8 @@ enum Cmd {
         #[arg(long)]
         cleanup_on_exit: bool,
     },
+    /// Put the ambient-cni plugin into the node's CNI chain (and keep it there with --watch).
+    InstallCni(install_cni::Args),
     /// Remove every link, rule, route, nft table and saved state the agent created.
     Cleanup {
         #[arg(long, default_value = "/var/run/ambient/state")]
@@ -97,6 +100,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Cmd::InstallCni(args) => install_cni::run(args).await,
             Cmd::Cleanup { state_dir } => cleanup(state_dir).await,
         }
     });
