@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh must run as root (it builds network namespaces)" >&2; exit 1; }
+manifests/validate.sh
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=2
 # Nothing may be left behind.
