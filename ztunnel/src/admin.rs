@@ -1,0 +1,129 @@
+//! The HTTP/1.1 side ports: admin (15000, localhost: `/config_dump`), metrics (15020:
+//! `/metrics`) and readiness (15021: `/healthz/ready`).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::identity::SecretManager;
+use crate::metrics::Metrics;
+use crate::proxy::pool::Pool;
+use crate::state::StateHandle;
+
+/// What the side ports show.
+pub struct AdminInputs {
+    pub cfg: Arc<Config>,
+    pub state: StateHandle,
+    pub manager: Arc<SecretManager>,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+    pub draining: CancellationToken,
+}
+
+impl AdminInputs {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.is_cancelled()
+    }
+
+    /// The whole `/config_dump` document.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let st = self.state.get();
+        serde_json::json!({
+            "node": st.node,
+            "trustDomain": st.trust_domain,
+            "config": *self.cfg,
+            "configFile": self.state.status(),
+            "workloads": st.workloads,
+            "services": st.services,
+            "policies": st.policies,
+            "certificates": self.manager.dump(),
+            "pool": self.pool.dump(),
+            "ready": self.is_ready(),
+        })
+    }
+}
+
+/// Which port a server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+fn text(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, ctype)
+        .body(Full::new(body.into()))
+        .expect("static response parts")
+}
+
+fn ready(a: &AdminInputs) -> Response<Full<Bytes>> {
+    if a.is_ready() {
+        text(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+    }
+}
+
+pub fn handle(a: &AdminInputs, port: Port, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (port, path) {
+        (_, "/healthz/ready") => ready(a),
+        (Port::Admin, "/config_dump") => {
+            let body = serde_json::to_vec_pretty(&a.config_dump()).unwrap_or_default();
+            text(StatusCode::OK, "application/json", body)
+        }
+        (Port::Admin, "/") => text(
+            StatusCode::OK,
+            "text/plain",
+            "/config_dump  workloads, services, policies, certificates (no keys), pool\n\
+             /healthz/ready\n",
+        ),
+        (Port::Metrics | Port::Admin, "/metrics" | "/stats/prometheus") => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            a.metrics.encode(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop`.
+pub async fn serve(
+    a: Arc<AdminInputs>,
+    port: Port,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        let a = a.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = handle(&a, port, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,242 @@
+//! Wiring: identity, state, listeners, background tasks; drain on shutdown.
+//!
+//! The data plane (listeners, connections, pool) runs on the runtime `start` is called from;
+//! the side ports (admin, metrics, readiness) and the background tasks may run on another
+//! (`main` gives them a small runtime of their own so a busy data plane never starves them).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminInputs};
+use crate::config::{CertSource, Config};
+use crate::drain::Drain;
+use crate::identity::{Ca, SecretManager};
+use crate::metrics::Metrics;
+use crate::proxy::pool::{Pool, PoolConfig};
+use crate::proxy::{inbound, inbound_passthrough, outbound, Inputs};
+use crate::state::{watch_file, StateHandle};
+use crate::tls::TlsContext;
+
+/// The addresses the listeners really bound (port 0 becomes a real port).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BoundAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// A started ztunnel.
+pub struct Running {
+    pub addrs: BoundAddrs,
+    pub state: StateHandle,
+    pub manager: Arc<SecretManager>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+    drain: Drain,
+    background: CancellationToken,
+    drain_timeout: Duration,
+}
+
+impl Running {
+    /// Stops accepting, fails readiness, lets open connections finish (up to the drain
+    /// timeout), then stops the background tasks and side ports. True if nothing was cut.
+    pub async fn shutdown(self) -> bool {
+        tracing::info!(active = self.drain.active(), timeout = ?self.drain_timeout, "draining");
+        let clean = self.drain.drain(self.drain_timeout).await;
+        if clean {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(
+                left = self.drain.active(),
+                "drain timeout: closing the remaining connections"
+            );
+        }
+        self.background.cancel();
+        clean
+    }
+
+    /// Connection tasks still running.
+    pub fn active_connections(&self) -> usize {
+        self.drain.active()
+    }
+}
+
+fn identity(cfg: &Config) -> anyhow::Result<SecretManager> {
+    Ok(match &cfg.cert_source {
+        CertSource::Ca(dir) => {
+            let (ca, created) = Ca::load_or_create(dir, &cfg.trust_domain)
+                .with_context(|| format!("CA in {}", dir.display()))?;
+            let root = dir.join(crate::identity::ROOT_CERT);
+            if created {
+                tracing::info!(root = %root.display(), key = %dir.join(crate::identity::ROOT_KEY).display(),
+                    "created a new CA root (share this directory between nodes of one mesh)");
+            } else {
+                tracing::info!(root = %root.display(), "loaded the CA root");
+            }
+            SecretManager::with_ca(Arc::new(ca), cfg.cert_lifetime)
+        }
+        CertSource::Dir(dir) => SecretManager::with_dir(dir, &cfg.trust_domain)
+            .with_context(|| format!("certificate directory {}", dir.display()))?,
+    })
+}
+
+/// Starts everything. Listeners are bound before this returns.
+pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    let manager = Arc::new(identity(&cfg)?);
+    let state = StateHandle::load(&cfg.config_file, &cfg.trust_domain, &cfg.node_name)
+        .with_context(|| format!("config {}", cfg.config_file.display()))?;
+    manager.set_wanted(state.get().local_identities());
+    manager.refresh(SystemTime::now());
+    let tls = Arc::new(TlsContext::new(manager.clone()).context("trust anchors")?);
+    let metrics = Arc::new(Metrics::new());
+    let pool = Arc::new(Pool::new(
+        PoolConfig {
+            max_streams: cfg.pool_max_streams,
+            spread: cfg.pool_spread,
+            idle_timeout: cfg.pool_idle_timeout,
+            connect_timeout: cfg.connect_timeout,
+            transparent: cfg.transparent,
+        },
+        tls.clone(),
+    ));
+    let drain = Drain::new();
+    let background = CancellationToken::new();
+
+    let bind = |addr: SocketAddr, transparent: bool, what: &str| {
+        crate::socket::listen(addr, transparent).with_context(|| format!("{what} listener {addr}"))
+    };
+    let t = cfg.transparent;
+    let outbound_l = bind(cfg.outbound_addr, t, "outbound")?;
+    let inbound_l = bind(cfg.inbound_addr, t, "inbound")?;
+    let plaintext_l = bind(cfg.inbound_plaintext_addr, t, "inbound plaintext")?;
+    let admin_l = bind(cfg.admin_addr, false, "admin")?;
+    let metrics_l = bind(cfg.metrics_addr, false, "metrics")?;
+    let readiness_l = bind(cfg.readiness_addr, false, "readiness")?;
+    let addrs = BoundAddrs {
+        outbound: outbound_l.local_addr()?,
+        inbound: inbound_l.local_addr()?,
+        inbound_plaintext: plaintext_l.local_addr()?,
+        admin: admin_l.local_addr()?,
+        metrics: metrics_l.local_addr()?,
+        readiness: readiness_l.local_addr()?,
+    };
+
+    let inputs = Arc::new(Inputs {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        tls,
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        drain: drain.clone(),
+        own_addrs: crate::socket::local_addresses(),
+        own_ports: vec![
+            addrs.outbound.port(),
+            addrs.inbound.port(),
+            addrs.inbound_plaintext.port(),
+        ],
+    });
+    tokio::spawn(outbound::serve(
+        inputs.clone(),
+        crate::socket::to_tokio(outbound_l)?,
+    ));
+    tokio::spawn(inbound::serve(
+        inputs.clone(),
+        crate::socket::to_tokio(inbound_l)?,
+    ));
+    tokio::spawn(inbound_passthrough::serve(
+        inputs.clone(),
+        crate::socket::to_tokio(plaintext_l)?,
+    ));
+    tokio::spawn(pool.clone().reaper(background.clone()));
+
+    // Background: config file, certificates.
+    side.spawn(watch_file(
+        state.clone(),
+        cfg.config_file.clone(),
+        cfg.config_poll,
+        background.clone(),
+    ));
+    side.spawn(refresh_certificates(
+        manager.clone(),
+        state.clone(),
+        background.clone(),
+    ));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_inputs = Arc::new(AdminInputs {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        manager: manager.clone(),
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        draining: drain.signal(),
+    });
+    for (l, port) in [
+        (admin_l, admin::Port::Admin),
+        (metrics_l, admin::Port::Metrics),
+        (readiness_l, admin::Port::Readiness),
+    ] {
+        let (a, stop) = (admin_inputs.clone(), background.clone());
+        side.spawn(async move {
+            match crate::socket::to_tokio(l) {
+                Ok(l) => admin::serve(a, port, l, stop).await,
+                Err(e) => tracing::error!(error = %e, "side port"),
+            }
+        });
+    }
+    ready.store(true, Ordering::Release);
+    let st = state.get();
+    tracing::info!(node = %cfg.node_name, workloads = st.workloads.len(),
+        local_identities = st.local_identities().len(), services = st.services.len(),
+        policies = st.policies.len(), transparent = cfg.transparent, addrs = ?addrs, "ztunnel ready");
+    Ok(Running {
+        addrs,
+        state,
+        manager,
+        metrics,
+        pool,
+        drain,
+        background,
+        drain_timeout: cfg.drain_timeout,
+    })
+}
+
+/// Keeps the certificate store in step with the state (new local workloads, removed ones) and
+/// rotates certificates at half-life.
+async fn refresh_certificates(
+    manager: Arc<SecretManager>,
+    state: StateHandle,
+    stop: CancellationToken,
+) {
+    let mut changes = state.subscribe();
+    loop {
+        let next = manager
+            .next_rotation(SystemTime::now())
+            .unwrap_or(Duration::from_secs(5))
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
+            r = changes.changed() => {
+                if r.is_err() { return; }
+                manager.set_wanted(state.get().local_identities());
+            }
+        }
+        let changed = manager.refresh(SystemTime::now());
+        if !changed.is_empty() {
+            tracing::debug!(count = changed.len(), "certificates updated");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! HTTP/2 settings of HBONE and the relays between a TCP socket and a CONNECT stream (or
+//! another TCP socket).
+//!
+//! The relays move `Bytes` without copying them in user space: a TCP read lands in a buffer
+//! that is frozen and handed to h2 as is; h2 data frames are written to the socket as they
+//! come. Flow control gives the backpressure: capacity is released to the peer only once the
+//! data has been written out. Read buffers start small and grow while reads fill them, so an
+//! idle connection costs little and a bulk one makes few syscalls.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::poll_fn;
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Per-stream flow-control window.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per-connection flow-control window.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest frame we accept.
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams a server lets one connection carry at once.
+pub const SERVER_MAX_STREAMS: u32 = 1000;
+
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_READ * 4)
+        .enable_push(false);
+    b
+}
+
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_READ * 4)
+        .max_concurrent_streams(SERVER_MAX_STREAMS);
+    b
+}
+
+/// One CONNECT tunnel: our sending half and the peer's.
+pub struct H2Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// What a CONNECT asks for: `:authority` and extra headers (`forwarded`, …).
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub authority: std::net::SocketAddr,
+    pub headers: http::HeaderMap,
+}
+
+impl ConnectRequest {
+    pub fn build(&self) -> http::Request<()> {
+        let mut req = http::Request::new(());
+        *req.method_mut() = http::Method::CONNECT;
+        *req.uri_mut() = http::Uri::builder()
+            .authority(self.authority.to_string())
+            .build()
+            .expect("a socket address is a valid authority");
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Bytes moved by a relay, counted even when it ends in an error.
+#[derive(Debug)]
+pub struct Relayed {
+    /// From the local TCP socket to the tunnel (or from `a` to `b`).
+    pub up: u64,
+    /// From the tunnel (or `b`) to the local TCP socket (or `a`).
+    pub down: u64,
+    pub result: io::Result<()>,
+}
+
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 i/o"));
+    }
+    io::Error::other(e)
+}
+
+/// A read buffer that grows while reads fill it.
+struct Growing {
+    buf: BytesMut,
+    want: usize,
+}
+
+impl Growing {
+    fn new() -> Self {
+        Growing {
+            buf: BytesMut::new(),
+            want: MIN_READ,
+        }
+    }
+
+    /// Reads once; `None` at EOF.
+    async fn read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Option<Bytes>> {
+        self.buf.reserve(self.want);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = r.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n >= room && self.want < MAX_READ {
+            self.want *= 2;
+        }
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::ErrorKind::BrokenPipe.into()),
+        };
+        if cap == 0 {
+            continue;
+        }
+        let chunk = data.split_to(cap.min(data.len()));
+        send.send_data(chunk, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+/// TCP → tunnel until EOF, then END_STREAM.
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+    count: &mut u64,
+) -> io::Result<()> {
+    let mut buf = Growing::new();
+    while let Some(data) = buf.read(r).await? {
+        *count += data.len() as u64;
+        send_all(send, data).await?;
+    }
+    send.send_data(Bytes::new(), true).map_err(h2_io)
+}
+
+/// Tunnel → TCP until END_STREAM, then shut the socket's write side.
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    w: &mut W,
+    count: &mut u64,
+) -> io::Result<()> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        w.write_all(&chunk).await?;
+        *count += n as u64;
+        // Only now may the peer send more.
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    w.shutdown().await
+}
+
+/// Relays both ways between a TCP connection and a tunnel stream until both directions are
+/// done (half-closes are passed on) or one fails (then both stop).
+pub async fn relay_h2(tcp: &mut tokio::net::TcpStream, stream: H2Stream) -> Relayed {
+    let H2Stream { mut send, mut recv } = stream;
+    let (mut r, mut w) = tcp.split();
+    let (mut up, mut down) = (0u64, 0u64);
+    let result = futures::future::try_join(
+        tcp_to_h2(&mut r, &mut send, &mut up),
+        h2_to_tcp(&mut recv, &mut w, &mut down),
+    )
+    .await
+    .map(|_| ());
+    if result.is_err() {
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    Relayed { up, down, result }
+}
+
+async fn copy_half<R, W>(r: &mut R, w: &mut W, count: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = Growing::new();
+    while let Some(data) = buf.read(r).await? {
+        w.write_all(&data).await?;
+        *count += data.len() as u64;
+    }
+    w.shutdown().await
+}
+
+/// Relays both ways between two TCP connections (passthrough).
+pub async fn relay_tcp(a: &mut tokio::net::TcpStream, b: &mut tokio::net::TcpStream) -> Relayed {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let (mut up, mut down) = (0u64, 0u64);
+    let result = futures::future::try_join(
+        copy_half(&mut ar, &mut bw, &mut up),
+        copy_half(&mut br, &mut aw, &mut down),
+    )
+    .await
+    .map(|_| ());
+    Relayed { up, down, result }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn tcp_relay_counts_and_half_closes() {
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let relay = tokio::spawn(async move { relay_tcp(&mut a, &mut b).await });
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&p2).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload);
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"bye");
+        let r = relay.await.unwrap();
+        r.result.unwrap();
+        assert_eq!((r.up, r.down), (3_000_000, 3));
+    }
+
+    #[tokio::test]
+    async fn h2_relay_over_a_plain_connection() {
+        // An h2 connection over plain TCP: client CONNECT stream ↔ server echo.
+        let (c_io, s_io) = pair().await;
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder().handshake::<_, Bytes>(s_io).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            assert_eq!(req.method(), http::Method::CONNECT);
+            assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.1:80");
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let mut recv = req.into_body();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // Echo everything back.
+            let mut send = send;
+            let mut total = 0;
+            while let Some(d) = recv.data().await {
+                let d = d.unwrap();
+                total += d.len();
+                let _ = recv.flow_control().release_capacity(d.len());
+                send_all(&mut send, d).await.unwrap();
+            }
+            send.send_data(Bytes::new(), true).unwrap();
+            total
+        });
+        let (sender, conn) = client_builder().handshake::<_, Bytes>(c_io).await.unwrap();
+        tokio::spawn(conn);
+        let mut sender = sender.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (resp, send) = sender.send_request(req, false).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let stream = H2Stream {
+            send,
+            recv: resp.into_body(),
+        };
+        let (mut app, mut local) = pair().await;
+        let relay = tokio::spawn(async move { relay_h2(&mut local, stream).await });
+        let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let p2 = payload.clone();
+        let (mut ar, mut aw) = app.split();
+        let write = async {
+            aw.write_all(&p2).await.unwrap();
+            aw.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let read = ar.read_to_end(&mut back);
+        let (_, n) = tokio::join!(write, read);
+        assert_eq!(n.unwrap(), payload.len());
+        assert_eq!(back, payload);
+        let r = relay.await.unwrap();
+        r.result.unwrap();
+        assert_eq!((r.up, r.down), (5_000_000, 5_000_000));
+        assert_eq!(server.await.unwrap(), 5_000_000);
+    }
+}

@@ -1,0 +1,298 @@
+//! 15008: HBONE from other ztunnels.
+//!
+//! TLS 1.3 with the certificate of the workload that owns the dialed address (the accepted
+//! socket's local address: under TPROXY, the pod IP), a client certificate required, ALPN h2.
+//! Each CONNECT stream is checked (the authority must be a workload of this node served under
+//! the identity we presented: never an open proxy), authorized, and connected to the pod from
+//! the original client's IP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::h2::{relay_h2, server_builder, H2Stream};
+use super::{forwarded_for, ConnLog, Error, Inputs};
+use crate::identity::Identity;
+use crate::rbac;
+use crate::socket;
+use crate::state::{State, Workload};
+
+pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
+    let stop = pi.drain.signal();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let pi2 = pi.clone();
+        pi.drain.spawn(async move {
+            if let Err(e) = serve_connection(pi2, tcp, peer).await {
+                tracing::warn!(%peer, error = %e, "inbound HBONE connection refused");
+            }
+        });
+    }
+}
+
+/// What every stream of one tunnel connection shares.
+struct Tunnel {
+    peer: SocketAddr,
+    peer_identity: Identity,
+    served: Identity,
+}
+
+async fn serve_connection(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr) -> Result<(), Error> {
+    let local = tcp.local_addr()?;
+    let served = {
+        let state = pi.state.get();
+        state
+            .local_workload_by_ip(local.ip())
+            .map(|w| w.identity.clone())
+            .ok_or(Error::NotLocalDestination(local))?
+    };
+    let cfg = pi
+        .tls
+        .server_config(&served)
+        .map_err(|e| Error::Tls(std::io::Error::other(e)))?;
+    let tls = tokio::time::timeout(pi.cfg.connect_timeout, TlsAcceptor::from(cfg).accept(tcp))
+        .await
+        .map_err(|_| Error::Timeout("TLS handshake"))?
+        .map_err(Error::Tls)?;
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+        return Err(Error::BadRequest("ALPN h2 not negotiated".into()));
+    }
+    let peer_identity = crate::tls::peer_identity(conn)
+        .ok_or_else(|| Error::Tls(std::io::Error::other("no peer identity")))?;
+    let tunnel = Arc::new(Tunnel {
+        peer,
+        peer_identity,
+        served,
+    });
+    let mut h2 = server_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(Error::H2)?;
+    let stop = pi.drain.signal();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = h2.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let (pi, tunnel) = (pi.clone(), tunnel.clone());
+                    pi.drain.clone().spawn(async move { serve_stream(pi, tunnel, req, respond).await });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "inbound HBONE connection ended");
+                    return Ok(());
+                }
+                None => return Ok(()),
+            },
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                h2.graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn respond_error(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    let _ = respond.send_response(resp, true);
+}
+
+/// The CONNECT's checks: the destination workload, the target, the client IP to spoof.
+fn admit(
+    state: &State,
+    tunnel: &Tunnel,
+    req: &Request<RecvStream>,
+) -> Result<(Arc<Workload>, SocketAddr, IpAddr), (StatusCode, Error)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, Error::BadRequest(m));
+    if req.method() != http::Method::CONNECT {
+        return Err(bad(format!("method {} is not CONNECT", req.method())));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| bad("no :authority".into()))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| bad(format!("authority {authority} is not <ip>:<port>")))?;
+    let wl = state
+        .local_workload_by_ip(target.ip())
+        .ok_or((StatusCode::BAD_REQUEST, Error::NotLocalDestination(target)))?;
+    if wl.identity != tunnel.served {
+        return Err(bad(format!(
+            "{target} is not served under the identity this tunnel verified ({})",
+            tunnel.served
+        )));
+    }
+    let forwarded = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for);
+    let src_ip = original_source(state, forwarded, tunnel.peer.ip(), &tunnel.peer_identity);
+    let conn = rbac::Connection {
+        src_identity: Some(&tunnel.peer_identity),
+        src_ip,
+        dst: target,
+    };
+    rbac::authorize(state.policies_for(wl), &conn)
+        .map_err(|d| (StatusCode::UNAUTHORIZED, Error::Denied(d)))?;
+    Ok((wl.clone(), target, src_ip))
+}
+
+/// The client address to connect from: the `forwarded` address if it belongs to a workload of
+/// the peer's identity, else the tunnel's peer address.
+pub fn original_source(
+    state: &State,
+    forwarded: Option<IpAddr>,
+    peer_ip: IpAddr,
+    peer_identity: &Identity,
+) -> IpAddr {
+    match forwarded {
+        Some(ip)
+            if state
+                .workload_by_ip(ip)
+                .is_some_and(|w| &w.identity == peer_identity) =>
+        {
+            ip
+        }
+        _ => peer_ip,
+    }
+}
+
+async fn serve_stream(
+    pi: Arc<Inputs>,
+    tunnel: Arc<Tunnel>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let authority = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .unwrap_or(tunnel.peer);
+    let mut log = ConnLog::new("inbound", tunnel.peer, authority);
+    log.reporters = &["destination"];
+    log.route = "inbound";
+    log.mtls = true;
+    log.src_identity = Some(tunnel.peer_identity.clone());
+    let state = pi.state.get();
+    let (wl, target, src_ip) = match admit(&state, &tunnel, &req) {
+        Ok(x) => x,
+        Err((status, e)) => {
+            respond_error(&mut respond, status);
+            log.finish(
+                &pi.metrics,
+                0,
+                0,
+                Err(format!("{} ({})", e, status.as_u16())),
+            );
+            return;
+        }
+    };
+    log.src = SocketAddr::new(
+        src_ip,
+        if src_ip == tunnel.peer.ip() {
+            tunnel.peer.port()
+        } else {
+            0
+        },
+    );
+    log.src_workload = state.workload_by_ip(src_ip).cloned();
+    log.dst_identity = Some(wl.identity.clone());
+    log.dst_workload = Some(wl);
+    log.upstream = Some(target);
+    drop(state);
+    let mut up = match socket::connect(
+        Some(src_ip),
+        target,
+        pi.cfg.transparent,
+        pi.cfg.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            respond_error(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.finish(
+                &pi.metrics,
+                0,
+                0,
+                Err(format!("{} (503)", Error::Connect(target, e))),
+            );
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            log.finish(&pi.metrics, 0, 0, Err(Error::H2(e).to_string()));
+            return;
+        }
+    };
+    log.opened(&pi.metrics);
+    let stream = H2Stream {
+        send,
+        recv: req.into_body(),
+    };
+    let r = relay_h2(&mut up, stream).await;
+    // The TCP side is the pod here: `up` is pod → client (sent), `down` client → pod (received).
+    log.finish(
+        &pi.metrics,
+        r.down,
+        r.up,
+        r.result.map_err(|e| e.to_string()),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_local_config;
+
+    #[test]
+    fn forwarded_source_must_belong_to_the_peer_identity() {
+        let file = r#"
+workloads:
+- {name: a, namespace: demo, serviceAccount: sleep, workloadIps: [10.0.0.1], protocol: HBONE, node: n1}
+- {name: b, namespace: demo, serviceAccount: other, workloadIps: [10.0.0.2], protocol: HBONE, node: n1}
+"#;
+        let st = State::build(&parse_local_config(file).unwrap(), "cluster.local", "n2").unwrap();
+        let sleep = Identity::new("cluster.local", "demo", "sleep");
+        let peer: IpAddr = "192.168.0.9".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            original_source(&st, Some(ip("10.0.0.1")), peer, &sleep),
+            ip("10.0.0.1")
+        );
+        // Claims an address of another identity: ignored.
+        assert_eq!(
+            original_source(&st, Some(ip("10.0.0.2")), peer, &sleep),
+            peer
+        );
+        // Claims an unknown address: ignored.
+        assert_eq!(
+            original_source(&st, Some(ip("10.9.9.9")), peer, &sleep),
+            peer
+        );
+        assert_eq!(original_source(&st, None, peer, &sleep), peer);
+    }
+}

@@ -1,0 +1,82 @@
+//! 15006: plaintext from clients outside the mesh to a pod of this node. The original
+//! destination is the socket's local address (TPROXY); the connection is authorized without an
+//! identity and connected to the pod from the client's own IP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::h2::{relay_tcp, Relayed};
+use super::{ConnLog, Error, Inputs};
+use crate::rbac;
+use crate::socket;
+
+pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
+    let stop = pi.drain.signal();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound plaintext accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let dst = match pi.cfg.inbound_plaintext_orig_dst {
+            Some(d) => d,
+            None => match socket::orig_dst(&tcp) {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        let pi2 = pi.clone();
+        pi.drain
+            .spawn(async move { handle(pi2, tcp, peer, dst).await });
+    }
+}
+
+pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let mut log = ConnLog::new("inbound_plaintext", src, dst);
+    log.reporters = &["destination"];
+    log.route = "passthrough";
+    let (received, sent, result) = match proxy(&pi, &mut tcp, &mut log).await {
+        Ok(r) => (r.up, r.down, r.result.map_err(|e| e.to_string())),
+        Err(e) => (0, 0, Err(e.to_string())),
+    };
+    log.finish(&pi.metrics, received, sent, result);
+}
+
+async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Relayed, Error> {
+    let (src, dst) = (log.src, log.dst);
+    let state = pi.state.get();
+    let wl = state
+        .local_workload_by_ip(dst.ip())
+        .ok_or(Error::NotLocalDestination(dst))?
+        .clone();
+    log.src_workload = state.workload_by_ip(src.ip()).cloned();
+    log.dst_identity = Some(wl.identity.clone());
+    log.dst_workload = Some(wl.clone());
+    log.upstream = Some(dst);
+    let conn = rbac::Connection {
+        src_identity: None,
+        src_ip: src.ip(),
+        dst,
+    };
+    rbac::authorize(state.policies_for(&wl), &conn)?;
+    drop(state);
+    let mut up = socket::connect(
+        Some(src.ip()),
+        dst,
+        pi.cfg.transparent,
+        pi.cfg.connect_timeout,
+    )
+    .await
+    .map_err(|e| Error::Connect(dst, e))?;
+    log.opened(&pi.metrics);
+    Ok(relay_tcp(tcp, &mut up).await)
+}

@@ -1,0 +1,226 @@
+//! The listeners and what they do with a connection.
+//!
+//! - [`outbound`] (15001): captured connections of local pods, routed by destination to HBONE,
+//!   a waypoint, the local fast path, or plain TCP passthrough;
+//! - [`inbound`] (15008): HBONE from other ztunnels (mTLS, HTTP/2 CONNECT);
+//! - [`inbound_passthrough`] (15006): plaintext from clients outside the mesh;
+//! - [`pool`]: the HBONE connection pool; [`h2`]: HTTP/2 settings and relays.
+//!
+//! Every connection ends in one access-log line (target `access`) and the Istio TCP metrics.
+
+pub mod h2;
+pub mod inbound;
+pub mod inbound_passthrough;
+pub mod outbound;
+pub mod pool;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::identity::{Identity, IdentityError};
+use crate::metrics::{ConnLabels, Metrics};
+use crate::rbac::Denied;
+use crate::state::{StateHandle, Workload};
+use crate::tls::TlsContext;
+
+/// Why a connection (or a CONNECT stream) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown source {0}: not a workload")]
+    UnknownSource(IpAddr),
+    #[error("source {0} is not a workload of this node")]
+    NotLocalSource(IpAddr),
+    #[error("connection to ztunnel's own listener {0} refused")]
+    SelfConnect(SocketAddr),
+    #[error("service {0} has no healthy endpoint")]
+    NoHealthyEndpoint(String),
+    #[error("waypoint {0} is not a known workload")]
+    UnknownWaypoint(IpAddr),
+    #[error("{0}")]
+    Denied(#[from] Denied),
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, #[source] io::Error),
+    #[error("tls: {0}")]
+    Tls(#[source] io::Error),
+    #[error("http2: {0}")]
+    H2(#[source] ::h2::Error),
+    #[error("tunnel answered {0}")]
+    Status(http::StatusCode),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("bad CONNECT: {0}")]
+    BadRequest(String),
+    #[error("{0} is not a workload of this node")]
+    NotLocalDestination(SocketAddr),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("draining")]
+    Draining,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Everything a listener needs.
+pub struct Inputs {
+    pub cfg: Arc<Config>,
+    pub state: StateHandle,
+    pub tls: Arc<TlsContext>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<pool::Pool>,
+    pub drain: Drain,
+    /// This netns' addresses and our listener ports: a destination among them is ourselves.
+    pub own_addrs: Vec<IpAddr>,
+    pub own_ports: Vec<u16>,
+}
+
+impl Inputs {
+    pub fn is_self(&self, dst: SocketAddr) -> bool {
+        self.own_ports.contains(&dst.port())
+            && (dst.ip().is_loopback()
+                || dst.ip().is_unspecified()
+                || self.own_addrs.contains(&dst.ip()))
+    }
+}
+
+/// One connection's access-log line and metrics, filled in as it goes.
+pub struct ConnLog {
+    pub direction: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_workload: Option<Arc<Workload>>,
+    pub src_identity: Option<Identity>,
+    pub dst_workload: Option<Arc<Workload>>,
+    pub dst_identity: Option<Identity>,
+    pub dst_service: Option<String>,
+    /// `hbone`, `waypoint`, `passthrough`, `local`, `inbound`.
+    pub route: &'static str,
+    /// Where the bytes actually went (tunnel endpoint or upstream address).
+    pub upstream: Option<SocketAddr>,
+    pub mtls: bool,
+    /// Which sides this process reports for (`source`, `destination`).
+    pub reporters: &'static [&'static str],
+    start: Instant,
+    opened: Vec<ConnLabels>,
+}
+
+impl ConnLog {
+    pub fn new(direction: &'static str, src: SocketAddr, dst: SocketAddr) -> ConnLog {
+        ConnLog {
+            direction,
+            src,
+            dst,
+            src_workload: None,
+            src_identity: None,
+            dst_workload: None,
+            dst_identity: None,
+            dst_service: None,
+            route: "",
+            upstream: None,
+            mtls: false,
+            reporters: &[],
+            start: Instant::now(),
+            opened: Vec::new(),
+        }
+    }
+
+    /// The connection is established: count it opened.
+    pub fn opened(&mut self, m: &Metrics) {
+        for r in self.reporters {
+            let l = ConnLabels::new(
+                r,
+                self.src_workload.as_deref(),
+                self.src_identity.as_ref(),
+                self.dst_workload.as_deref(),
+                self.dst_identity.as_ref(),
+                self.dst_service.as_deref(),
+                self.mtls,
+            );
+            m.opened.get_or_create(&l).inc();
+            self.opened.push(l);
+        }
+    }
+
+    /// Logs the line and, if it was opened, counts it closed with its bytes. `sent` is from
+    /// the destination to the source (Istio's "sent during response"), `received` the other way.
+    pub fn finish(self, m: &Metrics, received: u64, sent: u64, result: Result<(), String>) {
+        for l in &self.opened {
+            m.closed.get_or_create(l).inc();
+            m.received.get_or_create(l).inc_by(received);
+            m.sent.get_or_create(l).inc_by(sent);
+        }
+        let opt = |v: Option<String>| v.unwrap_or_default();
+        let src_workload = opt(self.src_workload.as_ref().map(|w| w.uid.clone()));
+        let dst_workload = opt(self.dst_workload.as_ref().map(|w| w.uid.clone()));
+        let src_identity = opt(self.src_identity.as_ref().map(|i| i.to_string()));
+        let dst_identity = opt(self.dst_identity.as_ref().map(|i| i.to_string()));
+        let upstream = opt(self.upstream.map(|a| a.to_string()));
+        let dst_service = self.dst_service.clone().unwrap_or_default();
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let security = if self.mtls { "mutual_tls" } else { "none" };
+        match result {
+            Ok(()) => tracing::info!(
+                target: "access",
+                direction = self.direction, src.addr = %self.src, dst.addr = %self.dst,
+                src.workload = %src_workload, src.identity = %src_identity,
+                dst.workload = %dst_workload, dst.identity = %dst_identity,
+                dst.service = %dst_service, route = self.route, upstream = %upstream,
+                security, bytes_sent = sent, bytes_received = received,
+                duration_ms = format_args!("{duration_ms:.1}"), result = "ok",
+                "connection complete"
+            ),
+            Err(e) => tracing::warn!(
+                target: "access",
+                direction = self.direction, src.addr = %self.src, dst.addr = %self.dst,
+                src.workload = %src_workload, src.identity = %src_identity,
+                dst.workload = %dst_workload, dst.identity = %dst_identity,
+                dst.service = %dst_service, route = self.route, upstream = %upstream,
+                security, bytes_sent = sent, bytes_received = received,
+                duration_ms = format_args!("{duration_ms:.1}"), result = "error", error = %e,
+                "connection failed"
+            ),
+        }
+    }
+}
+
+/// The address of the original client a tunnel speaks for, from a `forwarded` header
+/// (`for="10.0.0.1:4000"`, `for=10.0.0.1`, `for="[fd00::1]:4000"`).
+pub fn forwarded_for(value: &str) -> Option<IpAddr> {
+    for elem in value.split(',') {
+        for pair in elem.split(';') {
+            let (k, v) = pair.trim().split_once('=')?;
+            if !k.trim().eq_ignore_ascii_case("for") {
+                continue;
+            }
+            let v = v.trim().trim_matches('"');
+            if let Ok(sa) = v.parse::<SocketAddr>() {
+                return Some(sa.ip());
+            }
+            let v = v.trim_start_matches('[').trim_end_matches(']');
+            return v.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_header_forms() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(forwarded_for("for=\"10.0.0.1:4000\""), ip("10.0.0.1"));
+        assert_eq!(forwarded_for("for=10.0.0.1"), ip("10.0.0.1"));
+        assert_eq!(forwarded_for("for=\"[fd00::1]:4000\""), ip("fd00::1"));
+        assert_eq!(
+            forwarded_for("proto=http;for=10.0.0.2, for=10.0.0.3"),
+            ip("10.0.0.2")
+        );
+        assert_eq!(forwarded_for("by=10.0.0.1"), None);
+        assert_eq!(forwarded_for("for=unknown"), None);
+    }
+}

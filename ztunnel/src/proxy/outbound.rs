@@ -1,0 +1,582 @@
+//! 15001: connections captured from this node's pods.
+//!
+//! The original destination is the accepted socket's local address (TPROXY). The source
+//! workload is found by the client's IP and must be on this node (we hold its certificate).
+//! [`route`] decides where the connection goes; the handler then tunnels it over HBONE (from
+//! the pooled connection of that source/destination pair), hands it to a local pod directly, or
+//! passes it through as plain TCP. Upstream sockets are bound to the client's IP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambient_net::consts::port;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::h2::{relay_h2, relay_tcp, ConnectRequest, Relayed};
+use super::pool::PoolKey;
+use super::{ConnLog, Error, Inputs};
+use crate::config::{Protocol, WaypointRef};
+use crate::identity::Identity;
+use crate::rbac;
+use crate::socket;
+use crate::state::{State, Workload};
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// HTTP/2 CONNECT to `tunnel` (a pod's or a waypoint's 15008) with `:authority`, verifying
+    /// that the server is one of `identities`.
+    Hbone {
+        tunnel: SocketAddr,
+        authority: SocketAddr,
+        identities: Vec<Identity>,
+        workload: Arc<Workload>,
+        service: Option<String>,
+        waypoint: bool,
+    },
+    /// A mesh pod on this node: authorized and connected here, no tunnel.
+    Local {
+        target: SocketAddr,
+        workload: Arc<Workload>,
+        service: Option<String>,
+    },
+    /// Plain TCP to `target`.
+    Passthrough {
+        target: SocketAddr,
+        workload: Option<Arc<Workload>>,
+        service: Option<String>,
+    },
+}
+
+impl Route {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Hbone { waypoint: true, .. } => "waypoint",
+            Route::Hbone { .. } => "hbone",
+            Route::Local { .. } => "local",
+            Route::Passthrough { .. } => "passthrough",
+        }
+    }
+}
+
+/// Decides the route of a connection from `src` to `dst`. `rng` picks service endpoints.
+pub fn route(
+    state: &State,
+    src: &Workload,
+    dst: SocketAddr,
+    rng: &mut fastrand::Rng,
+) -> Result<Route, Error> {
+    if let Some(svc) = state.service_by_vip(dst.ip()) {
+        let key = svc.key();
+        if let Some(wp) = &svc.waypoint {
+            if !is_waypoint(src, wp) {
+                return via_waypoint(state, wp, dst, Some(key));
+            }
+        }
+        if !svc.ports.is_empty() && !svc.ports.contains_key(&dst.port()) {
+            // A port the service does not define: not ours to balance.
+            return Ok(Route::Passthrough {
+                target: dst,
+                workload: None,
+                service: Some(key),
+            });
+        }
+        let ep = pick_endpoint(state.endpoints(svc), rng)
+            .ok_or_else(|| Error::NoHealthyEndpoint(key.clone()))?;
+        let target_port = ep
+            .services
+            .get(&key)
+            .and_then(|m| m.get(&dst.port()))
+            .or_else(|| svc.ports.get(&dst.port()))
+            .copied()
+            .unwrap_or(dst.port());
+        let ip = ep
+            .workload_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .unwrap_or(&ep.workload_ips[0]);
+        let extra = &svc.subject_alt_names;
+        return to_workload(
+            state,
+            src,
+            ep,
+            SocketAddr::new(*ip, target_port),
+            Some(key),
+            extra,
+        );
+    }
+    if let Some(wl) = state.workload_by_ip(dst.ip()) {
+        return to_workload(state, src, wl, dst, None, &[]);
+    }
+    Ok(Route::Passthrough {
+        target: dst,
+        workload: None,
+        service: None,
+    })
+}
+
+fn is_waypoint(src: &Workload, wp: &WaypointRef) -> bool {
+    src.workload_ips.contains(&wp.address)
+}
+
+fn via_waypoint(
+    state: &State,
+    wp: &WaypointRef,
+    authority: SocketAddr,
+    service: Option<String>,
+) -> Result<Route, Error> {
+    let wl = state
+        .workload_by_ip(wp.address)
+        .ok_or(Error::UnknownWaypoint(wp.address))?;
+    Ok(Route::Hbone {
+        tunnel: SocketAddr::new(wp.address, wp.hbone_mtls_port),
+        authority,
+        identities: vec![wl.identity.clone()],
+        workload: wl.clone(),
+        service,
+        waypoint: true,
+    })
+}
+
+fn to_workload(
+    state: &State,
+    src: &Workload,
+    wl: &Arc<Workload>,
+    target: SocketAddr,
+    service: Option<String>,
+    extra_sans: &[Identity],
+) -> Result<Route, Error> {
+    if let Some(wp) = &wl.waypoint {
+        if !is_waypoint(src, wp) {
+            return via_waypoint(state, wp, target, service);
+        }
+    }
+    Ok(match wl.protocol {
+        Protocol::Hbone if wl.node == state.node => Route::Local {
+            target,
+            workload: wl.clone(),
+            service,
+        },
+        Protocol::Hbone => {
+            let mut identities = vec![wl.identity.clone()];
+            identities.extend(extra_sans.iter().filter(|i| **i != wl.identity).cloned());
+            Route::Hbone {
+                tunnel: SocketAddr::new(target.ip(), port::INBOUND_HBONE),
+                authority: target,
+                identities,
+                workload: wl.clone(),
+                service,
+                waypoint: false,
+            }
+        }
+        Protocol::Tcp => Route::Passthrough {
+            target,
+            workload: Some(wl.clone()),
+            service,
+        },
+    })
+}
+
+/// Weighted random choice (weight = capacity) among healthy endpoints.
+pub fn pick_endpoint<'a>(
+    eps: &'a [Arc<Workload>],
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Arc<Workload>> {
+    let total: u64 = eps
+        .iter()
+        .filter(|w| w.healthy())
+        .map(|w| w.capacity as u64)
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut n = rng.u64(0..total);
+    for w in eps.iter().filter(|w| w.healthy() && w.capacity > 0) {
+        if n < w.capacity as u64 {
+            return Some(w);
+        }
+        n -= w.capacity as u64;
+    }
+    None
+}
+
+/// Accepts until drain.
+pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
+    let stop = pi.drain.signal();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let dst = match pi.cfg.outbound_orig_dst {
+            Some(d) => d,
+            None => match socket::orig_dst(&tcp) {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        let pi2 = pi.clone();
+        pi.drain
+            .spawn(async move { handle(pi2, tcp, peer, dst).await });
+    }
+}
+
+/// One captured connection from `src` to its original destination `dst`.
+pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let mut log = ConnLog::new("outbound", src, dst);
+    log.reporters = &["source"];
+    let relayed = proxy(&pi, &mut tcp, &mut log).await;
+    let (up, down, result) = match relayed {
+        Ok(r) => (r.up, r.down, r.result.map_err(|e| e.to_string())),
+        Err(e) => (0, 0, Err(e.to_string())),
+    };
+    log.finish(&pi.metrics, up, down, result);
+}
+
+async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Relayed, Error> {
+    let (src, dst) = (log.src, log.dst);
+    if pi.is_self(dst) {
+        return Err(Error::SelfConnect(dst));
+    }
+    let state = pi.state.get();
+    let src_wl = state
+        .workload_by_ip(src.ip())
+        .ok_or(Error::UnknownSource(src.ip()))?
+        .clone();
+    if src_wl.node != state.node {
+        return Err(Error::NotLocalSource(src.ip()));
+    }
+    log.src_identity = Some(src_wl.identity.clone());
+    log.src_workload = Some(src_wl.clone());
+    let mut rng = fastrand::Rng::new();
+    let r = route(&state, &src_wl, dst, &mut rng)?;
+    log.route = r.kind();
+    let spoof = Some(src.ip());
+    let timeout = pi.cfg.connect_timeout;
+    match r {
+        Route::Hbone {
+            tunnel,
+            authority,
+            identities,
+            workload,
+            service,
+            ..
+        } => {
+            log.dst_identity = Some(workload.identity.clone());
+            log.dst_workload = Some(workload);
+            log.dst_service = service;
+            log.upstream = Some(tunnel);
+            log.mtls = true;
+            let key = PoolKey {
+                src_identity: src_wl.identity.clone(),
+                dst_identities: identities,
+                dst: tunnel,
+                src_ip: spoof,
+            };
+            let mut headers = http::HeaderMap::new();
+            let fwd = format!("for=\"{src}\"");
+            headers.insert(
+                "forwarded",
+                http::HeaderValue::from_str(&fwd).map_err(|e| Error::BadRequest(e.to_string()))?,
+            );
+            let req = ConnectRequest { authority, headers };
+            let (stream, _guard) = pi.pool.connect(&key, &req).await?;
+            log.opened(&pi.metrics);
+            Ok(relay_h2(tcp, stream).await)
+        }
+        Route::Local {
+            target,
+            workload,
+            service,
+        } => {
+            // Both ends are ours: authorize as the inbound side would, then connect directly.
+            log.reporters = &["source", "destination"];
+            log.dst_identity = Some(workload.identity.clone());
+            log.dst_workload = Some(workload.clone());
+            log.dst_service = service;
+            log.upstream = Some(target);
+            log.mtls = true;
+            let conn = rbac::Connection {
+                src_identity: Some(&src_wl.identity),
+                src_ip: src.ip(),
+                dst: target,
+            };
+            rbac::authorize(state.policies_for(&workload), &conn)?;
+            let mut up = socket::connect(spoof, target, pi.cfg.transparent, timeout)
+                .await
+                .map_err(|e| Error::Connect(target, e))?;
+            log.opened(&pi.metrics);
+            Ok(relay_tcp(tcp, &mut up).await)
+        }
+        Route::Passthrough {
+            target,
+            workload,
+            service,
+        } => {
+            log.dst_workload = workload;
+            log.dst_service = service;
+            log.upstream = Some(target);
+            let mut up = socket::connect(spoof, target, pi.cfg.transparent, timeout)
+                .await
+                .map_err(|e| Error::Connect(target, e))?;
+            log.opened(&pi.metrics);
+            Ok(relay_tcp(tcp, &mut up).await)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_local_config;
+    use std::net::IpAddr;
+
+    const FILE: &str = r#"
+workloads:
+- name: client
+  namespace: demo
+  serviceAccount: sleep
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+  node: node-a
+- name: neighbour
+  namespace: demo
+  serviceAccount: neighbour
+  workloadIps: [10.0.0.2]
+  protocol: HBONE
+  node: node-a
+- name: echo-1
+  namespace: demo
+  serviceAccount: echo
+  workloadIps: [10.0.1.1]
+  protocol: HBONE
+  node: node-b
+  services: {demo/echo.demo.svc.cluster.local: {80: 9090}}
+- name: echo-2
+  namespace: demo
+  serviceAccount: echo
+  workloadIps: [10.0.1.2]
+  protocol: HBONE
+  node: node-b
+  capacity: 3
+  services: {demo/echo.demo.svc.cluster.local: {}}
+- name: echo-sick
+  namespace: demo
+  serviceAccount: echo
+  workloadIps: [10.0.1.3]
+  protocol: HBONE
+  node: node-b
+  status: Unhealthy
+  services: {demo/echo.demo.svc.cluster.local: {}}
+- name: legacy
+  namespace: demo
+  workloadIps: [10.0.2.1]
+  node: node-b
+- name: waypoint
+  namespace: demo
+  serviceAccount: waypoint
+  workloadIps: [10.0.3.1]
+  protocol: HBONE
+  node: node-b
+- name: behind-waypoint
+  namespace: demo
+  serviceAccount: db
+  workloadIps: [10.0.3.2]
+  protocol: HBONE
+  node: node-b
+  waypoint: {address: 10.0.3.1}
+services:
+- name: echo
+  namespace: demo
+  hostname: echo.demo.svc.cluster.local
+  vips: [10.96.0.10]
+  ports: {80: 8080}
+  subjectAltNames: [spiffe://cluster.local/ns/demo/sa/echo-alt]
+- name: db
+  namespace: demo
+  hostname: db.demo.svc.cluster.local
+  vips: [10.96.0.20]
+  ports: {5432: 5432}
+  waypoint: {address: 10.0.3.1, hboneMtlsPort: 15009}
+- name: empty
+  namespace: demo
+  hostname: empty.demo.svc.cluster.local
+  vips: [10.96.0.30]
+  ports: {80: 80}
+"#;
+
+    fn setup() -> (State, Arc<Workload>) {
+        let st = State::build(
+            &parse_local_config(FILE).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap();
+        let src = st
+            .workload_by_ip("10.0.0.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        (st, src)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "demo", sa)
+    }
+
+    #[test]
+    fn mesh_pod_on_another_node_goes_over_hbone() {
+        let (st, src) = setup();
+        let r = route(
+            &st,
+            &src,
+            sa("10.0.1.1:8080"),
+            &mut fastrand::Rng::with_seed(1),
+        )
+        .unwrap();
+        match r {
+            Route::Hbone {
+                tunnel,
+                authority,
+                identities,
+                waypoint,
+                service,
+                ..
+            } => {
+                assert_eq!(tunnel, sa("10.0.1.1:15008"));
+                assert_eq!(authority, sa("10.0.1.1:8080"));
+                assert_eq!(identities, vec![id("echo")]);
+                assert!(!waypoint);
+                assert_eq!(service, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn service_vip_picks_a_healthy_endpoint_and_maps_the_port() {
+        let (st, src) = setup();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..4000 {
+            let r = route(&st, &src, sa("10.96.0.10:80"), &mut rng).unwrap();
+            let Route::Hbone {
+                authority,
+                tunnel,
+                identities,
+                service,
+                ..
+            } = r
+            else {
+                panic!("{r:?}")
+            };
+            assert_eq!(tunnel, SocketAddr::new(authority.ip(), 15008));
+            // echo-1 overrides 80 → 9090; echo-2 uses the service's 80 → 8080.
+            match authority.ip().to_string().as_str() {
+                "10.0.1.1" => assert_eq!(authority.port(), 9090),
+                "10.0.1.2" => assert_eq!(authority.port(), 8080),
+                other => panic!("unhealthy or unknown endpoint picked: {other}"),
+            }
+            assert_eq!(identities, vec![id("echo"), id("echo-alt")]);
+            assert_eq!(service.as_deref(), Some("demo/echo.demo.svc.cluster.local"));
+            *seen.entry(authority.ip()).or_insert(0) += 1;
+        }
+        // Capacity 1 vs 3: about a quarter of the picks.
+        let one = seen[&"10.0.1.1".parse::<IpAddr>().unwrap()] as f64 / 4000.0;
+        assert!((0.2..0.3).contains(&one), "{one}");
+    }
+
+    #[test]
+    fn service_without_healthy_endpoints_is_an_error() {
+        let (st, src) = setup();
+        let err = route(&st, &src, sa("10.96.0.30:80"), &mut fastrand::Rng::new()).unwrap_err();
+        assert!(matches!(err, Error::NoHealthyEndpoint(_)), "{err}");
+    }
+
+    #[test]
+    fn undefined_service_port_is_passed_through() {
+        let (st, src) = setup();
+        let r = route(&st, &src, sa("10.96.0.10:22"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(r, Route::Passthrough { target, .. } if target == sa("10.96.0.10:22")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn non_mesh_and_unknown_destinations_are_passed_through() {
+        let (st, src) = setup();
+        let r = route(&st, &src, sa("10.0.2.1:80"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Passthrough { target, workload: Some(w), .. }
+            if *target == sa("10.0.2.1:80") && w.name == "legacy"),
+            "{r:?}"
+        );
+        let r = route(&st, &src, sa("1.1.1.1:443"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(r, Route::Passthrough { workload: None, .. }),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn same_node_mesh_pod_takes_the_local_path() {
+        let (st, src) = setup();
+        let r = route(&st, &src, sa("10.0.0.2:80"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Local { target, .. } if *target == sa("10.0.0.2:80")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn waypoints_get_the_original_authority() {
+        let (st, src) = setup();
+        // A service with a waypoint: authority is the VIP.
+        let r = route(&st, &src, sa("10.96.0.20:5432"), &mut fastrand::Rng::new()).unwrap();
+        match &r {
+            Route::Hbone {
+                tunnel,
+                authority,
+                identities,
+                waypoint: true,
+                ..
+            } => {
+                assert_eq!(*tunnel, sa("10.0.3.1:15009"));
+                assert_eq!(*authority, sa("10.96.0.20:5432"));
+                assert_eq!(identities, &vec![id("waypoint")]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.kind(), "waypoint");
+        // A workload with a waypoint: authority is the pod.
+        let r = route(&st, &src, sa("10.0.3.2:5432"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, authority, waypoint: true, .. }
+            if *tunnel == sa("10.0.3.1:15008") && *authority == sa("10.0.3.2:5432")),
+            "{r:?}"
+        );
+        // The waypoint itself goes straight to the workload.
+        let wp = st
+            .workload_by_ip("10.0.3.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        let r = route(&st, &wp, sa("10.0.3.2:5432"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, waypoint: false, .. }
+            if *tunnel == sa("10.0.3.2:15008")),
+            "{r:?}"
+        );
+    }
+}

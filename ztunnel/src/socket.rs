@@ -1,0 +1,138 @@
+//! Sockets of the data plane.
+//!
+//! Listeners set IP_TRANSPARENT so TPROXY can hand them connections for any address; the
+//! original destination of such a connection is its local address. Upstream sockets set
+//! IP_TRANSPARENT + IP_FREEBIND and bind to the original client's IP, so the peer sees the
+//! client, not ztunnel (SPEC §3).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A bound, listening socket (not yet registered with a runtime).
+pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if transparent {
+        set_transparent(&s, addr.ip())
+            .map_err(|e| io::Error::new(e.kind(), format!("IP_TRANSPARENT on {addr}: {e}")))?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Registers a listener with the current runtime.
+pub fn to_tokio(l: std::net::TcpListener) -> io::Result<TcpListener> {
+    TcpListener::from_std(l)
+}
+
+fn set_transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => s.set_ip_transparent_v4(true),
+        IpAddr::V6(_) => s.set_ip_transparent_v6(true),
+    }
+}
+
+fn set_freebind(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => s.set_freebind_v4(true),
+        IpAddr::V6(_) => s.set_freebind_v6(true),
+    }
+}
+
+/// Connects to `dst`, from `src` when given (spoofing it with IP_TRANSPARENT when
+/// `transparent`), with TCP_NODELAY, within `timeout`.
+pub async fn connect(
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    transparent: bool,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
+        if transparent {
+            set_transparent(&s, src)?;
+            set_freebind(&s, src)?;
+        }
+        s.bind(&SocketAddr::new(src, 0).into())
+            .map_err(|e| io::Error::new(e.kind(), format!("bind to source {src}: {e}")))?;
+    }
+    let std: std::net::TcpStream = s.into();
+    let sock = TcpSocket::from_std_stream(std);
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out"),
+        )),
+    }
+}
+
+/// The original destination of an accepted TPROXY connection.
+pub fn orig_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    s.local_addr()
+}
+
+/// The addresses of this network namespace's interfaces (to refuse connections to ourselves).
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut out = vec![
+        IpAddr::from([127, 0, 0, 1]),
+        IpAddr::from([0, 0, 0, 0]),
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            if let Some(v4) = sa.as_sockaddr_in() {
+                out.push(IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                out.push(IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_binds_to_the_given_source() {
+        let l = to_tokio(listen("127.0.0.1:0".parse().unwrap(), false).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let src: IpAddr = "127.0.0.77".parse().unwrap();
+        let c = connect(Some(src), addr, false, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let (accepted, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), src);
+        assert_eq!(orig_dst(&accepted).unwrap(), addr);
+        assert!(c.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_to_a_dead_port_fails() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        assert!(connect(None, addr, false, Duration::from_secs(2))
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        assert!(local_addresses().contains(&IpAddr::from([127, 0, 0, 1])));
+    }
+}

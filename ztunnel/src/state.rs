@@ -1,0 +1,588 @@
+//! The data plane's view of the mesh: workloads, services and policies from the local config
+//! file, indexed by workload IP and service VIP; swapped as a whole on reload.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{
+    parse_vip, read_local_config, ConfigError, HealthStatus, LocalConfig, PolicyScope, Protocol,
+    WaypointRef,
+};
+use crate::identity::Identity;
+use crate::rbac::Policy;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub workload_ips: Vec<IpAddr>,
+    pub protocol: Protocol,
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+    /// `"<namespace>/<hostname>"` → (service port → target port overrides).
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    pub authorization_policies: Vec<String>,
+    pub capacity: u32,
+    pub status: HealthStatus,
+    pub identity: Identity,
+}
+
+impl Workload {
+    pub fn healthy(&self) -> bool {
+        self.status == HealthStatus::Healthy
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: BTreeMap<u16, u16>,
+    pub subject_alt_names: Vec<Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+    /// uids of the workloads that are endpoints of this service.
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// One immutable snapshot.
+#[derive(Debug, Default)]
+pub struct State {
+    pub node: String,
+    pub trust_domain: String,
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Vec<Arc<Policy>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    policy_by_key: HashMap<String, Arc<Policy>>,
+}
+
+impl State {
+    /// Validates and indexes a parsed file. Errors name the field.
+    pub fn build(cfg: &LocalConfig, trust_domain: &str, node: &str) -> Result<State, ConfigError> {
+        let mut st = State {
+            node: node.to_string(),
+            trust_domain: trust_domain.to_string(),
+            ..State::default()
+        };
+        for (i, p) in cfg.policies.iter().enumerate() {
+            let field = format!("policies[{i}]");
+            let p = Arc::new(Policy::compile(p, &field)?);
+            if st.policy_by_key.insert(p.key(), p.clone()).is_some() {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("duplicate policy {}", p.key()),
+                ));
+            }
+            st.policies.push(p);
+        }
+        let mut service_keys = HashSet::new();
+        for (i, s) in cfg.services.iter().enumerate() {
+            let field = format!("services[{i}]");
+            nonempty(&s.name, &format!("{field}.name"))?;
+            nonempty(&s.namespace, &format!("{field}.namespace"))?;
+            nonempty(&s.hostname, &format!("{field}.hostname"))?;
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            if !service_keys.insert(key.clone()) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("duplicate service {key}"),
+                ));
+            }
+            let vips = s
+                .vips
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    parse_vip(v).ok_or_else(|| {
+                        ConfigError::invalid(
+                            format!("{field}.vips[{j}]"),
+                            format!("{v:?} is not an IP"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let sans = s
+                .subject_alt_names
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    v.parse::<Identity>().map_err(|e| {
+                        ConfigError::invalid(format!("{field}.subjectAltNames[{j}]"), e.to_string())
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let svc = Arc::new(Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                hostname: s.hostname.clone(),
+                vips,
+                ports: s.ports.clone(),
+                subject_alt_names: sans,
+                waypoint: s.waypoint.clone(),
+                endpoints: Vec::new(),
+            });
+            st.services.push(svc);
+        }
+        let mut uids = HashSet::new();
+        for (i, w) in cfg.workloads.iter().enumerate() {
+            let field = format!("workloads[{i}]");
+            nonempty(&w.name, &format!("{field}.name"))?;
+            nonempty(&w.namespace, &format!("{field}.namespace"))?;
+            nonempty(&w.service_account, &format!("{field}.serviceAccount"))?;
+            nonempty(&w.node, &format!("{field}.node"))?;
+            if w.workload_ips.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.workloadIps"),
+                    "must not be empty",
+                ));
+            }
+            let uid = w
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
+            if !uids.insert(uid.clone()) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.uid"),
+                    format!("duplicate uid {uid}"),
+                ));
+            }
+            for key in w.services.keys() {
+                if !service_keys.contains(key) {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.services"),
+                        format!(
+                            "unknown service {key:?} (want <namespace>/<hostname> of a service)"
+                        ),
+                    ));
+                }
+            }
+            for p in &w.authorization_policies {
+                if !st.policy_by_key.contains_key(p) {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.authorizationPolicies"),
+                        format!("unknown policy {p:?} (want <namespace>/<name>)"),
+                    ));
+                }
+            }
+            let wl = Arc::new(Workload {
+                uid,
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                workload_ips: w.workload_ips.clone(),
+                protocol: w.protocol,
+                node: w.node.clone(),
+                waypoint: w.waypoint.clone(),
+                services: w.services.clone(),
+                authorization_policies: w.authorization_policies.clone(),
+                capacity: w.capacity,
+                status: w.status,
+                identity: Identity::new(trust_domain, &w.namespace, &w.service_account),
+            });
+            for ip in &wl.workload_ips {
+                if let Some(prev) = st.by_ip.insert(*ip, wl.clone()) {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.workloadIps"),
+                        format!("{ip} is also the address of workload {}", prev.uid),
+                    ));
+                }
+            }
+            for key in wl.services.keys() {
+                st.endpoints
+                    .entry(key.clone())
+                    .or_default()
+                    .push(wl.clone());
+            }
+            st.workloads.push(wl);
+        }
+        // Now that workloads are indexed: VIPs, endpoints, waypoints.
+        for (i, svc) in st.services.iter_mut().enumerate() {
+            let key = svc.key();
+            let eps = st
+                .endpoints
+                .get(&key)
+                .map(|v| v.iter().map(|w| w.uid.clone()).collect());
+            Arc::make_mut(svc).endpoints = eps.unwrap_or_default();
+            for vip in &svc.vips {
+                if let Some(w) = st.by_ip.get(vip) {
+                    return Err(ConfigError::invalid(
+                        format!("services[{i}].vips"),
+                        format!("{vip} is also the address of workload {}", w.uid),
+                    ));
+                }
+                if let Some(prev) = st.by_vip.insert(*vip, svc.clone()) {
+                    return Err(ConfigError::invalid(
+                        format!("services[{i}].vips"),
+                        format!("{vip} is also a VIP of service {}", prev.key()),
+                    ));
+                }
+            }
+            if let Some(wp) = &svc.waypoint {
+                if !st.by_ip.contains_key(&wp.address) {
+                    return Err(ConfigError::invalid(
+                        format!("services[{i}].waypoint.address"),
+                        format!("{} is not a workload address", wp.address),
+                    ));
+                }
+            }
+        }
+        for (i, w) in st.workloads.iter().enumerate() {
+            if let Some(wp) = &w.waypoint {
+                if !st.by_ip.contains_key(&wp.address) {
+                    return Err(ConfigError::invalid(
+                        format!("workloads[{i}].waypoint.address"),
+                        format!("{} is not a workload address", wp.address),
+                    ));
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// A workload of this node at `ip`.
+    pub fn local_workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip).filter(|w| w.node == self.node)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// The endpoints of a service (healthy or not).
+    pub fn endpoints(&self, svc: &Service) -> &[Arc<Workload>] {
+        self.endpoints
+            .get(&svc.key())
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The identities of this node's workloads: the certificates to hold.
+    pub fn local_identities(&self) -> HashSet<Identity> {
+        self.workloads
+            .iter()
+            .filter(|w| w.node == self.node)
+            .map(|w| w.identity.clone())
+            .collect()
+    }
+
+    /// The policies that select a workload.
+    pub fn policies_for<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies
+            .iter()
+            .filter(move |p| match p.scope {
+                PolicyScope::Global => true,
+                PolicyScope::Namespace => p.namespace == w.namespace,
+                PolicyScope::WorkloadSelector => w.authorization_policies.contains(&p.key()),
+            })
+            .map(|p| p.as_ref())
+    }
+
+    /// Is `addr` (a destination) one of the node's mesh addresses?
+    pub fn is_known(&self, addr: SocketAddr) -> bool {
+        self.by_ip.contains_key(&addr.ip()) || self.by_vip.contains_key(&addr.ip())
+    }
+}
+
+fn nonempty(v: &str, field: &str) -> Result<(), ConfigError> {
+    if v.is_empty() {
+        Err(ConfigError::invalid(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The current snapshot, shared by every task; replaced as a whole by the file watcher.
+#[derive(Clone)]
+pub struct StateHandle {
+    current: Arc<RwLock<Arc<State>>>,
+    status: Arc<Mutex<LoadStatus>>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadStatus {
+    pub generation: u64,
+    pub loaded_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl StateHandle {
+    pub fn new(state: State) -> StateHandle {
+        let status = LoadStatus {
+            generation: 1,
+            loaded_at: Some(crate::identity::rfc3339(SystemTime::now())),
+            last_error: None,
+        };
+        StateHandle {
+            current: Arc::new(RwLock::new(Arc::new(state))),
+            status: Arc::new(Mutex::new(status)),
+            changed: watch::channel(1).0,
+        }
+    }
+
+    /// Reads and builds the file: the initial load.
+    pub fn load(path: &Path, trust_domain: &str, node: &str) -> Result<StateHandle, ConfigError> {
+        let cfg = read_local_config(path)?;
+        Ok(StateHandle::new(State::build(&cfg, trust_domain, node)?))
+    }
+
+    pub fn get(&self) -> Arc<State> {
+        self.current.read().unwrap().clone()
+    }
+
+    pub fn status(&self) -> LoadStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Notified with the generation after every successful swap.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn replace(&self, st: State) {
+        *self.current.write().unwrap() = Arc::new(st);
+        let gen = {
+            let mut s = self.status.lock().unwrap();
+            s.generation += 1;
+            s.loaded_at = Some(crate::identity::rfc3339(SystemTime::now()));
+            s.last_error = None;
+            s.generation
+        };
+        self.changed.send_replace(gen);
+    }
+
+    /// Re-reads the file; on any error the current state stays and the error is kept for the
+    /// dump.
+    pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
+        let cur = self.get();
+        let res =
+            read_local_config(path).and_then(|c| State::build(&c, &cur.trust_domain, &cur.node));
+        match res {
+            Ok(st) => {
+                tracing::info!(path = %path.display(), workloads = st.workloads.len(),
+                    services = st.services.len(), policies = st.policies.len(), "config reloaded");
+                self.replace(st);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "config reload failed; keeping the last good config");
+                self.status.lock().unwrap().last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What identifies a version of the file on disk.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Polls the file every `every` and reloads it when it changed, until `stop` fires.
+pub async fn watch_file(
+    handle: StateHandle,
+    path: PathBuf,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last = file_stamp(&path);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = file_stamp(&path);
+        if now.is_some() && now != last {
+            last = now;
+            let _ = handle.reload(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_local_config;
+
+    pub const FILE: &str = r#"
+workloads:
+- name: client
+  namespace: demo
+  serviceAccount: sleep
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+  node: node-a
+- name: echo-1
+  namespace: demo
+  serviceAccount: echo
+  workloadIps: [10.0.1.1]
+  protocol: HBONE
+  node: node-b
+  services: {demo/echo.demo.svc.cluster.local: {}}
+  authorizationPolicies: [demo/only-sleep]
+services:
+- name: echo
+  namespace: demo
+  hostname: echo.demo.svc.cluster.local
+  vips: [10.96.0.10]
+  ports: {80: 8080}
+policies:
+- name: only-sleep
+  namespace: demo
+  scope: WorkloadSelector
+  action: Allow
+  rules: [{serviceAccounts: [demo/sleep]}]
+- name: ns-wide
+  namespace: demo
+  scope: Namespace
+  action: Deny
+- name: other-ns
+  namespace: prod
+  scope: Namespace
+  action: Deny
+"#;
+
+    fn build(text: &str) -> Result<State, ConfigError> {
+        State::build(&parse_local_config(text)?, "cluster.local", "node-a")
+    }
+
+    #[test]
+    fn indexes_and_selection() {
+        let st = build(FILE).unwrap();
+        let echo = st.workload_by_ip("10.0.1.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            echo.identity.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/echo"
+        );
+        assert_eq!(echo.uid, "demo/echo-1");
+        assert!(st
+            .local_workload_by_ip("10.0.1.1".parse().unwrap())
+            .is_none());
+        assert!(st
+            .local_workload_by_ip("10.0.0.1".parse().unwrap())
+            .is_some());
+        let svc = st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(st.endpoints(svc).len(), 1);
+        assert_eq!(svc.endpoints, vec!["demo/echo-1"]);
+        let names: Vec<_> = st.policies_for(echo).map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["only-sleep", "ns-wide"]);
+        let client = st.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        let names: Vec<_> = st.policies_for(client).map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["ns-wide"]);
+        assert_eq!(
+            st.local_identities(),
+            [Identity::new("cluster.local", "demo", "sleep")].into()
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let dup = FILE.replace("[10.0.1.1]", "[10.0.0.1]");
+        let err = build(&dup).unwrap_err().to_string();
+        assert!(err.starts_with("workloads[1].workloadIps"), "{err}");
+        let dangling = FILE.replace("{demo/echo.demo.svc.cluster.local: {}}", "{demo/nope: {}}");
+        let err = build(&dangling).unwrap_err().to_string();
+        assert!(
+            err.starts_with("workloads[1].services") && err.contains("demo/nope"),
+            "{err}"
+        );
+        let badpol = FILE.replace("[demo/only-sleep]", "[demo/missing]");
+        let err = build(&badpol).unwrap_err().to_string();
+        assert!(
+            err.starts_with("workloads[1].authorizationPolicies"),
+            "{err}"
+        );
+        let vip = FILE.replace("vips: [10.96.0.10]", "vips: [10.0.1.1]");
+        let err = build(&vip).unwrap_err().to_string();
+        assert!(err.starts_with("services[0].vips"), "{err}");
+        let wp = FILE.replace(
+            "  protocol: HBONE\n  node: node-a",
+            "  protocol: HBONE\n  node: node-a\n  waypoint: {address: 10.9.9.9}",
+        );
+        let err = build(&wp).unwrap_err().to_string();
+        assert!(err.starts_with("workloads[0].waypoint.address"), "{err}");
+    }
+
+    #[test]
+    fn bad_reload_keeps_the_last_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let h = StateHandle::load(&path, "cluster.local", "node-a").unwrap();
+        let mut rx = h.subscribe();
+        assert_eq!(h.get().workloads.len(), 2);
+        std::fs::write(
+            &path,
+            FILE.replace("workloadIps: [10.0.0.1]", "workloadIPs: [10.0.0.1]"),
+        )
+        .unwrap();
+        let err = h.reload(&path).unwrap_err().to_string();
+        assert!(err.contains("workloadIPs"), "{err}");
+        assert_eq!(h.get().workloads.len(), 2);
+        assert_eq!(h.status().last_error.as_deref(), Some(err.as_str()));
+        assert!(!rx.has_changed().unwrap());
+        // A good file replaces the state and clears the error.
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        h.reload(&path).unwrap();
+        assert!(h.get().workloads.is_empty());
+        assert!(h.status().last_error.is_none());
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 2);
+    }
+
+    #[tokio::test]
+    async fn watcher_picks_up_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let h = StateHandle::load(&path, "cluster.local", "node-a").unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(watch_file(
+            h.clone(),
+            path.clone(),
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&path, "workloads: []\npolicies: []\n").unwrap();
+        let mut rx = h.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(h.get().workloads.is_empty());
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
