@@ -726,3 +726,196 @@ fn watch_waits_then_uninstalls_on_sigterm() {
     assert_eq!(node.read("10-flannel.conf"), fixture("10-flannel.conf"));
     assert!(!node.bin.join("ambient-cni").exists());
 }
+
+// ---- through real libcni ------------------------------------------------------------------
+//
+// The lab's libcni client (tests/cniclient, built from Debian's libcni) loads what the installer
+// wrote exactly as a runtime would (`LoadConfList` by network name, a .conf through
+// `ConfListFromConf`). These need `go` and Debian's CNI plugins (.ci/run installs both) and the
+// workspace's ambient-cni binary (test.sh builds it); without them they are skipped, except in
+// CI, where that is a failure.
+
+fn available(what: &str, ok: bool) -> bool {
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} is missing (it is installed by .ci/run / built by test.sh)"
+        );
+        eprintln!("skipped: {what} is missing");
+    }
+    ok
+}
+
+/// Builds the lab's libcni client once per test binary run, into target/install-cni-test/.
+fn cniclient() -> Option<PathBuf> {
+    static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let has_go = Command::new("go").arg("version").output().is_ok();
+            if !available("go (golang-go)", has_go) {
+                return None;
+            }
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let out = target.join("install-cni-test");
+            fs::create_dir_all(&out).unwrap();
+            // Built fresh each run (Go's cache makes that quick), renamed into place so that
+            // concurrent runs never see half a binary.
+            let bin = out.join("cniclient");
+            let tmp = out.join(format!("cniclient.tmp.{}", std::process::id()));
+            let st = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&tmp)
+                .arg(".")
+                .current_dir(root.join("tests/cniclient"))
+                .env("GOPATH", "/usr/share/gocode")
+                .env("GO111MODULE", "off")
+                .env("GOFLAGS", "")
+                .env("CGO_ENABLED", "0")
+                .env("GOCACHE", out.join("gocache"))
+                .status()
+                .unwrap();
+            assert!(st.success(), "go build of tests/cniclient failed");
+            fs::rename(&tmp, &bin).unwrap();
+            Some(bin)
+        })
+        .clone()
+}
+
+/// `cniclient status <dir> <name>`: libcni loads the list (plugins are only called for
+/// cniVersion >= 1.1.0, which none of the fixtures is).
+fn libcni_loads(client: &Path, dir: &Path, name: &str) -> Result<(), String> {
+    let out = Command::new(client)
+        .arg("status")
+        .arg(dir)
+        .arg(name)
+        .env("CNI_PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(stderr(&out))
+    }
+}
+
+#[test]
+fn real_libcni_loads_every_installed_chain() {
+    let Some(client) = cniclient() else { return };
+    for f in [
+        "10-calico.conflist",
+        "05-cilium.conflist",
+        "10-flannel.conflist",
+        "10-kindnet.conflist",
+        "10-aws.conflist",
+        "10-bridge.conflist",
+        "10-flannel.conf",
+        "10-ptp.conf",
+        "20-macvlan.json",
+    ] {
+        let node = Node::with(&[f]);
+        let net: Value = serde_json::from_slice(&fixture(f)).unwrap();
+        let net = net["name"].as_str().unwrap().to_string();
+        libcni_loads(&client, &node.conf, &net).unwrap_or_else(|e| panic!("{f} as is: {e}"));
+        node.install();
+        libcni_loads(&client, &node.conf, &net)
+            .unwrap_or_else(|e| panic!("{f} with our entry: {e}"));
+        node.uninstall();
+        libcni_loads(&client, &node.conf, &net)
+            .unwrap_or_else(|e| panic!("{f} after uninstall: {e}"));
+    }
+}
+
+/// Network namespaces made for one test, deleted on drop.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn real_libcni_runs_ptp_then_ambient_cni_from_a_converted_conf() {
+    let Some(client) = cniclient() else { return };
+    let plugin = Path::new(AGENT).with_file_name("ambient-cni");
+    let root = nix::unistd::geteuid().is_root();
+    if !available("root", root)
+        || !available("/usr/lib/cni/ptp", Path::new("/usr/lib/cni/ptp").exists())
+        || !available(
+            "the ambient-cni binary (cargo build --workspace)",
+            plugin.exists(),
+        )
+    {
+        return;
+    }
+    let node = Node::with(&[]);
+    let tmp = node.conf.parent().unwrap().to_path_buf();
+    let conf = format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "labnet",
+  "type": "ptp",
+  "ipMasq": false,
+  "ipam": {{ "type": "host-local", "subnet": "10.251.7.0/24", "dataDir": "{}" }}
+}}
+"#,
+        tmp.join("ipam").display()
+    );
+    fs::write(node.conf.join("10-lab.conf"), &conf).unwrap();
+    let log = tmp.join("cni.log");
+    let cfg = format!(
+        r#"{{"agentSocket":"{}","failOpen":true,"logFile":"{}"}}"#,
+        tmp.join("no-agent.sock").display(),
+        log.display()
+    );
+    fs::copy(&plugin, &node.plugin).unwrap();
+    let out = node.run(&["--plugin-config", &cfg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(node.names(), ["10-lab.conflist"]);
+
+    let id = std::process::id();
+    let (host, pod) = (format!("icni{id}h"), format!("icni{id}p"));
+    let _ns = Netns(vec![host.clone(), pod.clone()]);
+    for n in [&host, &pod] {
+        assert!(Command::new("ip")
+            .args(["netns", "add", n])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let cni = |cmd: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &host])
+            .arg(&client)
+            .arg(cmd)
+            .arg(&node.conf)
+            .arg("labnet")
+            .arg(format!("/run/netns/{pod}"))
+            .arg("c1")
+            .env("CNI_PATH", format!("{}:/usr/lib/cni", node.bin.display()))
+            .env("CNI_CACHE_DIR", tmp.join("cache"))
+            .env(
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=p1;IgnoreUnknown=1",
+            )
+            .output()
+            .unwrap()
+    };
+    let add = cni("add");
+    assert!(add.status.success(), "ADD: {}", stderr(&add));
+    let result: Value = serde_json::from_slice(&add.stdout).unwrap();
+    assert_eq!(result["ips"][0]["address"], "10.251.7.2/24", "{result:#}");
+    // Our plugin ran last with the entry the installer wrote (and said why it did not enrol).
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("ADD") && text.contains("failOpen"), "{text}");
+    let del = cni("del");
+    assert!(del.status.success(), "DEL: {}", stderr(&del));
+
+    node.uninstall();
+    assert_eq!(node.read("10-lab.conf"), conf.as_bytes());
+}
