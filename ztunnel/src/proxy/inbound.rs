@@ -67,10 +67,13 @@ async fn serve_connection(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr) -> 
         .tls
         .server_config(&served)
         .map_err(|e| Error::Tls(std::io::Error::other(e)))?;
-    let tls = tokio::time::timeout(pi.cfg.connect_timeout, TlsAcceptor::from(cfg).accept(tcp))
-        .await
-        .map_err(|_| Error::Timeout("TLS handshake"))?
-        .map_err(Error::Tls)?;
+    let tls = tokio::time::timeout(
+        pi.cfg.connect_timeout,
+        TlsAcceptor::from(cfg).accept(socket::BufIo::new(tcp)),
+    )
+    .await
+    .map_err(|_| Error::Timeout("TLS handshake"))?
+    .map_err(Error::Tls)?;
     let (_, conn) = tls.get_ref();
     if conn.alpn_protocol() != Some(crate::tls::ALPN_H2) {
         return Err(Error::BadRequest("ALPN h2 not negotiated".into()));

@@ -230,7 +230,7 @@ impl Pool {
         let name = ServerName::IpAddress(key.dst.ip().into());
         let handshake = async {
             let tls = TlsConnector::from(cfg)
-                .connect(name, tcp)
+                .connect(name, socket::BufIo::new(tcp))
                 .await
                 .map_err(Error::Tls)?;
             client_builder()
