@@ -190,8 +190,8 @@ policies: {policies}
         Arc::new(r)
     }
 
-    /// A TLS + HTTP/2 client to `addr` presenting a certificate minted for `client` (valid from
-    /// `start` for `life`), expecting the server to be `server`.
+    /// A TLS + HTTP/2 client to `addr` presenting a certificate minted by `ca` for `client`
+    /// (valid from `start` for `life`), expecting the server to be `server`.
     pub async fn hbone_client(
         &self,
         ca: &Ca,
@@ -201,40 +201,17 @@ policies: {policies}
         start: SystemTime,
         life: Duration,
     ) -> Result<h2::client::SendRequest<Bytes>, String> {
-        let cert = ca
-            .mint_workload_cert(client, start, life)
-            .map_err(|e| e.to_string())?;
-        let cfg = ztunnel::tls::client_config(
+        hbone_client(
             self.roots(),
-            vec![server.clone()],
-            Arc::new(ztunnel::tls::FixedCert(cert.certified.clone())),
+            self.net,
+            ca,
+            client,
+            server,
+            addr,
+            start,
+            life,
         )
-        .map_err(|e| e.to_string())?;
-        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        let (send, conn) = client_builder()
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| format!("h2: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        // The server may refuse our certificate only after the handshake completes on our side
-        // (TLS 1.3 client auth): make a round trip before calling this a success.
-        let mut ready = send.ready().await.map_err(|e| format!("h2: {e}"))?;
-        let probe = ConnectRequest {
-            authority: SocketAddr::new(ip(self.net, 99), 1),
-            headers: http::HeaderMap::new(),
-        };
-        let (resp, _) = ready
-            .send_request(probe.build(), true)
-            .map_err(|e| format!("h2: {e}"))?;
-        resp.await.map_err(|e| format!("h2: {e}"))?;
-        Ok(ready)
+        .await
     }
 
     pub async fn default_client(
@@ -251,6 +228,55 @@ policies: {policies}
         )
         .await
     }
+}
+
+/// A TLS + HTTP/2 client (see [`Mesh::hbone_client`]); `roots` are the trust anchors.
+#[allow(clippy::too_many_arguments)]
+pub async fn hbone_client(
+    roots: Arc<RootCertStore>,
+    net: u8,
+    ca: &Ca,
+    client: &Identity,
+    server: &Identity,
+    addr: SocketAddr,
+    start: SystemTime,
+    life: Duration,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let cert = ca
+        .mint_workload_cert(client, start, life)
+        .map_err(|e| e.to_string())?;
+    let cfg = ztunnel::tls::client_config(
+        roots,
+        vec![server.clone()],
+        Arc::new(ztunnel::tls::FixedCert(cert.certified.clone())),
+    )
+    .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (send, conn) = client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // The server may refuse our certificate only after the handshake completes on our side
+    // (TLS 1.3 client auth): make a round trip (a CONNECT to nowhere: 400) before calling this
+    // a success.
+    let mut ready = send.ready().await.map_err(|e| format!("h2: {e}"))?;
+    let probe = ConnectRequest {
+        authority: SocketAddr::new(ip(net, 99), 1),
+        headers: http::HeaderMap::new(),
+    };
+    let (resp, _) = ready
+        .send_request(probe.build(), true)
+        .map_err(|e| format!("h2: {e}"))?;
+    resp.await.map_err(|e| format!("h2: {e}"))?;
+    Ok(ready)
 }
 
 /// Sends a CONNECT; returns the status and, on 200, the stream.
