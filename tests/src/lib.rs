@@ -25,5 +25,6 @@ pub mod sysctl;
 pub mod topology;
 pub mod tproxy;
 pub mod up;
+pub mod ztunnel;
 
 pub use harness::{unique_prefix, Lab, LabOptions};

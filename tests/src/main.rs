@@ -42,8 +42,8 @@ enum Cmd {
         /// The primary CNI plugin.
         #[arg(long, value_enum, default_value = "ptp")]
         primary: Primary,
-        /// What runs in the ztunnel netns (only `none` for now).
-        #[arg(long, value_enum, default_value = "none")]
+        /// What runs in the ztunnel netns: the real ztunnel, or nothing (`none`).
+        #[arg(long, value_enum, default_value = "ztunnel")]
         dataplane: Dataplane,
         /// No agent, no ambient-cni in the chain, no ztunnel-init: plain topology.
         #[arg(long)]

@@ -21,16 +21,20 @@ use crate::state::{
 };
 use crate::sysctl;
 use crate::topology::{self, NodePlan, PodPlan, NODES, PODS, SERVER_PORT};
+use crate::ztunnel;
 
-/// What runs in the ztunnel netns besides ztunnel-init. Only `none` exists for now.
+/// What runs in the ztunnel netns besides ztunnel-init: the real `ztunnel`, or nothing (the
+/// netns stays prepared, e.g. for a test's transparent listener).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dataplane {
+    Ztunnel,
     None,
 }
 
 impl Dataplane {
     pub fn as_str(self) -> &'static str {
         match self {
+            Dataplane::Ztunnel => "ztunnel",
             Dataplane::None => "none",
         }
     }
@@ -59,6 +63,7 @@ struct Binaries {
     cni_plugin: Option<PathBuf>,
     agent: Option<PathBuf>,
     ztunnel_init: Option<PathBuf>,
+    ztunnel: Option<PathBuf>,
 }
 
 /// Progress lines on stderr, with seconds since `up` started.
@@ -199,6 +204,10 @@ fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
     };
     let cni_path = format!("{}:{}", plugin_dir.display(), cni::SYSTEM_CNI_DIR);
     let cniclient = cni::ensure_client()?;
+    let ztunnel = match (opts.agent, opts.dataplane) {
+        (true, Dataplane::Ztunnel) => Some(find("ztunnel", &None)?),
+        _ => None,
+    };
     Ok(Binaries {
         lab,
         cniclient,
@@ -206,6 +215,7 @@ fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
         cni_plugin,
         agent,
         ztunnel_init,
+        ztunnel,
     })
 }
 
@@ -243,6 +253,15 @@ impl Builder<'_> {
         if self.opts.agent {
             for node in &NODES {
                 self.ztunnel_init(node)?;
+            }
+        }
+        if self.bins.ztunnel.is_some() {
+            let config = ztunnel::render_config(self.state, &serde_json::json!([]));
+            let path = ztunnel::write_config(&self.run_dir(), &config)?;
+            self.state.add_file(&path);
+            // One at a time: the first creates the lab CA the second then loads.
+            for node in &NODES {
+                self.start_ztunnel(node)?;
             }
         }
         self.state.phase = Phase::Ready;
@@ -518,6 +537,21 @@ impl Builder<'_> {
         self.state.save()?;
         self.progress
             .say(format!("ztunnel-init done in {pod_netns}"));
+        Ok(())
+    }
+}
+
+impl Builder<'_> {
+    fn start_ztunnel(&mut self, node: &NodePlan) -> Result<()> {
+        let id = format!("{}-ztunnel", node.letter);
+        let pod_netns = self.state.pod(&id).context("no ztunnel pod")?.netns.clone();
+        let bin = self.bins.ztunnel.clone().context("no ztunnel binary")?;
+        let log = self.run_dir().join(format!("{id}.log"));
+        let argv = ztunnel::argv(&bin, &self.run_dir(), node.name);
+        let mut child = self.spawn(&format!("ztunnel-{}", node.letter), &pod_netns, &argv, &log)?;
+        ztunnel::wait_ready(&pod_netns, &mut child, &log)
+            .with_context(|| format!("ztunnel in {pod_netns}"))?;
+        self.progress.say(format!("ztunnel ready in {pod_netns}"));
         Ok(())
     }
 }

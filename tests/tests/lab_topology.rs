@@ -178,6 +178,8 @@ fn failing_agent_fails_up_and_leaves_nothing() {
     let err = Lab::up(
         &prefix,
         LabOptions::new(LAB)
+            .arg("--dataplane")
+            .arg("none")
             .arg("--bin-dir")
             .arg(dir.display().to_string()),
     )

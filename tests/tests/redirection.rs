@@ -16,8 +16,14 @@ use ambient_net::netns;
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
+/// A lab whose ztunnel netns are prepared but run no proxy: the tests put the transparent
+/// test listener there instead.
+fn options() -> LabOptions {
+    LabOptions::new(LAB).arg("--dataplane").arg("none")
+}
+
 fn lab(tag: &str) -> Lab {
-    Lab::up(&unique_prefix(tag), LabOptions::new(LAB)).expect("lab up")
+    Lab::up(&unique_prefix(tag), options()).expect("lab up")
 }
 
 fn bin(name: &str) -> String {
@@ -383,11 +389,7 @@ fn cleanup_and_down_leave_nothing() {
 /// between pods of one bridge is switched at layer 2 and never reaches the routing rules.
 #[test]
 fn bridge_primary_captures_across_nodes() {
-    let lab = Lab::up(
-        &unique_prefix("brg"),
-        LabOptions::new(LAB).primary("bridge"),
-    )
-    .unwrap();
+    let lab = Lab::up(&unique_prefix("brg"), options().primary("bridge")).unwrap();
     let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
     let _zt_b = lab.tproxy_listen("b-ztunnel").unwrap();
     captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
