@@ -8,6 +8,8 @@ use ambient_net::consts::membership::DEFAULT_EXCLUDED_NAMESPACES;
 use ambient_net::proto::PodInfo;
 use serde::{Deserialize, Serialize};
 
+use crate::membership::Verdict;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
@@ -36,28 +38,6 @@ fn default_excluded() -> BTreeSet<String> {
         .iter()
         .map(|s| s.to_string())
         .collect()
-}
-
-/// Why a pod is or is not captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Ztunnel,
-    Enroll,
-    Excluded,
-    NotAmbient,
-    OptedOut,
-}
-
-impl Verdict {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Verdict::Ztunnel => "this is the node's ztunnel pod",
-            Verdict::Enroll => "namespace is ambient",
-            Verdict::Excluded => "namespace is excluded from the mesh",
-            Verdict::NotAmbient => "namespace is not ambient",
-            Verdict::OptedOut => "pod opted out of redirection",
-        }
-    }
 }
 
 impl Config {

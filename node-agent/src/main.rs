@@ -3,6 +3,8 @@
 mod config;
 mod health;
 mod install_cni;
+mod kube;
+mod membership;
 mod node;
 mod server;
 mod store;
@@ -34,9 +36,10 @@ struct Cli {
 enum Cmd {
     /// Run the agent: adopt and converge the kernel state, then serve the CNI plugin.
     Run {
-        /// Standalone membership config (JSON).
+        /// Standalone membership config (JSON). Required unless --kube; with --kube only its
+        /// excludedNamespaces are used.
         #[arg(long, env = "AMBIENT_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
         #[arg(long, default_value = ambient_net::consts::DEFAULT_AGENT_SOCKET)]
         socket: PathBuf,
         #[arg(long, default_value = "/var/run/ambient/state")]
@@ -55,6 +58,8 @@ enum Cmd {
         /// Remove everything on SIGTERM (uninstall); by default state stays so traffic flows.
         #[arg(long)]
         cleanup_on_exit: bool,
+        #[command(flatten)]
+        kube: kube::KubeArgs,
     },
     /// Put the ambient-cni plugin into the node's CNI chain (and keep it there with --watch).
     InstallCni(install_cni::Args),
@@ -87,6 +92,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel_port,
                 resync,
                 cleanup_on_exit,
+                kube,
             } => {
                 run(
                     config,
@@ -97,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                     tunnel_port,
                     resync,
                     cleanup_on_exit,
+                    kube,
                 )
                 .await
             }
@@ -112,7 +119,7 @@ fn main() -> anyhow::Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    config: PathBuf,
+    config: Option<PathBuf>,
     socket: PathBuf,
     state_dir: PathBuf,
     health_addr: SocketAddr,
@@ -120,10 +127,29 @@ async fn run(
     tunnel_port: u16,
     resync: u64,
     cleanup_on_exit: bool,
+    kube_args: kube::KubeArgs,
 ) -> anyhow::Result<()> {
-    let config = config::Config::load(&config)?;
+    let config = config.as_deref().map(config::Config::load).transpose()?;
+    let mut kube_mode = None;
+    let membership = if kube_args.kube {
+        let excluded = config.map(|c| c.excluded_namespaces).unwrap_or_default();
+        let policy = kube_args.policy(&excluded)?;
+        info!(node = %policy.node_name, ztunnel_namespace = %policy.ztunnel_namespace,
+              ztunnel_label = %format!("{}={}", policy.ztunnel_label.0, policy.ztunnel_label.1),
+              excluded = ?policy.excluded, "Kubernetes mode");
+        let client = kube_args.client().await?;
+        let cache = kube::cache::Cache::shared(policy);
+        kube_mode = Some((client, cache.clone()));
+        membership::Membership::Kube(cache)
+    } else {
+        let Some(config) = config else {
+            anyhow::bail!("--config is required (or --kube for Kubernetes mode)");
+        };
+        membership::Membership::Standalone(config)
+    };
     let store = store::Store::new(&state_dir);
-    let mut node = node::Node::open(config, store, tunnel, tunnel_port).await?;
+    let mut node = node::Node::open(membership, store, tunnel, tunnel_port).await?;
+    node.netns_scan = kube_args.netns_scan();
     info!(
         pods = node.state.pods.len(),
         ztunnel = node.state.ztunnel.is_some(),
@@ -135,8 +161,18 @@ async fn run(
     health::serve(health_addr, ready.clone(), node.clone()).await?;
     let listener = server::bind(&socket)?;
     tokio::spawn(server::serve(listener, node.clone()));
-    ready.store(true, Ordering::Release);
-    info!(socket = %socket.display(), health = %health_addr, "ready");
+    match kube_mode {
+        // Ready once the controller has made a pass over a synced watch cache.
+        Some((client, cache)) => kube::start(
+            client,
+            cache,
+            node.clone(),
+            ready.clone(),
+            Duration::from_secs(kube_args.kube_sweep.max(1)),
+        ),
+        None => ready.store(true, Ordering::Release),
+    }
+    info!(socket = %socket.display(), health = %health_addr, "serving");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

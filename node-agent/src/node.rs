@@ -1,10 +1,15 @@
 //! The node: desired state (ztunnel endpoint + enrolled pods) → diff → apply, in place.
 //! Pod enroll/remove touch only that pod's set element, route and sysctl; a full reconcile
 //! (start, ztunnel change, periodic resync) converges everything without flushing.
+//!
+//! Membership comes from a [`Membership`]: the standalone config, or (Kubernetes mode) the
+//! watch cache. Pods arrive through CNI ADD ([`Node::handle`]) or, in Kubernetes mode, from
+//! the watcher (`crate::kube::Dataplane`); both end in the same [`Node::enroll_attachment`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+use std::time::Instant;
 
 use ambient_net::consts::{self, rule, table};
 use ambient_net::model::{self, PodRoute, RouteKey, TunnelChoice, TunnelMode, ZtunnelEndpoint};
@@ -15,25 +20,40 @@ use ambient_net::sysctl::Sysctl;
 use anyhow::{anyhow, Context};
 use tracing::{info, warn};
 
-use crate::config::{Config, Verdict};
+use crate::kube::netns::NetnsScan;
+use crate::membership::{Membership, Verdict};
 use crate::store::{self, AgentState, PodRecord, Store, ZtunnelRecord};
 
 /// Node-wide sysctls whose previous values cleanup restores.
 const RESTORABLE: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"];
 
+/// Container ids of attachments the Kubernetes watcher enrolled itself (pods that started
+/// before the agent, or whose CNI ADD the agent did not see): `k8s-watch:<pod uid>`. The
+/// watcher owns them; CNI GC leaves them alone.
+pub const WATCH_ATTACHMENT_PREFIX: &str = "k8s-watch:";
+
 pub struct Node {
-    pub config: Config,
+    pub membership: Membership,
     pub store: Store,
     pub state: AgentState,
-    nl: Netlink,
+    /// Kubernetes mode: where the netns of a pod is looked for when CNI did not name it.
+    pub netns_scan: NetnsScan,
+    pub(crate) nl: Netlink,
     port: u16,
+    /// Kubernetes mode: the last CNI ADD of each pod, by (namespace, name), whatever its
+    /// verdict, so the watcher can enroll the pod later (a namespace relabelled, a namespace
+    /// the cache had not seen) with the runtime's own container id and netns.
+    pub(crate) cni_seen: BTreeMap<(String, String), PodInfo>,
+    /// When attachments were enrolled through CNI: the watcher leaves a pod it cannot see yet
+    /// alone for a grace period (its watch event may lag behind the CNI ADD).
+    pub(crate) cni_added: HashMap<String, Instant>,
 }
 
 impl Node {
     /// Loads the saved state and settles the tunnel kind and port (kept from the saved state
     /// so a restart never changes them under live traffic).
     pub async fn open(
-        config: Config,
+        membership: Membership,
         store: Store,
         mode: TunnelMode,
         port: u16,
@@ -60,11 +80,14 @@ impl Node {
             state.tunnel = Some(TunnelChoice { kind, port });
         }
         let node = Self {
-            config,
+            membership,
             store,
             state,
+            netns_scan: NetnsScan::default(),
             nl,
             port,
+            cni_seen: BTreeMap::new(),
+            cni_added: HashMap::new(),
         };
         node.store.save(&node.state)?;
         Ok(node)
@@ -175,31 +198,76 @@ impl Node {
     }
 
     async fn add(&mut self, pod: PodInfo) -> anyhow::Result<Reply> {
-        let verdict = self.config.verdict(&pod);
-        let key = store::key(&pod.container_id, &pod.if_name);
+        let verdict = self.membership.verdict(&pod);
+        if self.membership.is_kube() {
+            self.cni_seen
+                .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
+        }
         match verdict {
             Verdict::Ztunnel => {
-                let endpoint = self.ztunnel_endpoint(&pod).await?;
-                info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %endpoint.ip, veth = %endpoint.host_veth, "ztunnel endpoint");
-                self.state.ztunnel = Some(ZtunnelRecord {
-                    container_id: pod.container_id,
-                    if_name: pod.if_name,
-                    namespace: pod.namespace,
-                    name: pod.name,
-                    endpoint,
-                });
-                self.reconcile().await?;
-                return Ok(Reply::ok(false, verdict.reason()));
+                self.set_ztunnel_pod(pod).await?;
+                Ok(Reply::ok(false, verdict.reason()))
             }
-            Verdict::Enroll => {}
+            Verdict::Enroll => {
+                let key = store::key(&pod.container_id, &pod.if_name);
+                let reply = self.enroll_attachment(pod).await?;
+                self.cni_added.insert(key, Instant::now());
+                Ok(reply)
+            }
             _ => {
                 info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = verdict.reason(), "not enrolled");
-                return Ok(Reply::ok(false, verdict.reason()));
+                Ok(Reply::ok(false, verdict.reason()))
             }
         }
+    }
+
+    /// Makes `pod` the node's ztunnel endpoint and converges (a no-op when it already is).
+    pub(crate) async fn set_ztunnel_pod(&mut self, pod: PodInfo) -> anyhow::Result<()> {
+        let endpoint = self.ztunnel_endpoint(&pod).await?;
+        let rec = ZtunnelRecord {
+            container_id: pod.container_id,
+            if_name: pod.if_name,
+            namespace: pod.namespace,
+            name: pod.name,
+            endpoint,
+        };
+        if self.state.ztunnel.as_ref() == Some(&rec) {
+            return Ok(());
+        }
+        info!(pod = %format!("{}/{}", rec.namespace, rec.name), ip = %rec.endpoint.ip, veth = %rec.endpoint.host_veth, "ztunnel endpoint");
+        self.state.ztunnel = Some(rec);
+        self.reconcile().await?;
+        Ok(())
+    }
+
+    /// No ztunnel: capture stops (tunnels, rules and routes go; pods stay recorded).
+    pub(crate) async fn clear_ztunnel(&mut self) -> anyhow::Result<()> {
+        if self.state.ztunnel.take().is_some() {
+            info!("ztunnel pod removed: capture stops until a ztunnel is back");
+            self.reconcile().await?;
+        }
+        Ok(())
+    }
+
+    /// Enrolls one pod attachment: the one code path for CNI ADD and the Kubernetes watcher.
+    pub(crate) async fn enroll_attachment(&mut self, pod: PodInfo) -> anyhow::Result<Reply> {
+        let key = store::key(&pod.container_id, &pod.if_name);
         if self.state.pods.contains_key(&key) {
             return Ok(Reply::ok(true, "already enrolled"));
         }
+        // The same pod already enrolled under another attachment id (the watcher found it
+        // before its CNI ADD reached us): the new record replaces it once in place.
+        let same_pod: Vec<String> = self
+            .state
+            .pods
+            .iter()
+            .filter(|(_, r)| {
+                r.namespace == pod.namespace
+                    && r.name == pod.name
+                    && (r.uid.is_empty() || pod.uid.is_empty() || r.uid == pod.uid)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
         let side = self.pod_host_side(&pod).await?;
         let rec = PodRecord {
             container_id: pod.container_id,
@@ -219,8 +287,11 @@ impl Node {
         if let Err(e) = self.enroll_in_kernel(&rec).await {
             self.state.pods.remove(&key);
             self.store.save(&self.state)?;
-            self.unenroll_in_kernel(&rec).await.ok();
+            self.unenroll_in_kernel(&key, &rec).await.ok();
             return Err(e);
+        }
+        for old in same_pod {
+            self.remove_attachment(&old).await?;
         }
         let captured = self.state.ztunnel.is_some();
         info!(pod = %format!("{}/{}", rec.namespace, rec.name), ips = ?rec.ips, veth = %rec.host_veth, captured, "enrolled");
@@ -264,9 +335,22 @@ impl Node {
             && self.state.ztunnel.as_ref().map(|z| z.endpoint.node_ip) != Some(p.gateway)
     }
 
-    async fn unenroll_in_kernel(&self, p: &PodRecord) -> anyhow::Result<()> {
-        let v4: Vec<Ipv4Addr> = p.v4().collect();
-        nft::delete_pod_elements(&v4, &v6(&p.ips))?;
+    /// Removes a pod's set elements and routes, except addresses another record still holds
+    /// (an address reused by a new pod before the old one's removal was seen).
+    async fn unenroll_in_kernel(&self, key: &str, p: &PodRecord) -> anyhow::Result<()> {
+        let held: BTreeSet<IpAddr> = self
+            .state
+            .pods
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .flat_map(|(_, r)| r.ips.iter().copied())
+            .collect();
+        let v4: Vec<Ipv4Addr> = p.v4().filter(|ip| !held.contains(&(*ip).into())).collect();
+        let v6: Vec<Ipv6Addr> = v6(&p.ips)
+            .into_iter()
+            .filter(|ip| !held.contains(&(*ip).into()))
+            .collect();
+        nft::delete_pod_elements(&v4, &v6)?;
         for ip in v4 {
             self.nl.del_route(&pod_route(ip, p.gateway).0).await?;
         }
@@ -275,25 +359,35 @@ impl Node {
 
     async fn del(&mut self, container_id: &str, if_name: &str) -> anyhow::Result<Reply> {
         let key = store::key(container_id, if_name);
+        self.cni_seen.retain(|_, p| p.container_id != container_id);
+        self.cni_added.remove(&key);
         if self
             .state
             .ztunnel
             .as_ref()
             .is_some_and(|z| z.container_id == container_id && z.if_name == if_name)
         {
-            info!("ztunnel pod removed: capture stops until a ztunnel is back");
-            self.state.ztunnel = None;
-            self.reconcile().await?;
+            self.clear_ztunnel().await?;
             return Ok(Reply::ok(false, "ztunnel removed"));
         }
-        let Some(rec) = self.state.pods.get(&key).cloned() else {
-            return Ok(Reply::ok(false, "not enrolled"));
+        if self.remove_attachment(&key).await? {
+            Ok(Reply::ok(false, "removed"))
+        } else {
+            Ok(Reply::ok(false, "not enrolled"))
+        }
+    }
+
+    /// Un-enrolls one attachment; false when it was not enrolled.
+    pub(crate) async fn remove_attachment(&mut self, key: &str) -> anyhow::Result<bool> {
+        let Some(rec) = self.state.pods.get(key).cloned() else {
+            return Ok(false);
         };
-        self.unenroll_in_kernel(&rec).await?;
-        self.state.pods.remove(&key);
+        self.unenroll_in_kernel(key, &rec).await?;
+        self.state.pods.remove(key);
+        self.cni_added.remove(key);
         self.store.save(&self.state)?;
         info!(pod = %format!("{}/{}", rec.namespace, rec.name), "removed");
-        Ok(Reply::ok(false, "removed"))
+        Ok(true)
     }
 
     fn check(&self, container_id: &str, if_name: &str) -> anyhow::Result<Reply> {
@@ -329,6 +423,8 @@ impl Node {
                     .map(|z| (z.container_id.clone(), z.if_name.clone())),
             )
             .filter(|(c, i)| !keep.contains(&store::key(c, i)))
+            // The Kubernetes watcher's own attachments are not the runtime's to collect.
+            .filter(|(c, _)| !c.starts_with(WATCH_ATTACHMENT_PREFIX))
             .collect();
         for (c, i) in &stale {
             self.del(c, i).await?;
@@ -341,7 +437,7 @@ impl Node {
 
     /// The pod's node-side device: the peer of its interface, found from inside its netns
     /// (bridge-type primaries have no per-pod host route to find it by).
-    async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<HostSide> {
+    pub(crate) async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<HostSide> {
         let inner = Netlink::in_netns(Path::new(&pod.netns))
             .with_context(|| format!("open pod netns {}", pod.netns))?;
         let peer = inner
@@ -409,7 +505,7 @@ impl Node {
 }
 
 /// Where a pod attaches to the node.
-struct HostSide {
+pub(crate) struct HostSide {
     veth: String,
     /// The bridge the veth is a port of, if any.
     bridge: Option<String>,
