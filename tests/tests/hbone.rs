@@ -1,0 +1,285 @@
+//! The whole path on the lab with the real data plane (SPEC §3–4): pod → node capture →
+//! ztunnel A → HBONE (mTLS 1.3, HTTP/2 CONNECT) → ztunnel B → pod. Needs root.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambient_lab::serve::parse_greeting;
+use ambient_lab::state::LabState;
+use ambient_lab::{procs, unique_prefix, ztunnel, Lab, LabOptions};
+use ambient_net::netns;
+use serde_json::json;
+
+const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn lab(tag: &str) -> Lab {
+    Lab::up(&unique_prefix(tag), LabOptions::new(LAB)).expect("lab up")
+}
+
+/// The client address the server saw, or an error when the connection was refused.
+fn client_seen(lab: &Lab, from: &str, ip: Ipv4Addr, port: u16) -> Result<SocketAddr, String> {
+    let line = lab.connect(from, ip, port).map_err(|e| format!("{e:#}"))?;
+    parse_greeting(&line)
+        .map(|(_, client)| client)
+        .ok_or_else(|| format!("no greeting: {line:?}"))
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// ztunnel's Prometheus text in the given ztunnel netns.
+fn metrics(lab: &Lab, zt: &str) -> String {
+    lab.run_in(zt, || {
+        ztunnel::http_get(ambient_net::consts::port::METRICS, "/metrics")
+    })
+    .unwrap()
+    .unwrap()
+    .1
+}
+
+/// The sum of the samples of `name` whose labels contain all of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn log_of(lab: &Lab, zt: &str) -> String {
+    std::fs::read_to_string(lab.status().run_dir.join(format!("{zt}.log"))).unwrap_or_default()
+}
+
+#[test]
+fn ambient_to_ambient_across_nodes_is_mutual_tls_and_keeps_the_client_ip() {
+    let lab = lab("hb");
+    let (client, app) = (lab.pod_ip("a-client"), lab.pod_ip("b-app"));
+
+    // Capture the underlay while a known payload crosses it.
+    let pcap = lab.status().run_dir.join("ul0.pcap");
+    let mut dump = Command::new("tcpdump");
+    dump.args(["-i", "ul0", "--immediate-mode", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    netns::command_in(&mut dump, &lab.netns_path("nodeA")).unwrap();
+    let mut dump = dump.spawn().expect("tcpdump (Debian package tcpdump)");
+    eventually("tcpdump listens", || pcap.exists());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let secret = b"AMBIENT-PLAINTEXT-MARKER-7d1f3c";
+    for ip in [app, SERVICE_IP] {
+        let port = if ip == SERVICE_IP { 80 } else { 9080 };
+        let (greeting, echoed) = lab.exchange("a-client", ip, port, secret).unwrap();
+        let (_, seen) = parse_greeting(&greeting).unwrap_or_else(|| panic!("{greeting:?}"));
+        assert_eq!(seen.ip(), client, "the server must see the client's pod IP");
+        assert_eq!(echoed, secret);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    dump.wait().unwrap();
+    let raw = std::fs::read(&pcap).unwrap();
+    assert!(
+        !raw.windows(secret.len()).any(|w| w == secret),
+        "the payload crossed the underlay in clear"
+    );
+    let text = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("{app}.15008")),
+        "no HBONE to 15008 on the underlay:\n{text}"
+    );
+    assert!(
+        !text.contains(&format!("{app}.9080")),
+        "plain 9080 on the underlay:\n{text}"
+    );
+
+    // Both ztunnels report it, with the identities and mutual_tls.
+    let src = "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"";
+    let dst = "destination_principal=\"spiffe://cluster.local/ns/demo/sa/app\"";
+    for zt in ["a-ztunnel", "b-ztunnel"] {
+        let m = metrics(&lab, zt);
+        let opened = sample(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[src, dst, "connection_security_policy=\"mutual_tls\""],
+        );
+        assert!(opened >= 2.0, "{zt} metrics:\n{m}");
+        let log = log_of(&lab, zt);
+        assert!(
+            log.lines().any(|l| l.contains("connection complete")
+                && l.contains("spiffe://cluster.local/ns/demo/sa/client")
+                && l.contains("spiffe://cluster.local/ns/demo/sa/app")
+                && l.contains("mutual_tls")),
+            "{zt} access log:\n{log}"
+        );
+    }
+    assert!(metrics(&lab, "b-ztunnel").contains("istio_tcp_received_bytes_total"));
+}
+
+#[test]
+fn bulk_transfers_arrive_intact_both_ways() {
+    let lab = lab("blk");
+    let app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
+    const SIZE: usize = 100 << 20;
+    // Send 100 MB and read the 100 MB echo back at the same time: both directions at once.
+    let (sent, got) = lab
+        .run_in("a-client", move || {
+            let s = TcpStream::connect_timeout(&app, Duration::from_secs(3)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut greeting = String::new();
+            r.read_line(&mut greeting).unwrap();
+            let mut w = s;
+            let writer = std::thread::spawn(move || {
+                let mut h = Fnv::default();
+                let mut x: u64 = 0x9e3779b97f4a7c15;
+                let mut buf = vec![0u8; 64 << 10];
+                let mut left = SIZE;
+                while left > 0 {
+                    for c in buf.chunks_mut(8) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+                    }
+                    let n = left.min(buf.len());
+                    w.write_all(&buf[..n]).unwrap();
+                    h.update(&buf[..n]);
+                    left -= n;
+                }
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+                h.0
+            });
+            let mut h = Fnv::default();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0usize;
+            loop {
+                let n = r.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                total += n;
+            }
+            assert_eq!(total, SIZE, "echo length");
+            (writer.join().unwrap(), h.0)
+        })
+        .unwrap();
+    assert_eq!(sent, got, "the echoed bytes differ from the sent ones");
+}
+
+#[derive(Default)]
+struct Fnv(u64);
+impl Fnv {
+    fn update(&mut self, data: &[u8]) {
+        if self.0 == 0 {
+            self.0 = 0xcbf29ce484222325;
+        }
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+#[test]
+fn passthrough_and_plaintext_inbound() {
+    let lab = lab("pt");
+    // ambient → non-ambient: plain TCP passthrough from ztunnel A, client IP kept.
+    let seen = client_seen(&lab, "a-client", lab.pod_ip("b-plain"), 9080).unwrap();
+    assert_eq!(seen.ip(), lab.pod_ip("a-client"));
+    // non-ambient → ambient: arrives at ztunnel B's 15006, client IP kept.
+    let seen = client_seen(&lab, "a-plain", lab.pod_ip("b-app"), 9080).unwrap();
+    assert_eq!(seen.ip(), lab.pod_ip("a-plain"));
+    eventually("ztunnel B logs the plaintext inbound connection", || {
+        log_of(&lab, "b-ztunnel").lines().any(|l| {
+            l.contains("inbound_plaintext") && l.contains(&lab.pod_ip("a-plain").to_string())
+        })
+    });
+    assert!(log_of(&lab, "a-ztunnel")
+        .lines()
+        .any(|l| l.contains("passthrough")));
+}
+
+#[test]
+fn policies_apply_to_new_connections_without_a_restart() {
+    let lab = lab("pol");
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let write = |policies: serde_json::Value| {
+        ztunnel::write_config(&state.run_dir, &ztunnel::render_config(&state, &policies)).unwrap();
+    };
+    let app = lab.pod_ip("b-app");
+    assert!(client_seen(&lab, "a-client", app, 9080).is_ok());
+
+    // A deny policy on the server's namespace refuses the client's principal.
+    write(json!([{
+        "name": "deny-client", "namespace": "demo", "scope": "Namespace", "action": "Deny",
+        "rules": [{"principals": ["cluster.local/ns/demo/sa/client"]}]
+    }]));
+    eventually("the deny policy refuses a-client", || {
+        client_seen(&lab, "a-client", app, 9080).is_err()
+    });
+    assert!(
+        client_seen(&lab, "a-app", app, 9080).is_ok(),
+        "deny must not refuse others"
+    );
+
+    // An allow policy admits only the named principal.
+    write(json!([{
+        "name": "only-client", "namespace": "demo", "scope": "Namespace", "action": "Allow",
+        "rules": [{"principals": ["cluster.local/ns/demo/sa/client"]}]
+    }]));
+    eventually("the allow policy admits a-client", || {
+        client_seen(&lab, "a-client", app, 9080).is_ok()
+    });
+    assert!(
+        client_seen(&lab, "a-app", app, 9080).is_err(),
+        "allow must refuse other principals"
+    );
+    let pid = state.process("ztunnel-b").unwrap().pid;
+    assert!(procs::start_time(pid).is_ok(), "ztunnel B was restarted");
+}
+
+#[test]
+fn a_restarted_ztunnel_carries_new_connections_within_a_second() {
+    let lab = lab("zrs");
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let app = lab.pod_ip("b-app");
+    assert!(client_seen(&lab, "a-client", app, 9080).is_ok());
+    let rec = state.process("ztunnel-a").unwrap().clone();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rec.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("ztunnel A is gone", || !procs::is_alive(&rec));
+    let start = Instant::now();
+    let _new = lab
+        .spawn("ztunnel-a-restarted", "a-ztunnel", &rec.argv)
+        .unwrap();
+    eventually("the new ztunnel is ready", || {
+        lab.run_in("a-ztunnel", ztunnel::ready_once).unwrap()
+    });
+    let ready = start.elapsed();
+    let ok = client_seen(&lab, "a-client", app, 9080).is_ok();
+    let took = start.elapsed();
+    eprintln!("ztunnel A ready {ready:?} after the restart, traffic after {took:?}");
+    assert!(ok, "no connection through the restarted ztunnel");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
