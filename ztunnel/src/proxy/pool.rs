@@ -186,9 +186,14 @@ impl Pool {
             let guard = StreamGuard { conn };
             match self.open_stream(&guard.conn, req.build()).await {
                 Ok(s) => return Ok((s, guard)),
-                // A connection that died under us (GOAWAY, reset): try once more on another.
-                Err(Error::H2(e)) if attempts < 3 && (e.is_go_away() || e.is_io()) => {
-                    guard.conn.closed.store(true, Ordering::Release);
+                // The stream failed before any response: the connection died under us (peer
+                // restarted, GOAWAY) or refused the stream. Try again, on a new connection
+                // unless only this stream was reset.
+                Err(Error::H2(e)) if attempts < 3 => {
+                    if !e.is_reset() {
+                        guard.conn.closed.store(true, Ordering::Release);
+                    }
+                    tracing::debug!(dst = %key.dst, error = %e, "retrying CONNECT");
                     continue;
                 }
                 Err(e) => return Err(e),
