@@ -20,8 +20,9 @@ pub enum Verdict {
     HostNetwork,
     /// Kubernetes mode: the pod has (or will get) an Istio sidecar.
     Sidecar,
-    /// Kubernetes mode: the watch cache has not seen the pod's namespace yet. Not captured
-    /// now; the watcher re-evaluates the pod when the namespace arrives and enrolls it then.
+    /// Kubernetes mode: the watch cache has not seen the pod's namespace yet (the agent just
+    /// started and has not listed yet, or the namespace is seconds old). CNI ADD fails with
+    /// "try again later" so the pod never starts uncaptured by accident; the runtime retries.
     NamespaceUnknown,
 }
 
@@ -36,7 +37,7 @@ impl Verdict {
             Verdict::HostNetwork => "pod uses the host network",
             Verdict::Sidecar => "pod has an Istio sidecar",
             Verdict::NamespaceUnknown => {
-                "namespace not in the watch cache yet; the watcher enrolls the pod once it is known"
+                "the pod's namespace is not in the agent's watch cache yet; try again"
             }
         }
     }
@@ -64,5 +65,13 @@ impl Membership {
 
     pub fn is_kube(&self) -> bool {
         matches!(self, Membership::Kube(_))
+    }
+
+    /// Kubernetes mode: have both initial lists arrived?
+    pub fn synced(&self) -> bool {
+        match self {
+            Membership::Standalone(_) => true,
+            Membership::Kube(cache) => cache.read().unwrap_or_else(|e| e.into_inner()).synced(),
+        }
     }
 }

@@ -199,7 +199,8 @@ impl Node {
 
     async fn add(&mut self, pod: PodInfo) -> anyhow::Result<Reply> {
         let verdict = self.membership.verdict(&pod);
-        if self.membership.is_kube() {
+        // A refused ADD (namespace unknown) is torn down by the runtime: not remembered.
+        if self.membership.is_kube() && verdict != Verdict::NamespaceUnknown {
             self.cni_seen
                 .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
         }
@@ -214,6 +215,26 @@ impl Node {
                 self.cni_added.insert(key, Instant::now());
                 Ok(reply)
             }
+            Verdict::NamespaceUnknown => {
+                // Fail closed: a pod of an ambient namespace must not start uncaptured
+                // because the watch lags. The runtime retries the sandbox.
+                let synced = self.membership.synced();
+                warn!(pod = %format!("{}/{}", pod.namespace, pod.name), cache_synced = synced, "{}", verdict.reason());
+                Ok(Reply::error(
+                    format!(
+                        "{}/{}: {}{}",
+                        pod.namespace,
+                        pod.name,
+                        verdict.reason(),
+                        if synced {
+                            ""
+                        } else {
+                            " (the agent has not finished listing namespaces and pods)"
+                        }
+                    ),
+                    true,
+                ))
+            }
             _ => {
                 info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = verdict.reason(), "not enrolled");
                 Ok(Reply::ok(false, verdict.reason()))
@@ -221,7 +242,7 @@ impl Node {
         }
     }
 
-    /// Makes `pod` the node's ztunnel endpoint and converges (a no-op when it already is).
+    /// Makes `pod` the node's ztunnel endpoint and converges.
     pub(crate) async fn set_ztunnel_pod(&mut self, pod: PodInfo) -> anyhow::Result<()> {
         let endpoint = self.ztunnel_endpoint(&pod).await?;
         let rec = ZtunnelRecord {
@@ -231,10 +252,9 @@ impl Node {
             name: pod.name,
             endpoint,
         };
-        if self.state.ztunnel.as_ref() == Some(&rec) {
-            return Ok(());
+        if self.state.ztunnel.as_ref() != Some(&rec) {
+            info!(pod = %format!("{}/{}", rec.namespace, rec.name), ip = %rec.endpoint.ip, veth = %rec.endpoint.host_veth, "ztunnel endpoint");
         }
-        info!(pod = %format!("{}/{}", rec.namespace, rec.name), ip = %rec.endpoint.ip, veth = %rec.endpoint.host_veth, "ztunnel endpoint");
         self.state.ztunnel = Some(rec);
         self.reconcile().await?;
         Ok(())

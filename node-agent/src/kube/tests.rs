@@ -624,7 +624,7 @@ async fn cni_add_is_answered_from_the_cache_without_api_calls() {
         "no API call in the CNI path"
     );
 
-    // The namespace arrives: the watcher enrolls what CNI was told to wait for.
+    // The namespace arrives: CNI's retry gets an answer, and the watcher enrolls the pod.
     h.fake.put(ambient_ns("brand-new"));
     h.fake
         .put(pod("brand-new", "x", NODE, "10.1.0.50", json!({})));
