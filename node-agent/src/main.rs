@@ -19,7 +19,7 @@ use ambient_net::model::TunnelMode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -132,6 +132,12 @@ async fn run(
     let config = config.as_deref().map(config::Config::load).transpose()?;
     let mut kube_mode = None;
     let membership = if kube_args.kube {
+        if config
+            .as_ref()
+            .is_some_and(|c| !c.ambient_namespaces.is_empty() || !c.opt_out_pods.is_empty())
+        {
+            warn!("--kube: ambientNamespaces and optOutPods of --config are ignored (labels and annotations decide); only excludedNamespaces is used");
+        }
         let excluded = config.map(|c| c.excluded_namespaces).unwrap_or_default();
         let policy = kube_args.policy(&excluded)?;
         info!(node = %policy.node_name, ztunnel_namespace = %policy.ztunnel_namespace,

@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{debug, info, warn};
 
 use super::cache::{PodFacts, SharedCache};
-use super::dataplane::Dataplane;
+use super::dataplane::{Dataplane, Enrolled};
 use super::watch::Backoff;
 use crate::membership::Verdict;
 
@@ -139,11 +139,14 @@ impl<D: Dataplane> Controller<D> {
                 }
             }
 
-            // Removals: pods no longer ambient, gone, or replaced by a new pod of the name.
+            // Removals: pods no longer ambient, gone, replaced by a new pod of the name, or
+            // with a new address (a new sandbox whose CNI ADD the agent did not see).
             for e in dp.enrolled() {
                 let key = (e.namespace.clone(), e.name.clone());
                 let why = match (desired.pods.get(&key), pods.get(&key)) {
-                    (Some(p), _) if e.is(p) => continue,
+                    // A fresh CNI enrollment may be ahead of the pod's status in the cache.
+                    (Some(p), _) if e.is(p) && (e.fresh || same_address(&e, p)) => continue,
+                    (Some(p), _) if e.is(p) => "the pod's address changed",
                     (Some(_), _) => "replaced by a new pod of the same name",
                     (None, Some((_, v))) => v.reason(),
                     // Not in the cache: deleted, unless its CNI ADD just beat the watch event.
@@ -250,4 +253,9 @@ impl<D: Dataplane> Controller<D> {
             info!(pod = %format!("{}/{}", key.0, key.1), "recovered");
         }
     }
+}
+
+/// Does the enrollment hold one of the pod's current addresses?
+fn same_address(e: &Enrolled, p: &PodFacts) -> bool {
+    p.ips.iter().any(|ip| e.ips.contains(ip))
 }

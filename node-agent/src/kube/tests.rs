@@ -540,17 +540,29 @@ async fn stale_and_replaced_pods_are_removed_and_failures_retried() {
         ("demo".into(), "db-0".into()),
         stale("demo", "db-0", "u-old", false),
     );
+    // The same pod with a new sandbox (new address) whose CNI ADD was missed.
+    rec.pods.insert(
+        ("demo".into(), "moved".into()),
+        stale("demo", "moved", "u-moved", false),
+    );
     rec.fail.insert("flaky".into(), 2);
     let h = Harness::start_with(rec, |f| {
         f.put(ambient_ns("demo"));
         f.put(pod("demo", "db-0", NODE, "10.1.0.20", json!({})));
         f.put(pod("demo", "flaky", NODE, "10.1.0.21", json!({})));
+        f.put(pod(
+            "demo",
+            "moved",
+            NODE,
+            "10.1.0.22",
+            json!({"metadata": {"uid": "u-moved"}}),
+        ));
     })
     .await;
     h.until(
-        "stale gone, db-0 replaced, flaky enrolled after retries",
+        "stale gone, db-0 replaced, moved re-enrolled, flaky after retries",
         |e, f| {
-            *e == set(&["demo/db-0", "demo/flaky", "demo/new"])
+            *e == set(&["demo/db-0", "demo/flaky", "demo/moved", "demo/new"])
                 && annotation(f, "demo", "flaky").as_deref() == Some("enabled")
         },
     )
@@ -559,6 +571,21 @@ async fn stale_and_replaced_pods_are_removed_and_failures_retried() {
     assert_ne!(
         dp.pods[&("demo".to_string(), "db-0".to_string())].uid,
         "u-old"
+    );
+    assert_eq!(
+        dp.pods[&("demo".to_string(), "moved".to_string())].ips,
+        ["10.1.0.22".parse::<IpAddr>().unwrap()]
+    );
+    assert!(
+        dp.log.contains(&"remove demo/moved".to_string()),
+        "{:?}",
+        dp.log
+    );
+    // The fresh CNI enrollment is not in the cache at all: kept for its grace period.
+    assert!(
+        !dp.log.contains(&"remove demo/new".to_string()),
+        "{:?}",
+        dp.log
     );
     assert!(
         dp.log.contains(&"remove demo/db-0".to_string()),
@@ -651,4 +678,46 @@ fn policy_needs_a_node_name_and_merges_excluded_namespaces() {
     );
     a.node_name = None;
     assert!(a.policy(&BTreeSet::new()).is_err());
+}
+
+#[tokio::test]
+async fn the_watcher_pages_through_long_lists() {
+    let fake = FakeApiServer::start().await;
+    for i in 0..7 {
+        fake.put(pod(
+            "demo",
+            &format!("p{i}"),
+            NODE,
+            &format!("10.1.0.{}", 10 + i),
+            json!({}),
+        ));
+    }
+    let a = args(&fake.url());
+    let cache = Cache::shared(a.policy(&BTreeSet::new()).unwrap());
+    let client = a.client().await.unwrap();
+    tokio::spawn(super::watch::run(
+        kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client),
+        kube::runtime::watcher::Config::default().page_size(2),
+        cache.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.read().unwrap().pods().count() != 7 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:#?}",
+            fake.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lists: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("limit=2"))
+        .collect();
+    assert_eq!(lists.len(), 4, "{lists:#?}");
+    assert!(
+        lists[1..].iter().all(|r| r.contains("continue=")),
+        "{lists:#?}"
+    );
 }
