@@ -407,14 +407,17 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Polls the file every `every` and reloads it when it changed, until `stop` fires.
+/// Polls the file every `every` and reloads it when it changed, until `stop` fires. A change
+/// is loaded once the file has stayed the same for one poll, so a writer caught half-way
+/// (truncated, partly written) is never loaded.
 pub async fn watch_file(
     handle: StateHandle,
     path: PathBuf,
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut last = file_stamp(&path);
+    let mut loaded = file_stamp(&path);
+    let mut seen = loaded;
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -423,10 +426,11 @@ pub async fn watch_file(
             _ = tick.tick() => {}
         }
         let now = file_stamp(&path);
-        if now.is_some() && now != last {
-            last = now;
+        if now.is_some() && now != loaded && now == seen {
+            loaded = now;
             let _ = handle.reload(&path);
         }
+        seen = now;
     }
 }
 
