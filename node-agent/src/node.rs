@@ -20,7 +20,7 @@ use ambient_net::sysctl::Sysctl;
 use anyhow::{anyhow, Context};
 use tracing::{info, warn};
 
-use crate::kube::netns::NetnsScan;
+use crate::kube::netns::{NetnsIndex, NetnsScan};
 use crate::membership::{Membership, Verdict};
 use crate::store::{self, AgentState, PodRecord, Store, ZtunnelRecord};
 
@@ -38,6 +38,7 @@ pub struct Node {
     pub state: AgentState,
     /// Kubernetes mode: where the netns of a pod is looked for when CNI did not name it.
     pub netns_scan: NetnsScan,
+    pub(crate) netns_index: NetnsIndex,
     pub(crate) nl: Netlink,
     port: u16,
     /// Kubernetes mode: the last CNI ADD of each pod, by (namespace, name), whatever its
@@ -84,6 +85,7 @@ impl Node {
             store,
             state,
             netns_scan: NetnsScan::default(),
+            netns_index: NetnsIndex::default(),
             nl,
             port,
             cni_seen: BTreeMap::new(),

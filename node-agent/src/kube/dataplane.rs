@@ -2,7 +2,6 @@
 //! remove that one, point at this ztunnel. [`Node`] implements it with the same code path as
 //! CNI ADD/DEL; tests implement it with a recorder when the kernel is not the point.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
@@ -56,7 +55,7 @@ impl Node {
     /// The `PodInfo` CNI would have given for an API pod: from the pod's last CNI ADD when
     /// the agent saw one (the runtime's container id and netns), else from a scan of the
     /// node's network namespaces for the pod's IP.
-    async fn pod_info_for(&self, pod: &PodFacts) -> anyhow::Result<PodInfo> {
+    async fn pod_info_for(&mut self, pod: &PodFacts) -> anyhow::Result<PodInfo> {
         if let Some(seen) = self.cni_seen.get(&pod.key()) {
             let same_uid = seen.uid.is_empty() || pod.uid.is_empty() || seen.uid == pod.uid;
             let same_ip = pod.ips.iter().any(|ip| seen.ips.contains(ip));
@@ -65,14 +64,9 @@ impl Node {
                 return Ok(seen.clone());
             }
         }
-        let want: BTreeSet<IpAddr> = pod.ips.iter().copied().collect();
-        let found = self.netns_scan.find(&want).await;
-        let mut candidates: Vec<_> = pod
-            .ips
-            .iter()
-            .flat_map(|ip| found.get(ip).into_iter().flatten())
-            .collect();
-        candidates.dedup();
+        let mut index = std::mem::take(&mut self.netns_index);
+        let candidates = self.netns_scan.lookup(&mut index, &pod.ips).await;
+        self.netns_index = index;
         if candidates.is_empty() {
             bail!(
                 "no network namespace on this node has an interface with {:?} (looked in {:?}{})",

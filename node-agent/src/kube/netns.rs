@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ambient_net::nl::Netlink;
 use futures::TryStreamExt;
@@ -45,68 +46,91 @@ pub struct Found {
     pub if_name: String,
 }
 
-impl NetnsScan {
-    /// For each wanted address, every netns (by the path it was found at) with an interface
-    /// holding it. Each namespace is looked at once however many paths lead to it, and the
-    /// caller's own namespace (the node's) is skipped.
-    pub async fn find(&self, want: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, Vec<Found>> {
-        let mut found: BTreeMap<IpAddr, Vec<Found>> = BTreeMap::new();
-        if want.is_empty() {
-            return found;
-        }
-        let mut seen: BTreeSet<(u64, u64)> = BTreeSet::new();
-        if let Ok(own) = std::fs::metadata("/proc/thread-self/ns/net") {
-            seen.insert((own.dev(), own.ino()));
-        }
-        let mut candidates = Vec::new();
-        for dir in &self.dirs {
-            candidates.extend(entries(dir));
-        }
-        self.look(&candidates, want, &mut seen, &mut found).await;
-        let missing = want.iter().any(|ip| !found.contains_key(ip));
-        if let (true, Some(proc_dir)) = (missing, &self.proc_dir) {
-            let procs: Vec<PathBuf> = entries(proc_dir)
-                .into_iter()
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                })
-                .map(|p| p.join("ns/net"))
-                .collect();
-            self.look(&procs, want, &mut seen, &mut found).await;
-        }
-        found
-    }
+/// What one scan found: every address in every namespace looked at. Kept for
+/// [`INDEX_FRESH`] so that enrolling many pods at once (a namespace labelled on a busy node)
+/// costs one pass over the namespaces, not one per pod.
+#[derive(Debug, Default)]
+pub struct NetnsIndex {
+    built: Option<Instant>,
+    by_ip: BTreeMap<IpAddr, Vec<Found>>,
+    /// (dev, inode) of every namespace already looked at, the node's own included.
+    seen: BTreeSet<(u64, u64)>,
+    proc_done: bool,
+}
 
-    async fn look(
-        &self,
-        paths: &[PathBuf],
-        want: &BTreeSet<IpAddr>,
-        seen: &mut BTreeSet<(u64, u64)>,
-        found: &mut BTreeMap<IpAddr, Vec<Found>>,
-    ) {
-        for path in paths {
-            let Ok(meta) = std::fs::metadata(path) else {
-                continue;
+/// How long a scan is reused.
+pub const INDEX_FRESH: Duration = Duration::from_secs(1);
+
+impl NetnsIndex {
+    fn hits(&self, ips: &[IpAddr]) -> Vec<Found> {
+        let mut v: Vec<Found> = ips
+            .iter()
+            .flat_map(|ip| self.by_ip.get(ip).into_iter().flatten().cloned())
+            .collect();
+        v.dedup();
+        v
+    }
+}
+
+impl NetnsScan {
+    /// The namespaces with an interface holding one of `ips`: from the netns dirs, and only
+    /// when they have none, from /proc. Each namespace is looked at once however many paths
+    /// lead to it, and the caller's own namespace (the node's) is skipped.
+    pub async fn lookup(&self, index: &mut NetnsIndex, ips: &[IpAddr]) -> Vec<Found> {
+        if index.built.is_none_or(|t| t.elapsed() > INDEX_FRESH) {
+            *index = NetnsIndex {
+                built: Some(Instant::now()),
+                ..Default::default()
             };
-            if !seen.insert((meta.dev(), meta.ino())) {
-                continue;
+            if let Ok(own) = std::fs::metadata("/proc/thread-self/ns/net") {
+                index.seen.insert((own.dev(), own.ino()));
             }
-            match addresses_in(path).await {
-                Ok(addrs) => {
-                    for (ip, if_name) in addrs {
-                        if want.contains(&ip) {
-                            found.entry(ip).or_default().push(Found {
-                                netns: path.clone(),
-                                if_name,
-                            });
-                        }
-                    }
+            let mut paths = Vec::new();
+            for dir in &self.dirs {
+                paths.extend(entries(dir));
+            }
+            look(&paths, index).await;
+        }
+        let hits = index.hits(ips);
+        match &self.proc_dir {
+            Some(proc_dir) if hits.is_empty() && !index.proc_done => {
+                index.proc_done = true;
+                let paths: Vec<PathBuf> = entries(proc_dir)
+                    .into_iter()
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .map(|p| p.join("ns/net"))
+                    .collect();
+                look(&paths, index).await;
+                index.hits(ips)
+            }
+            _ => hits,
+        }
+    }
+}
+
+async fn look(paths: &[PathBuf], index: &mut NetnsIndex) {
+    for path in paths {
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        if !index.seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        match addresses_in(path).await {
+            Ok(addrs) => {
+                for (ip, if_name) in addrs {
+                    index.by_ip.entry(ip).or_default().push(Found {
+                        netns: path.clone(),
+                        if_name,
+                    });
                 }
-                // Not a netns (a stray file), or one that went away meanwhile.
-                Err(e) => debug!(path = %path.display(), "skipping: {e:#}"),
             }
+            // Not a netns (a stray file), or one that went away meanwhile.
+            Err(e) => debug!(path = %path.display(), "skipping: {e:#}"),
         }
     }
 }
