@@ -419,10 +419,14 @@ pub fn parse_local_config(text: &str) -> Result<LocalConfig, ConfigError> {
         } else {
             path
         };
-        ConfigError::Parse {
-            field,
-            message: e.into_inner().to_string(),
+        // serde_yaml_ng prefixes its message with its own (shorter) path: drop it.
+        let mut message = e.into_inner().to_string();
+        if let Some((head, rest)) = message.split_once(": ") {
+            if !head.contains(' ') && field.starts_with(head) {
+                message = rest.to_string();
+            }
         }
+        ConfigError::Parse { field, message }
     })
 }
 
@@ -499,8 +503,11 @@ policies:
     fn unknown_field_is_named_with_its_path() {
         let text = GOOD.replace("serviceAccount: sleep", "serviceAcount: sleep");
         let err = parse_local_config(&text).unwrap_err().to_string();
-        assert!(err.contains("workloads[0]"), "{err}");
-        assert!(err.contains("serviceAcount"), "{err}");
+        assert!(
+            err.starts_with("workloads[0].serviceAcount: unknown field `serviceAcount`"),
+            "{err}"
+        );
+        assert!(err.contains("line 5"), "{err}");
     }
 
     #[test]
