@@ -123,7 +123,7 @@ fn admit(
     state: &State,
     tunnel: &Tunnel,
     req: &Request<RecvStream>,
-) -> Result<(Arc<Workload>, SocketAddr, IpAddr), (StatusCode, Error)> {
+) -> Result<(Arc<Workload>, SocketAddr, SocketAddr), (StatusCode, Error)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, Error::BadRequest(m));
     if req.method() != http::Method::CONNECT {
         return Err(bad(format!("method {} is not CONNECT", req.method())));
@@ -150,7 +150,17 @@ fn admit(
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(forwarded_for);
-    let src_ip = original_source(state, forwarded, tunnel.peer.ip(), &tunnel.peer_identity);
+    let src_ip = original_source(
+        state,
+        forwarded.map(|f| f.ip()),
+        tunnel.peer.ip(),
+        &tunnel.peer_identity,
+    );
+    // The client's address as far as we know it (for the log).
+    let src = match forwarded {
+        Some(f) if f.ip() == src_ip => f,
+        _ => tunnel.peer,
+    };
     let conn = rbac::Connection {
         src_identity: Some(&tunnel.peer_identity),
         src_ip,
@@ -158,7 +168,7 @@ fn admit(
     };
     rbac::authorize(state.policies_for(wl), &conn)
         .map_err(|d| (StatusCode::UNAUTHORIZED, Error::Denied(d)))?;
-    Ok((wl.clone(), target, src_ip))
+    Ok((wl.clone(), target, src))
 }
 
 /// The client address to connect from: the `forwarded` address if it belongs to a workload of
@@ -198,7 +208,7 @@ async fn serve_stream(
     log.mtls = true;
     log.src_identity = Some(tunnel.peer_identity.clone());
     let state = pi.state.get();
-    let (wl, target, src_ip) = match admit(&state, &tunnel, &req) {
+    let (wl, target, src) = match admit(&state, &tunnel, &req) {
         Ok(x) => x,
         Err((status, e)) => {
             respond_error(&mut respond, status);
@@ -211,14 +221,8 @@ async fn serve_stream(
             return;
         }
     };
-    log.src = SocketAddr::new(
-        src_ip,
-        if src_ip == tunnel.peer.ip() {
-            tunnel.peer.port()
-        } else {
-            0
-        },
-    );
+    let src_ip = src.ip();
+    log.src = src;
     log.src_workload = state.workload_by_ip(src_ip).cloned();
     log.dst_identity = Some(wl.identity.clone());
     log.dst_workload = Some(wl);

@@ -187,8 +187,8 @@ impl ConnLog {
 }
 
 /// The address of the original client a tunnel speaks for, from a `forwarded` header
-/// (`for="10.0.0.1:4000"`, `for=10.0.0.1`, `for="[fd00::1]:4000"`).
-pub fn forwarded_for(value: &str) -> Option<IpAddr> {
+/// (`for="10.0.0.1:4000"`, `for=10.0.0.1` (port 0), `for="[fd00::1]:4000"`).
+pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
     for elem in value.split(',') {
         for pair in elem.split(';') {
             let (k, v) = pair.trim().split_once('=')?;
@@ -197,10 +197,10 @@ pub fn forwarded_for(value: &str) -> Option<IpAddr> {
             }
             let v = v.trim().trim_matches('"');
             if let Ok(sa) = v.parse::<SocketAddr>() {
-                return Some(sa.ip());
+                return Some(sa);
             }
             let v = v.trim_start_matches('[').trim_end_matches(']');
-            return v.parse().ok();
+            return v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0));
         }
     }
     None
@@ -212,13 +212,16 @@ mod tests {
 
     #[test]
     fn forwarded_header_forms() {
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(forwarded_for("for=\"10.0.0.1:4000\""), ip("10.0.0.1"));
-        assert_eq!(forwarded_for("for=10.0.0.1"), ip("10.0.0.1"));
-        assert_eq!(forwarded_for("for=\"[fd00::1]:4000\""), ip("fd00::1"));
+        let sa = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(forwarded_for("for=\"10.0.0.1:4000\""), sa("10.0.0.1:4000"));
+        assert_eq!(forwarded_for("for=10.0.0.1"), sa("10.0.0.1:0"));
+        assert_eq!(
+            forwarded_for("for=\"[fd00::1]:4000\""),
+            sa("[fd00::1]:4000")
+        );
         assert_eq!(
             forwarded_for("proto=http;for=10.0.0.2, for=10.0.0.3"),
-            ip("10.0.0.2")
+            sa("10.0.0.2:0")
         );
         assert_eq!(forwarded_for("by=10.0.0.1"), None);
         assert_eq!(forwarded_for("for=unknown"), None);
