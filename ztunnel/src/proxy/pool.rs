@@ -91,6 +91,35 @@ enum Pick {
     Wait,
 }
 
+/// Where a new stream goes, given the active streams of a key's connections.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The connection at this index.
+    Use(usize),
+    /// A new connection.
+    Open,
+    /// Wait for a connection being opened.
+    Wait,
+}
+
+/// The pool's choice (see the module docs): an idle connection; else a new one while fewer
+/// than `spread` exist or are being opened; else the least loaded one below `max_streams`;
+/// else wait for one being opened, or open one.
+pub fn decide(active: &[usize], pending: usize, spread: usize, max_streams: usize) -> Decision {
+    let least = active
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| **a < max_streams)
+        .min_by_key(|(_, a)| **a);
+    match least {
+        Some((i, 0)) => Decision::Use(i),
+        _ if active.len() + pending < spread => Decision::Open,
+        Some((i, _)) => Decision::Use(i),
+        None if pending > 0 => Decision::Wait,
+        None => Decision::Open,
+    }
+}
+
 pub struct Pool {
     cfg: PoolConfig,
     tls: Arc<TlsContext>,
@@ -114,29 +143,23 @@ impl Pool {
         let mut entries = self.entries.lock().unwrap();
         let e = entries.entry(key.clone()).or_default();
         e.conns.retain(|c| !c.closed.load(Ordering::Acquire));
-        let least = e
+        let active: Vec<usize> = e
             .conns
             .iter()
-            .filter(|c| c.active.load(Ordering::Acquire) < self.cfg.max_streams)
-            .min_by_key(|c| c.active.load(Ordering::Acquire))
-            .cloned();
-        let take = |c: Arc<Conn>| {
-            c.active.fetch_add(1, Ordering::AcqRel);
-            c.total.fetch_add(1, Ordering::Relaxed);
-            Pick::Use(c)
-        };
-        match least {
-            Some(c) if c.active.load(Ordering::Acquire) == 0 => take(c),
-            _ if e.conns.len() + e.pending < self.cfg.spread => {
+            .map(|c| c.active.load(Ordering::Acquire))
+            .collect();
+        match decide(&active, e.pending, self.cfg.spread, self.cfg.max_streams) {
+            Decision::Use(i) => {
+                let c = e.conns[i].clone();
+                c.active.fetch_add(1, Ordering::AcqRel);
+                c.total.fetch_add(1, Ordering::Relaxed);
+                Pick::Use(c)
+            }
+            Decision::Open => {
                 e.pending += 1;
                 Pick::Open
             }
-            Some(c) => take(c),
-            None if e.pending > 0 => Pick::Wait,
-            None => {
-                e.pending += 1;
-                Pick::Open
-            }
+            Decision::Wait => Pick::Wait,
         }
     }
 
@@ -342,5 +365,31 @@ impl Pool {
             "idleTimeoutSeconds": self.cfg.idle_timeout.as_secs_f64(),
             "keys": list,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_first_then_spread_then_least_loaded_then_more() {
+        use Decision::*;
+        // Nothing yet: open.
+        assert_eq!(decide(&[], 0, 2, 100), Open);
+        // One being opened, spread 2: open a second rather than wait.
+        assert_eq!(decide(&[], 1, 2, 100), Open);
+        // An idle connection is always taken.
+        assert_eq!(decide(&[3, 0], 0, 2, 100), Use(1));
+        // One busy connection, spread 2: a second one.
+        assert_eq!(decide(&[1], 0, 2, 100), Open);
+        // Spread reached: the least loaded.
+        assert_eq!(decide(&[5, 2], 0, 2, 100), Use(1));
+        assert_eq!(decide(&[5], 1, 2, 100), Use(0));
+        // All full: wait for the one being opened, else open another.
+        assert_eq!(decide(&[100, 100], 1, 2, 100), Wait);
+        assert_eq!(decide(&[100, 100], 0, 2, 100), Open);
+        // Spread 1: everything multiplexes on one connection until it is full.
+        assert_eq!(decide(&[7], 0, 1, 100), Use(0));
     }
 }
