@@ -6,6 +6,7 @@
 //! [`proto`] is the wire format between the CNI plugin and the agent.
 
 pub mod consts;
+pub mod logging;
 pub mod model;
 pub mod netns;
 pub mod nft;
