@@ -94,8 +94,17 @@ fn identity(cfg: &Config) -> anyhow::Result<SecretManager> {
 pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
     let manager = Arc::new(identity(&cfg)?);
-    let state = StateHandle::load(&cfg.config_file, &cfg.trust_domain, &cfg.node_name)
-        .with_context(|| format!("config {}", cfg.config_file.display()))?;
+    let state = match (&cfg.config_file, cfg.kube) {
+        (file, true) => {
+            StateHandle::load_for_discovery(file.as_deref(), &cfg.trust_domain, &cfg.node_name)
+        }
+        (Some(file), false) => StateHandle::load(file, &cfg.trust_domain, &cfg.node_name),
+        (None, false) => anyhow::bail!("--config is required (or --kube)"),
+    }
+    .with_context(|| match &cfg.config_file {
+        Some(f) => format!("config {}", f.display()),
+        None => "config".to_string(),
+    })?;
     manager.set_wanted(state.get().local_identities());
     manager.refresh(SystemTime::now());
     let tls = Arc::new(TlsContext::new(manager.clone()).context("trust anchors")?);
@@ -112,6 +121,46 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     ));
     let drain = Drain::new();
     let background = CancellationToken::new();
+
+    // Kubernetes mode: discovery on the side runtime (the client's background task too).
+    // Connections are accepted once its first complete state is in (until then the kernel
+    // queues them on the bound listeners), and readiness waits for the same.
+    let synced = if cfg.kube {
+        let (url, params) = (
+            cfg.kube_api_url.clone(),
+            crate::discovery::Params::from_config(&cfg),
+        );
+        let (st, stop) = (state.clone(), background.clone());
+        let rx = side
+            .spawn(async move {
+                let client = crate::discovery::client(url.as_deref()).await?;
+                anyhow::Ok(crate::discovery::start(client, params, st, stop))
+            })
+            .await
+            .context("discovery task")??;
+        tracing::info!(
+            api = cfg
+                .kube_api_url
+                .as_deref()
+                .unwrap_or("in-cluster / KUBECONFIG"),
+            "Kubernetes mode: waiting for the first sync before accepting connections"
+        );
+        Some(rx)
+    } else {
+        None
+    };
+    let gate = |serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        let (synced, stop) = (synced.clone(), drain.signal());
+        async move {
+            if let Some(mut synced) = synced {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = synced.wait_for(|s| *s) => if r.is_err() { return },
+                }
+            }
+            serve.await
+        }
+    };
 
     let bind = |addr: SocketAddr, transparent: bool, what: &str| {
         crate::socket::listen(addr, transparent).with_context(|| format!("{what} listener {addr}"))
@@ -146,27 +195,29 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
             addrs.inbound_plaintext.port(),
         ],
     });
-    tokio::spawn(outbound::serve(
+    tokio::spawn(gate(Box::pin(outbound::serve(
         inputs.clone(),
         crate::socket::to_tokio(outbound_l)?,
-    ));
-    tokio::spawn(inbound::serve(
+    ))));
+    tokio::spawn(gate(Box::pin(inbound::serve(
         inputs.clone(),
         crate::socket::to_tokio(inbound_l)?,
-    ));
-    tokio::spawn(inbound_passthrough::serve(
+    ))));
+    tokio::spawn(gate(Box::pin(inbound_passthrough::serve(
         inputs.clone(),
         crate::socket::to_tokio(plaintext_l)?,
-    ));
+    ))));
     tokio::spawn(pool.clone().reaper(background.clone()));
 
     // Background: config file, certificates.
-    side.spawn(watch_file(
-        state.clone(),
-        cfg.config_file.clone(),
-        cfg.config_poll,
-        background.clone(),
-    ));
+    if let Some(file) = &cfg.config_file {
+        side.spawn(watch_file(
+            state.clone(),
+            file.clone(),
+            cfg.config_poll,
+            background.clone(),
+        ));
+    }
     side.spawn(refresh_certificates(
         manager.clone(),
         state.clone(),
@@ -196,11 +247,28 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
             }
         });
     }
-    ready.store(true, Ordering::Release);
-    let st = state.get();
-    tracing::info!(node = %cfg.node_name, workloads = st.workloads.len(),
-        local_identities = st.local_identities().len(), services = st.services.len(),
-        policies = st.policies.len(), transparent = cfg.transparent, addrs = ?addrs, "ztunnel ready");
+    match synced {
+        None => {
+            ready.store(true, Ordering::Release);
+            let st = state.get();
+            tracing::info!(node = %cfg.node_name, workloads = st.workloads.len(),
+                local_identities = st.local_identities().len(), services = st.services.len(),
+                policies = st.policies.len(), transparent = cfg.transparent, addrs = ?addrs, "ztunnel ready");
+        }
+        Some(mut synced) => {
+            let (state, node, transparent) =
+                (state.clone(), cfg.node_name.clone(), cfg.transparent);
+            side.spawn(async move {
+                if synced.wait_for(|s| *s).await.is_ok() {
+                    ready.store(true, Ordering::Release);
+                    let st = state.get();
+                    tracing::info!(%node, workloads = st.workloads.len(),
+                        local_identities = st.local_identities().len(), services = st.services.len(),
+                        policies = st.policies.len(), transparent, addrs = ?addrs, "ztunnel ready");
+                }
+            });
+        }
+    }
     Ok(Running {
         addrs,
         state,

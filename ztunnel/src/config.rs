@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ambient_net::consts::membership::DEFAULT_EXCLUDED_NAMESPACES;
 use ambient_net::consts::port;
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
@@ -48,9 +49,12 @@ impl ConfigError {
     about = "The node's HBONE data plane: carries captured connections between nodes over mTLS HTTP/2 CONNECT."
 )]
 pub struct Cli {
-    /// Local config file (workloads, services, policies); reloaded when it changes.
-    #[arg(long, env = "ZTUNNEL_CONFIG")]
-    pub config: PathBuf,
+    /// Local config file (workloads, services, policies); reloaded when it changes. With
+    /// `--kube`: optional, and policies only.
+    #[arg(long, env = "ZTUNNEL_CONFIG", required_unless_present = "kube")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// This node's name: only workloads with this `node` are served and get certificates.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -115,6 +119,26 @@ pub struct IdentityArgs {
     pub cert_dir: Option<PathBuf>,
 }
 
+/// Kubernetes mode: workloads and services from the API server.
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Kubernetes mode: learn workloads (pods) and services (services + EndpointSlices) from
+    /// the API server (in-cluster config, or KUBECONFIG). `--config` then holds policies only.
+    #[arg(long)]
+    pub kube: bool,
+    /// Talk to the API server at this plain-HTTP URL without credentials (tests and `kubectl
+    /// proxy` only).
+    #[arg(long, requires = "kube")]
+    pub kube_api_url: Option<String>,
+    /// The cluster's DNS domain: services are named `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Namespaces whose pods are never in the mesh, comma-separated (as the node agent's flag
+    /// of the same name: the two must agree).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_EXCLUDED_NAMESPACES.iter().map(|s| s.to_string()))]
+    pub excluded_namespaces: Vec<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ListenerArgs {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::OUTBOUND)))]
@@ -143,8 +167,14 @@ pub enum CertSource {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    pub config_file: PathBuf,
+    /// Optional only in Kubernetes mode.
+    pub config_file: Option<PathBuf>,
     pub node_name: String,
+    /// Kubernetes mode (`--kube`): workloads and services from the API server.
+    pub kube: bool,
+    pub kube_api_url: Option<String>,
+    pub cluster_domain: String,
+    pub excluded_namespaces: Vec<String>,
     pub trust_domain: String,
     pub cert_source: CertSource,
     pub cert_lifetime: Duration,
@@ -171,7 +201,23 @@ impl Config {
     pub fn new(config_file: PathBuf, node_name: &str, cert_source: CertSource) -> Config {
         let cli = Cli::parse_from(["ztunnel", "--config", "unused", "--node-name", node_name]);
         let mut cfg = Config::from(cli);
-        cfg.config_file = config_file;
+        cfg.config_file = Some(config_file);
+        cfg.cert_source = cert_source;
+        cfg
+    }
+
+    /// Kubernetes mode against a plain-HTTP API server (tests); `policies` is the optional
+    /// policy file.
+    pub fn new_kube(
+        api_url: &str,
+        policies: Option<PathBuf>,
+        node_name: &str,
+        cert_source: CertSource,
+    ) -> Config {
+        let cli = Cli::parse_from(["ztunnel", "--kube", "--node-name", node_name]);
+        let mut cfg = Config::from(cli);
+        cfg.config_file = policies;
+        cfg.kube_api_url = Some(api_url.to_string());
         cfg.cert_source = cert_source;
         cfg
     }
@@ -200,6 +246,15 @@ impl From<Cli> for Config {
         Config {
             config_file: cli.config,
             node_name: cli.node_name,
+            kube: cli.kube.kube,
+            kube_api_url: cli.kube.kube_api_url,
+            cluster_domain: cli.kube.cluster_domain,
+            excluded_namespaces: cli
+                .kube
+                .excluded_namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
             trust_domain: cli.trust_domain,
             cert_source,
             cert_lifetime: cli.cert_lifetime,

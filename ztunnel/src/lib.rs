@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: the command line and the local YAML config file (schema and parsing);
 //! - [`state`]: workloads, services and policies indexed by IP/VIP, reloaded on change;
+//! - [`discovery`]: Kubernetes mode, workloads and services from the API server;
 //! - [`rbac`]: authorization policy evaluation;
 //! - [`identity`]: SPIFFE identities, the embedded CA, the certificate store and rotation;
 //! - [`tls`]: rustls configurations and the SPIFFE-aware verifiers;
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod discovery;
 pub mod drain;
 pub mod identity;
 pub mod metrics;

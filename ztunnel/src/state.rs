@@ -1,5 +1,6 @@
 //! The data plane's view of the mesh: workloads, services and policies from the local config
-//! file, indexed by workload IP and service VIP; swapped as a whole on reload.
+//! file (and in Kubernetes mode, workloads and services from [`crate::discovery`]), indexed by
+//! workload IP and service VIP; swapped as a whole on every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -11,8 +12,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{
-    parse_vip, read_local_config, ConfigError, HealthStatus, LocalConfig, PolicyScope, Protocol,
-    WaypointRef,
+    parse_vip, read_local_config, ConfigError, HealthStatus, LocalConfig, LocalService,
+    LocalWorkload, PolicyScope, Protocol, WaypointRef,
 };
 use crate::identity::Identity;
 use crate::rbac::Policy;
@@ -317,12 +318,25 @@ fn nonempty(v: &str, field: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The current snapshot, shared by every task; replaced as a whole by the file watcher.
+/// The current snapshot, shared by every task; replaced as a whole by the file watcher (and in
+/// Kubernetes mode by discovery).
 #[derive(Clone)]
 pub struct StateHandle {
     current: Arc<RwLock<Arc<State>>>,
     status: Arc<Mutex<LoadStatus>>,
     changed: watch::Sender<u64>,
+    /// What the current state was built from. Held while a new state is built and swapped in,
+    /// so a file reload and a discovery update never build from each other's stale input.
+    sources: Arc<Mutex<Sources>>,
+}
+
+/// The inputs of the state.
+#[derive(Debug, Default)]
+struct Sources {
+    /// The config file's last good contents (in Kubernetes mode: its policies).
+    file: LocalConfig,
+    /// Kubernetes mode: the discovered workloads and services (the file may not have any).
+    discovered: Option<(Vec<LocalWorkload>, Vec<LocalService>)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -330,27 +344,91 @@ pub struct StateHandle {
 pub struct LoadStatus {
     pub generation: u64,
     pub loaded_at: Option<String>,
+    /// The config file's last reload error (cleared by a good reload).
     pub last_error: Option<String>,
+    /// Kubernetes mode: what discovery has seen (see [`crate::discovery`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<serde_json::Value>,
 }
 
 impl StateHandle {
     pub fn new(state: State) -> StateHandle {
+        Self::with_sources(state, Sources::default())
+    }
+
+    fn with_sources(state: State, sources: Sources) -> StateHandle {
         let status = LoadStatus {
             generation: 1,
             loaded_at: Some(crate::identity::rfc3339(SystemTime::now())),
             last_error: None,
+            discovery: None,
         };
         StateHandle {
             current: Arc::new(RwLock::new(Arc::new(state))),
             status: Arc::new(Mutex::new(status)),
             changed: watch::channel(1).0,
+            sources: Arc::new(Mutex::new(sources)),
         }
     }
 
     /// Reads and builds the file: the initial load.
     pub fn load(path: &Path, trust_domain: &str, node: &str) -> Result<StateHandle, ConfigError> {
         let cfg = read_local_config(path)?;
-        Ok(StateHandle::new(State::build(&cfg, trust_domain, node)?))
+        let st = State::build(&cfg, trust_domain, node)?;
+        Ok(Self::with_sources(
+            st,
+            Sources {
+                file: cfg,
+                discovered: None,
+            },
+        ))
+    }
+
+    /// Kubernetes mode: no workloads or services until discovery delivers them
+    /// ([`StateHandle::set_discovered`]); the optional file holds policies only.
+    pub fn load_for_discovery(
+        path: Option<&Path>,
+        trust_domain: &str,
+        node: &str,
+    ) -> Result<StateHandle, ConfigError> {
+        let file = match path {
+            Some(p) => policies_only(read_local_config(p)?)?,
+            None => LocalConfig::default(),
+        };
+        let st = State::build(&file, trust_domain, node)?;
+        Ok(Self::with_sources(
+            st,
+            Sources {
+                file,
+                discovered: Some(Default::default()),
+            },
+        ))
+    }
+
+    /// Kubernetes mode: a new set of discovered workloads and services, combined with the
+    /// file's policies. On an error (discovery hands over only consistent sets, so this would
+    /// be a bug) the current state stays.
+    pub fn set_discovered(
+        &self,
+        workloads: Vec<LocalWorkload>,
+        services: Vec<LocalService>,
+    ) -> Result<(), ConfigError> {
+        let mut src = lock(&self.sources);
+        let cfg = LocalConfig {
+            workloads,
+            services,
+            policies: src.file.policies.clone(),
+        };
+        let cur = self.get();
+        let st = State::build(&cfg, &cur.trust_domain, &cur.node)?;
+        self.swap(st, false);
+        src.discovered = Some((cfg.workloads, cfg.services));
+        Ok(())
+    }
+
+    /// Kubernetes mode: what `/config_dump` shows under `configFile.discovery`.
+    pub fn set_discovery_status(&self, status: serde_json::Value) {
+        lock(&self.status).discovery = Some(status);
     }
 
     pub fn get(&self) -> Arc<State> {
@@ -367,12 +445,18 @@ impl StateHandle {
     }
 
     pub fn replace(&self, st: State) {
+        self.swap(st, true);
+    }
+
+    fn swap(&self, st: State, file_loaded: bool) {
         *self.current.write().unwrap() = Arc::new(st);
         let gen = {
-            let mut s = self.status.lock().unwrap();
+            let mut s = lock(&self.status);
             s.generation += 1;
             s.loaded_at = Some(crate::identity::rfc3339(SystemTime::now()));
-            s.last_error = None;
+            if file_loaded {
+                s.last_error = None;
+            }
             s.generation
         };
         self.changed.send_replace(gen);
@@ -381,23 +465,67 @@ impl StateHandle {
     /// Re-reads the file; on any error the current state stays and the error is kept for the
     /// dump.
     pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut src = lock(&self.sources);
         let cur = self.get();
-        let res =
-            read_local_config(path).and_then(|c| State::build(&c, &cur.trust_domain, &cur.node));
+        let res = read_local_config(path).and_then(|file| match &src.discovered {
+            None => {
+                let st = State::build(&file, &cur.trust_domain, &cur.node)?;
+                Ok((file, st))
+            }
+            Some((workloads, services)) => {
+                let file = policies_only(file)?;
+                let cfg = LocalConfig {
+                    workloads: workloads.clone(),
+                    services: services.clone(),
+                    policies: file.policies.clone(),
+                };
+                let st = State::build(&cfg, &cur.trust_domain, &cur.node)?;
+                Ok((file, st))
+            }
+        });
         match res {
-            Ok(st) => {
+            Ok((file, st)) => {
                 tracing::info!(path = %path.display(), workloads = st.workloads.len(),
                     services = st.services.len(), policies = st.policies.len(), "config reloaded");
-                self.replace(st);
+                self.swap(st, true);
+                src.file = file;
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "config reload failed; keeping the last good config");
-                self.status.lock().unwrap().last_error = Some(e.to_string());
+                lock(&self.status).last_error = Some(e.to_string());
                 Err(e)
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kubernetes mode: the file may hold policies only (workloads and services come from the API
+/// server). `WorkloadSelector` policies are allowed but select nothing: no discovered workload
+/// lists them.
+fn policies_only(file: LocalConfig) -> Result<LocalConfig, ConfigError> {
+    for (field, n) in [
+        ("workloads", file.workloads.len()),
+        ("services", file.services.len()),
+    ] {
+        if n > 0 {
+            return Err(ConfigError::invalid(
+                field,
+                "not allowed with --kube: workloads and services come from the API server, the file holds policies only",
+            ));
+        }
+    }
+    for p in &file.policies {
+        if p.scope == PolicyScope::WorkloadSelector {
+            tracing::warn!(policy = %format!("{}/{}", p.namespace, p.name),
+                "a WorkloadSelector policy selects no workload with --kube (use Namespace or Global scope)");
+        }
+    }
+    Ok(file)
 }
 
 /// What identifies a version of the file on disk.
