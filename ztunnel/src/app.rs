@@ -123,40 +123,16 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let background = CancellationToken::new();
 
     // Kubernetes mode: discovery on the side runtime (the client's background task too).
-    // Connections are accepted once its first complete state is in (until then the kernel
-    // queues them on the bound listeners), and readiness waits for the same.
-    let synced = if cfg.kube {
-        let (url, params) = (
-            cfg.kube_api_url.clone(),
-            crate::discovery::Params::from_config(&cfg),
-        );
-        let (st, stop) = (state.clone(), background.clone());
-        let rx = side
-            .spawn(async move {
-                let client = crate::discovery::client(url.as_deref()).await?;
-                anyhow::Ok(crate::discovery::start(client, params, st, stop))
-            })
-            .await
-            .context("discovery task")??;
-        tracing::info!(
-            api = cfg
-                .kube_api_url
-                .as_deref()
-                .unwrap_or("in-cluster / KUBECONFIG"),
-            "Kubernetes mode: waiting for the first sync before accepting connections"
-        );
-        Some(rx)
-    } else {
-        None
-    };
+    // `open` turns true once its first complete state is in and the certificates of this
+    // node's workloads are minted: only then are connections accepted (until then the kernel
+    // queues them on the bound listeners) and is ztunnel ready. In file mode it starts true.
+    let (open_tx, open) = tokio::sync::watch::channel(!cfg.kube);
     let gate = |serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
-        let (synced, stop) = (synced.clone(), drain.signal());
+        let (mut open, stop) = (open.clone(), drain.signal());
         async move {
-            if let Some(mut synced) = synced {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = synced.wait_for(|s| *s) => if r.is_err() { return },
-                }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = open.wait_for(|o| *o) => if r.is_err() { return },
             }
             serve.await
         }
@@ -180,6 +156,36 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         metrics: metrics_l.local_addr()?,
         readiness: readiness_l.local_addr()?,
     };
+
+    if cfg.kube {
+        let (url, params) = (
+            cfg.kube_api_url.clone(),
+            crate::discovery::Params::from_config(&cfg),
+        );
+        let (st, stop) = (state.clone(), background.clone());
+        let mut synced = side
+            .spawn(async move {
+                let client = crate::discovery::client(url.as_deref()).await?;
+                anyhow::Ok(crate::discovery::start(client, params, st, stop))
+            })
+            .await
+            .context("discovery task")??;
+        tracing::info!(
+            api = cfg
+                .kube_api_url
+                .as_deref()
+                .unwrap_or("in-cluster / KUBECONFIG"),
+            "Kubernetes mode: waiting for the first sync before accepting connections"
+        );
+        let (st, manager) = (state.clone(), manager.clone());
+        side.spawn(async move {
+            if synced.wait_for(|s| *s).await.is_ok() {
+                manager.set_wanted(st.get().local_identities());
+                manager.refresh(SystemTime::now());
+                open_tx.send_replace(true);
+            }
+        });
+    }
 
     let inputs = Arc::new(Inputs {
         cfg: cfg.clone(),
@@ -247,27 +253,25 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
             }
         });
     }
-    match synced {
-        None => {
+    let announce = {
+        let (st, node, transparent) = (state.clone(), cfg.node_name.clone(), cfg.transparent);
+        move || {
             ready.store(true, Ordering::Release);
-            let st = state.get();
-            tracing::info!(node = %cfg.node_name, workloads = st.workloads.len(),
+            let st = st.get();
+            tracing::info!(%node, workloads = st.workloads.len(),
                 local_identities = st.local_identities().len(), services = st.services.len(),
-                policies = st.policies.len(), transparent = cfg.transparent, addrs = ?addrs, "ztunnel ready");
+                policies = st.policies.len(), transparent, addrs = ?addrs, "ztunnel ready");
         }
-        Some(mut synced) => {
-            let (state, node, transparent) =
-                (state.clone(), cfg.node_name.clone(), cfg.transparent);
-            side.spawn(async move {
-                if synced.wait_for(|s| *s).await.is_ok() {
-                    ready.store(true, Ordering::Release);
-                    let st = state.get();
-                    tracing::info!(%node, workloads = st.workloads.len(),
-                        local_identities = st.local_identities().len(), services = st.services.len(),
-                        policies = st.policies.len(), transparent, addrs = ?addrs, "ztunnel ready");
-                }
-            });
-        }
+    };
+    if cfg.kube {
+        let mut open = open;
+        side.spawn(async move {
+            if open.wait_for(|o| *o).await.is_ok() {
+                announce();
+            }
+        });
+    } else {
+        announce();
     }
     Ok(Running {
         addrs,

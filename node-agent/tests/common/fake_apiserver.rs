@@ -1,8 +1,10 @@
-//! An in-process fake Kubernetes API server (HTTP/1.1, hyper) holding namespaces and pods and
-//! speaking the real list/watch protocol, for the agent's Kubernetes-mode tests:
+//! An in-process fake Kubernetes API server (HTTP/1.1, hyper) holding namespaces, pods,
+//! services and EndpointSlices and speaking the real list/watch protocol, for the Kubernetes-mode
+//! tests of the agent and of ztunnel (which includes this file by path):
 //!
-//! * `GET /api/v1/namespaces`, `/api/v1/pods`, `/api/v1/namespaces/<ns>/pods`: a `<Kind>List`
-//!   with `metadata.resourceVersion`; `labelSelector` (equality-based), `fieldSelector`
+//! * `GET /api/v1/namespaces`, `/api/v1/pods`, `/api/v1/namespaces/<ns>/pods`, the same for
+//!   `services`, and `/apis/discovery.k8s.io/v1[/namespaces/<ns>]/endpointslices`: a
+//!   `<Kind>List` with `metadata.resourceVersion`; `labelSelector` (equality-based), `fieldSelector`
 //!   (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`), `limit` +
 //!   `continue` paging (a continue token older than a change answers 410 Expired, as a
 //!   compacted one does).
@@ -14,7 +16,7 @@
 //!   answered with an `ERROR` event carrying a `Status` 410 Expired (what a real API server
 //!   does), or with HTTP 410 when the test asks for it. `timeoutSeconds` closes the stream;
 //!   `allowWatchBookmarks` enables [`FakeApiServer::bookmark`].
-//! * `GET`/`PATCH` one pod or namespace; PATCH takes `application/merge-patch+json` (RFC
+//! * `GET`/`PATCH` one object; PATCH takes `application/merge-patch+json` (RFC
 //!   7386) and emits MODIFIED.
 //!
 //! Every request is logged ([`FakeApiServer::requests`]), PATCH bodies too
@@ -39,11 +41,13 @@ use serde_json::{json, Value};
 
 type Body = BoxBody<Bytes, Infallible>;
 
-/// The two resource kinds the fake holds.
+/// The resource kinds the fake holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Namespace,
     Pod,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
@@ -51,7 +55,31 @@ impl Kind {
         match self {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+        }
+    }
+
+    fn from_plural(p: &str) -> Option<Kind> {
+        [Kind::Pod, Kind::Service, Kind::EndpointSlice]
+            .into_iter()
+            .find(|k| k.plural() == p)
     }
 }
 
@@ -148,15 +176,17 @@ impl FakeApiServer {
 
     // ---------------------------------------------------------------- test controls
 
-    /// Creates or replaces an object (`kind` `Namespace` or `Pod`); fills in uid and
-    /// creationTimestamp when missing (a replacement keeps the old ones).
+    /// Creates or replaces an object (by its `kind`); fills in uid and creationTimestamp when
+    /// missing (a replacement keeps the old ones).
     pub fn put(&self, mut obj: Value) {
         let kind = match obj["kind"].as_str() {
             Some("Namespace") => Kind::Namespace,
             Some("Pod") => Kind::Pod,
-            k => panic!("fake API server holds namespaces and pods, not {k:?}"),
+            Some("Service") => Kind::Service,
+            Some("EndpointSlice") => Kind::EndpointSlice,
+            k => panic!("fake API server holds no {k:?}"),
         };
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(kind.api_version());
         let key = key_of(kind, &obj);
         let mut st = self.st();
         let old = st.objects.get(&key).cloned();
@@ -272,7 +302,7 @@ impl FakeApiServer {
             if w.bookmarks {
                 let _ = w.tx.unbounded_send(line(&json!({
                     "type": "BOOKMARK",
-                    "object": {"kind": w.kind.name(), "apiVersion": "v1",
+                    "object": {"kind": w.kind.name(), "apiVersion": w.kind.api_version(),
                                "metadata": {"resourceVersion": st.rv.to_string()}},
                 })));
             }
@@ -316,12 +346,24 @@ impl FakeApiServer {
             Err(_) => return error(400, "BadRequest", "unreadable body"),
         };
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let (kind, namespace, name) = match parts.as_slice() {
-            ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
-            ["api", "v1", "namespaces", n] => (Kind::Namespace, None, Some(*n)),
-            ["api", "v1", "pods"] => (Kind::Pod, None, None),
-            ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
-            ["api", "v1", "namespaces", ns, "pods", n] => (Kind::Pod, Some(*ns), Some(*n)),
+        // The group's prefix, then the resource path, which must name a kind of that group.
+        let (group, rest) = match parts.as_slice() {
+            ["api", "v1", rest @ ..] => ("v1", rest),
+            ["apis", "discovery.k8s.io", "v1", rest @ ..] => ("discovery.k8s.io/v1", rest),
+            _ => (".", &[][..]),
+        };
+        let found = match rest {
+            ["namespaces"] => Some((Kind::Namespace, None, None)),
+            ["namespaces", n] => Some((Kind::Namespace, None, Some(*n))),
+            [plural] => Kind::from_plural(plural).map(|k| (k, None, None)),
+            ["namespaces", ns, plural] => Kind::from_plural(plural).map(|k| (k, Some(*ns), None)),
+            ["namespaces", ns, plural, n] => {
+                Kind::from_plural(plural).map(|k| (k, Some(*ns), Some(*n)))
+            }
+            _ => None,
+        };
+        let (kind, namespace, name) = match found {
+            Some(f) if f.0.api_version() == group => f,
             _ => {
                 return error(
                     404,
@@ -442,7 +484,7 @@ impl FakeApiServer {
             200,
             &json!({
                 "kind": format!("{}List", kind.name()),
-                "apiVersion": "v1",
+                "apiVersion": kind.api_version(),
                 "metadata": meta,
                 "items": items,
             }),
@@ -681,7 +723,7 @@ fn key_of(kind: Kind, obj: &Value) -> Key {
     let name = m["name"].as_str().expect("metadata.name").to_string();
     let ns = match kind {
         Kind::Namespace => String::new(),
-        Kind::Pod => m["namespace"]
+        _ => m["namespace"]
             .as_str()
             .expect("metadata.namespace")
             .to_string(),
@@ -792,11 +834,11 @@ fn error(code: u16, reason: &str, message: &str) -> Response<Body> {
 }
 
 fn not_found(kind: Kind, name: &str) -> Response<Body> {
-    let what = match kind {
-        Kind::Namespace => "namespaces",
-        Kind::Pod => "pods",
-    };
-    error(404, "NotFound", &format!("{what} \"{name}\" not found"))
+    error(
+        404,
+        "NotFound",
+        &format!("{} \"{name}\" not found", kind.plural()),
+    )
 }
 
 fn stream_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response<Body> {
@@ -827,4 +869,61 @@ pub fn pod(namespace: &str, name: &str, node: &str, ip: &str, extra: Value) -> V
     });
     merge_patch(&mut p, &extra);
     p
+}
+
+/// A ClusterIP service; `ports` are `(name, port, targetPort)`, a targetPort a number or a
+/// container port name.
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, u16, Value)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, t)| json!({"name": n, "port": p, "protocol": "TCP", "targetPort": t}))
+        .collect();
+    json!({
+        "kind": "Service", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ipFamilies": ["IPv4"], "ports": ports, "selector": {"app": name}},
+    })
+}
+
+/// An IPv4 EndpointSlice of `service`; `ports` are `(service port name, number)`, `endpoints`
+/// `(ip, ready, pod name)` (the pod in the slice's namespace).
+pub fn endpoint_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16)],
+    endpoints: &[(&str, bool, Option<&str>)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"}))
+        .collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, ready, pod)| {
+            let mut e = json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            });
+            if let Some(p) = pod {
+                e["targetRef"] = json!({"kind": "Pod", "namespace": namespace, "name": p});
+            }
+            e
+        })
+        .collect();
+    json!({
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
 }

@@ -199,6 +199,10 @@ async fn publish(
                             ms = took.as_millis() as u64,
                             "discovery synced with the API server"
                         );
+                        // The status first: whoever waits for the flag sees it synced.
+                        let st = store.lock().unwrap_or_else(|e| e.into_inner());
+                        state.set_discovery_status(status(&st, true, built.as_ref(), &notes));
+                        drop(st);
                         synced.send_replace(true);
                     } else {
                         tracing::debug!(workloads, services, "discovered state updated");
