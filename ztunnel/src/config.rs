@@ -594,6 +594,38 @@ policies:
     }
 
     #[test]
+    fn kube_flags() {
+        // --config is required without --kube, optional with it.
+        assert!(Cli::try_parse_from(["ztunnel", "--node-name", "a"]).is_err());
+        let cfg = Config::from(Cli::parse_from(["ztunnel", "--kube", "--node-name", "a"]));
+        assert!(cfg.kube && cfg.config_file.is_none());
+        assert_eq!(cfg.cluster_domain, "cluster.local");
+        assert_eq!(cfg.excluded_namespaces, ["kube-system"]);
+        assert!(cfg.kube_api_url.is_none());
+        let cfg = Config::from(Cli::parse_from([
+            "ztunnel",
+            "--kube",
+            "--node-name=a",
+            "--config=p.yaml",
+            "--kube-api-url=http://127.0.0.1:8001",
+            "--excluded-namespaces=kube-system,monitoring",
+            "--cluster-domain=example.org",
+        ]));
+        assert_eq!(cfg.config_file, Some(PathBuf::from("p.yaml")));
+        assert_eq!(cfg.kube_api_url.as_deref(), Some("http://127.0.0.1:8001"));
+        assert_eq!(cfg.excluded_namespaces, ["kube-system", "monitoring"]);
+        assert_eq!(cfg.cluster_domain, "example.org");
+        // --kube-api-url only with --kube.
+        assert!(Cli::try_parse_from([
+            "ztunnel",
+            "--config=c",
+            "--node-name=a",
+            "--kube-api-url=http://x"
+        ])
+        .is_err());
+    }
+
+    #[test]
     fn cli_defaults_use_the_spec_ports() {
         let cli = Cli::parse_from(["ztunnel", "--config", "c.yaml", "--node-name", "a"]);
         let cfg = Config::from(cli);

@@ -693,6 +693,61 @@ policies:
         assert_eq!(*rx.borrow_and_update(), 2);
     }
 
+    #[test]
+    fn kube_mode_combines_discovery_with_the_file_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.yaml");
+        // The file may hold policies only.
+        std::fs::write(&path, FILE).unwrap();
+        let err = StateHandle::load_for_discovery(Some(&path), "cluster.local", "node-a")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with("workloads: not allowed with --kube"),
+            "{err}"
+        );
+        let full = parse_local_config(FILE).unwrap();
+        let policies = |c: &LocalConfig| {
+            serde_yaml_ng::to_string(&LocalConfig {
+                policies: c.policies.clone(),
+                ..LocalConfig::default()
+            })
+            .unwrap()
+        };
+        std::fs::write(&path, policies(&full)).unwrap();
+        let h = StateHandle::load_for_discovery(Some(&path), "cluster.local", "node-a").unwrap();
+        assert!(h.get().workloads.is_empty());
+        assert_eq!(h.get().policies.len(), 3);
+        // Discovery delivers workloads and services (without WorkloadSelector references).
+        let mut workloads = full.workloads.clone();
+        workloads[1].authorization_policies.clear();
+        h.set_discovered(workloads.clone(), full.services.clone())
+            .unwrap();
+        assert_eq!(h.get().workloads.len(), 2);
+        assert_eq!(h.get().policies.len(), 3);
+        // A policy reload keeps the discovered workloads.
+        std::fs::write(&path, "policies: []\n").unwrap();
+        h.reload(&path).unwrap();
+        assert_eq!(h.get().workloads.len(), 2);
+        assert!(h.get().policies.is_empty());
+        // A bad reload (workloads in the file) keeps everything and is reported; a discovery
+        // update does not hide the file's error.
+        std::fs::write(&path, FILE).unwrap();
+        assert!(h.reload(&path).is_err());
+        assert!(h.status().last_error.is_some());
+        h.set_discovered(workloads[..1].to_vec(), full.services.clone())
+            .unwrap();
+        assert_eq!(h.get().workloads.len(), 1);
+        assert!(h.get().policies.is_empty());
+        assert!(h.status().last_error.is_some());
+        // An inconsistent set from discovery is refused and the state stays.
+        let mut dup = workloads.clone();
+        dup[1].workload_ips = dup[0].workload_ips.clone();
+        assert!(h.set_discovered(dup, vec![]).is_err());
+        assert_eq!(h.get().workloads.len(), 1);
+    }
+
     #[tokio::test]
     async fn watcher_picks_up_changes() {
         let dir = tempfile::tempdir().unwrap();
