@@ -7,9 +7,11 @@
 //! conflist, ADD/DEL), [`agent`] (agent and ztunnel-init), [`service`] (kube-proxy-style
 //! DNAT), [`procs`] and [`state`] (what was started and made), [`up`] / [`down`] /
 //! [`status`] / [`exec`] (the commands), [`serve`] and [`tproxy`] (test endpoints run
-//! inside pods), [`harness`] (the `Lab` RAII helper).
+//! inside pods), [`harness`] (the `Lab` RAII helper), [`bench`] (`ambient-lab bench`: the
+//! meshed path against the unmeshed one, and the control plane's costs).
 
 pub mod agent;
+pub mod bench;
 pub mod cni;
 pub mod demo;
 pub mod down;

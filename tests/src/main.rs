@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use ambient_lab::cni::Primary;
 use ambient_lab::up::{Dataplane, UpOptions};
-use ambient_lab::{demo, down, exec, paths, serve, status, tproxy, up};
+use ambient_lab::{bench, demo, down, exec, paths, serve, status, tproxy, up};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
@@ -92,6 +92,29 @@ enum Cmd {
         netns: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Bring up a lab of its own, measure the meshed path against the unmeshed one and the
+    /// control plane's costs, print a table with the targets, tear the lab down.
+    Bench {
+        /// The bench lab's prefix ([a-z0-9], ≤16).
+        #[arg(long, default_value = bench::DEFAULT_PREFIX)]
+        prefix: String,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// A short run (smoke test): one run, 1 s bulk runs, few samples, 10 pods.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of every measure (default 5; 1 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Seconds per bulk-throughput run (default 5; 1 with --quick).
+        #[arg(long)]
+        duration: Option<u32>,
+        /// Enrolled pods on node A while CNI ADD/DEL are measured (default 10,100,1000;
+        /// 10 with --quick); cold start and the ztunnel IP change run at the largest.
+        #[arg(long, value_delimiter = ',')]
+        pods: Option<Vec<usize>>,
     },
     /// Test server run inside pods.
     #[command(hide = true)]
@@ -180,6 +203,36 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
         Cmd::Demo { prefix } => emit(&demo::run(&prefix.prefix)?)?,
+        Cmd::Bench {
+            prefix,
+            json,
+            quick,
+            runs,
+            duration,
+            pods,
+        } => {
+            let report = bench::run(&bench::BenchOptions {
+                prefix,
+                quick,
+                runs,
+                duration,
+                pods,
+            })?;
+            emit(&report.table())?;
+            if let Some(path) = json {
+                bench::write_json(&report, &path)?;
+                eprintln!("bench: JSON written to {}", path.display());
+            }
+            eprintln!(
+                "bench: {} of {} targets met",
+                report
+                    .targets
+                    .iter()
+                    .filter(|t| t.met == Some(true))
+                    .count(),
+                report.targets.len()
+            );
+        }
         Cmd::Serve { port } => serve::run(port)?,
         Cmd::TproxyListen { ports, log } => tproxy::run(&ports, &log)?,
     }
