@@ -7,9 +7,12 @@
 # 2. What the schemas cannot see: duplicate YAML keys; kustomization.yaml lists exactly the
 #    manifests of this directory; namespaced objects sit in istio-system; every ServiceAccount,
 #    ConfigMap (and key), Secret (and key) and ClusterRole referred to exists; DaemonSet selectors
-#    match their pod labels; every image is the kustomization's image; the agent's config.json
-#    and the CNI entry are well-formed and agree with the ztunnel DaemonSet (namespace + name
-#    prefix) and the agent's socket.
+#    match their pod labels; every image is the kustomization's image; both binaries run in
+#    Kubernetes mode with --node-name from the downward API; the agent's --ztunnel-namespace and
+#    --ztunnel-label select exactly the ztunnel DaemonSet's pods; the excluded namespaces agree
+#    (agent, ztunnel, CNI entry); the CNI entry is well-formed and names the agent's socket;
+#    ztunnel's config file is the mounted ConfigMap's and holds policies only; --proc-netns
+#    agrees with hostPID; each ServiceAccount is granted exactly what its binary uses.
 # (Rendering the kustomization needs kubectl or kustomize, which this machine does not have.)
 #
 # kubernetes-validate comes from PyPI (.ci/run installs it into target/manifest-venv):
@@ -56,7 +59,6 @@ import yaml
 
 NS = "istio-system"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-AGENT_KEYS = {"ambientNamespaces", "excludedNamespaces", "optOutPods", "ztunnel"}
 PLUGIN_KEYS = {"type", "agentSocket", "logFile", "logLevel", "failOpen",
                "excludedNamespaces", "timeoutMs"}
 ZTUNNEL_KEYS = {"workloads", "services", "policies"}
@@ -168,43 +170,118 @@ for (kind, ns, name), d in objs.items():
                 if not cm or ref["key"] not in (cm.get("data") or {}):
                     err(f"{where}: container {c['name']}: env {e['name']}: no ConfigMap key {ref['name']}/{ref['key']}")
 
-# The agent's settings agree with the ztunnel DaemonSet and the agent's socket.
+# The two binaries' flags agree with each other, with the DaemonSets and with the CNI entry.
+def container(ds_name, command):
+    d = get("DaemonSet", ds_name)
+    if not d:
+        err(f"DaemonSet {ds_name} must exist")
+        return None, None
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        if c.get("command") == [command]:
+            return d, c
+    err(f"DaemonSet {ds_name}: no container runs {command}")
+    return d, None
+
+def flags(c):
+    """--name=value flags (and bare --name switches) of a container."""
+    out = {}
+    for a in (c or {}).get("args") or []:
+        if a.startswith("--"):
+            k, _, v = a[2:].partition("=")
+            out[k] = v
+    return out
+
+def node_name_from_downward_api(where, c, f):
+    if f.get("node-name") != "$(NODE_NAME)":
+        err(f"{where}: needs --node-name=$(NODE_NAME)")
+    env = {e["name"]: e for e in c.get("env") or []}
+    ref = ((env.get("NODE_NAME") or {}).get("valueFrom") or {}).get("fieldRef") or {}
+    if ref.get("fieldPath") != "spec.nodeName":
+        err(f"{where}: env NODE_NAME must come from the downward API's spec.nodeName")
+
+def namespace_list(v):
+    return sorted(n for n in v.split(",") if n)
+
+agent_ds, agent = container("ambient-agent", "ambient-agent")
+zt_ds, zt = container("ztunnel", "ztunnel")
+af, zf = flags(agent), flags(zt)
+excluded = {}
+if agent:
+    if (agent.get("args") or [None])[0] != "run" or "kube" not in af:
+        err("ambient-agent: must run `ambient-agent run --kube` (Kubernetes mode)")
+    node_name_from_downward_api("ambient-agent", agent, af)
+    # The ztunnel pod is found by namespace AND label AND node: in that namespace, exactly the
+    # ztunnel DaemonSet's pods may carry that label.
+    zns = af.get("ztunnel-namespace", "istio-system")
+    key, _, value = af.get("ztunnel-label", "app=ztunnel").partition("=")
+    matching = [n for (k, ns, n), d in objs.items() if k == "DaemonSet" and ns == zns
+                and (d["spec"]["template"]["metadata"].get("labels") or {}).get(key) == value]
+    if matching != ["ztunnel"] or not zt_ds or zt_ds["metadata"]["namespace"] != zns:
+        err(f"ambient-agent: --ztunnel-namespace={zns} --ztunnel-label={key}={value} must select "
+            f"exactly the ztunnel DaemonSet's pods, not {matching}")
+    # Without hostPID, /proc shows only the agent's own processes.
+    if af.get("proc-netns", "true") != "false" and not agent_ds["spec"]["template"]["spec"].get("hostPID"):
+        err("ambient-agent: --proc-netns (default true) needs hostPID: true; set --proc-netns=false")
+    excluded["the agent's --excluded-namespaces"] = namespace_list(af.get("excluded-namespaces", "kube-system"))
+if zt:
+    if "kube" not in zf:
+        err("ztunnel: must run with --kube (Kubernetes mode)")
+    node_name_from_downward_api("ztunnel", zt, zf)
+    excluded["ztunnel's --excluded-namespaces"] = namespace_list(zf.get("excluded-namespaces", "kube-system"))
+
 cm = get("ConfigMap", "ambient-agent-config")
-agent = get("DaemonSet", "ambient-agent")
-if not cm or not agent:
-    err("ConfigMap ambient-agent-config and DaemonSet ambient-agent must exist")
-else:
-    try:
-        conf = json.loads(cm["data"]["config.json"])
-        unknown = set(conf) - AGENT_KEYS
+try:
+    if "config.json" in cm["data"]:
+        err("ambient-agent-config: config.json is standalone mode's; with --kube the agent takes flags")
+    plugin = json.loads(cm["data"]["cni-plugin.json"])
+    if not isinstance(plugin, dict) or plugin.get("type") != "ambient-cni":
+        err('cni-plugin.json: must be an object with "type": "ambient-cni"')
+    else:
+        unknown = set(plugin) - PLUGIN_KEYS
         if unknown:
-            err(f"config.json: unknown keys {sorted(unknown)} (the agent refuses them)")
-        zt = conf["ztunnel"]
-        if set(zt) != {"namespace", "podNamePrefix"} or not all(zt.values()):
-            err("config.json: ztunnel needs exactly namespace and podNamePrefix, both non-empty")
-        ds = [n for (k, ns, n), d in objs.items() if k == "DaemonSet" and ns == zt["namespace"]
-              and n.startswith(zt["podNamePrefix"])
-              and d["spec"]["template"]["spec"]["containers"][0]["command"] == ["ztunnel"]]
-        if not ds:
-            err(f"config.json: no ztunnel DaemonSet in {zt['namespace']} named {zt['podNamePrefix']}*")
-    except (KeyError, TypeError, ValueError) as e:
-        err(f"config.json: {e!r}")
-    try:
-        plugin = json.loads(cm["data"]["cni-plugin.json"])
-        if not isinstance(plugin, dict) or plugin.get("type") != "ambient-cni":
-            err('cni-plugin.json: must be an object with "type": "ambient-cni"')
-        else:
-            unknown = set(plugin) - PLUGIN_KEYS
-            if unknown:
-                err(f"cni-plugin.json: unknown keys {sorted(unknown)}")
-            if NS in (plugin.get("excludedNamespaces") or []):
-                err(f"cni-plugin.json: {NS} must not be excluded (the ztunnel pod registers through the plugin)")
-            args = agent["spec"]["template"]["spec"]["containers"][0]["args"]
-            sock = next((a.split("=", 1)[1] for a in args if a.startswith("--socket=")), None)
-            if plugin.get("agentSocket") != sock:
-                err(f"cni-plugin.json: agentSocket {plugin.get('agentSocket')!r} is not the agent's --socket {sock!r}")
-    except (KeyError, TypeError, ValueError) as e:
-        err(f"cni-plugin.json: {e!r}")
+            err(f"cni-plugin.json: unknown keys {sorted(unknown)}")
+        excluded["cni-plugin.json's excludedNamespaces"] = sorted(plugin.get("excludedNamespaces") or [])
+        sock = af.get("socket")
+        if plugin.get("agentSocket") != sock:
+            err(f"cni-plugin.json: agentSocket {plugin.get('agentSocket')!r} is not the agent's --socket {sock!r}")
+except (KeyError, TypeError, ValueError) as e:
+    err(f"cni-plugin.json: {e!r}")
+# Never captured = never in the mesh = never blocked: one list everywhere.
+if len({tuple(v) for v in excluded.values()}) > 1:
+    err("excluded namespaces differ: " + "; ".join(f"{k} {v}" for k, v in excluded.items()))
+for k, v in excluded.items():
+    if NS in v:
+        err(f"{k}: {NS} must not be excluded (the ztunnel pod registers through the CNI plugin)")
+
+# Least privilege: what each binary's ServiceAccount is granted, exactly.
+EXPECTED_RBAC = {
+    "ambient-agent": {("", "namespaces", "list"), ("", "namespaces", "watch"),
+                      ("", "pods", "list"), ("", "pods", "watch"), ("", "pods", "patch")},
+    "ztunnel": {(g, r, v) for g, r in (("", "pods"), ("", "namespaces"), ("", "services"),
+                                      ("discovery.k8s.io", "endpointslices"))
+                for v in ("list", "watch")},
+}
+for ds_name, want in EXPECTED_RBAC.items():
+    d = get("DaemonSet", ds_name)
+    if not d:
+        continue
+    sa = d["spec"]["template"]["spec"].get("serviceAccountName")
+    granted = set()
+    for (kind, ns, name), b in objs.items():
+        if kind not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa
+                   and s.get("namespace", ns) == NS for s in b.get("subjects") or []):
+            continue
+        role = get(b["roleRef"]["kind"], b["roleRef"]["name"], ns)
+        for rule in (role or {}).get("rules") or []:
+            if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+                err(f"{b['roleRef']['name']}: resourceNames/nonResourceURLs are not expected")
+            granted |= {(g, r, v) for g in rule.get("apiGroups") or []
+                        for r in rule.get("resources") or [] for v in rule.get("verbs") or []}
+    if granted != want:
+        err(f"{ds_name}: ServiceAccount {sa} is granted {sorted(granted - want)} too much and "
+            f"{sorted(want - granted)} too little")
 
 zcm = get("ConfigMap", "ztunnel-config")
 try:
@@ -212,6 +289,11 @@ try:
     unknown = set(zconf) - ZTUNNEL_KEYS
     if unknown:
         err(f"ztunnel config.yaml: unknown keys {sorted(unknown)} (ztunnel refuses them)")
+    if "kube" in zf and set(zconf) - {"policies"}:
+        err(f"ztunnel config.yaml: {sorted(set(zconf) - {'policies'})} with --kube (policies only; ztunnel refuses them)")
+    mounted = [m["mountPath"] for m in (zt or {}).get("volumeMounts") or [] if m["name"] == "config"]
+    if [f"{m}/config.yaml" for m in mounted] != [zf.get("config")]:
+        err(f"ztunnel: --config={zf.get('config')} is not config.yaml of the mounted ConfigMap {mounted}")
 except (KeyError, TypeError, yaml.YAMLError) as e:
     err(f"ztunnel config.yaml: {e!r}")
 
