@@ -115,6 +115,12 @@ enum Cmd {
         /// 10 with --quick); cold start and the ztunnel IP change run at the largest.
         #[arg(long, value_delimiter = ',')]
         pods: Option<Vec<usize>>,
+        /// Measure only the data plane or only the control plane.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
+        /// Leave the lab up afterwards, e.g. to profile it (`ambient-lab down --prefix bench`).
+        #[arg(long)]
+        keep: bool,
     },
     /// Test server run inside pods.
     #[command(hide = true)]
@@ -210,6 +216,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             runs,
             duration,
             pods,
+            only,
+            keep,
         } => {
             let report = bench::run(&bench::BenchOptions {
                 prefix,
@@ -217,6 +225,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 runs,
                 duration,
                 pods,
+                only,
+                keep,
             })?;
             emit(&report.table())?;
             if let Some(path) = json {

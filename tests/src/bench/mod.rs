@@ -38,6 +38,17 @@ pub struct BenchOptions {
     pub duration: Option<u32>,
     /// Enrolled-pod levels of the CNI measures.
     pub pods: Option<Vec<usize>>,
+    /// Measure only this part.
+    pub only: Option<Part>,
+    /// Leave the lab up afterwards (for profiling; `ambient-lab down --prefix <prefix>`).
+    pub keep: bool,
+}
+
+/// The two halves of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Dataplane,
+    Control,
 }
 
 impl BenchOptions {
@@ -152,9 +163,18 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     ));
     let mut lab = Lab::up(&opts.prefix, LabOptions::new(&exe))?;
     progress.say("lab up");
-    let measured = measure(&lab, &dp_plan, &cp_plan, &progress);
-    progress.say("tearing the lab down");
-    let down = lab.down();
+    let measured = measure(&lab, opts.only, &dp_plan, &cp_plan, &progress);
+    let down = if opts.keep {
+        progress.say(format!(
+            "leaving lab {} up (ambient-lab down --prefix {} removes it)",
+            opts.prefix, opts.prefix
+        ));
+        lab.detach();
+        Ok(())
+    } else {
+        progress.say("tearing the lab down");
+        lab.down()
+    };
     let (dataplane, controlplane) = measured?;
     down?;
     Report::new(dataplane, controlplane, progress.elapsed().as_secs_f64())
@@ -162,10 +182,14 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
 
 fn measure(
     lab: &Lab,
+    only: Option<Part>,
     dp_plan: &DataplanePlan,
     cp_plan: &ControlPlan,
     progress: &Progress,
-) -> Result<(dataplane::DataplaneReport, control::ControlReport)> {
+) -> Result<(
+    Option<dataplane::DataplaneReport>,
+    Option<control::ControlReport>,
+)> {
     sys::check_interrupted()?;
     let state = LabState::load(lab.prefix())?.context("no lab state")?;
     let pid = |name: &str| {
@@ -178,9 +202,15 @@ fn measure(
         a: pid("ztunnel-a")?,
         b: pid("ztunnel-b")?,
     };
-    let dp = dataplane::run(lab, zt, dp_plan, progress)?;
+    let dp = match only {
+        Some(Part::Control) => None,
+        _ => Some(dataplane::run(lab, zt, dp_plan, progress)?),
+    };
     sys::check_interrupted()?;
-    let cp = control::run(lab, cp_plan, progress)?;
+    let cp = match only {
+        Some(Part::Dataplane) => None,
+        _ => Some(control::run(lab, cp_plan, progress)?),
+    };
     Ok((dp, cp))
 }
 
@@ -204,6 +234,8 @@ mod tests {
             runs: None,
             duration: None,
             pods: None,
+            only: None,
+            keep: false,
         };
         assert_eq!(quick.dataplane_plan().runs, 1);
         assert_eq!(quick.control_plan().unwrap().levels, vec![10]);

@@ -44,15 +44,17 @@ pub struct Report {
     pub machine: Machine,
     pub started_unix: u64,
     pub seconds: f64,
-    pub dataplane: DataplaneReport,
-    pub controlplane: ControlReport,
+    /// Absent when skipped (`--only control`).
+    pub dataplane: Option<DataplaneReport>,
+    /// Absent when skipped (`--only dataplane`).
+    pub controlplane: Option<ControlReport>,
     pub targets: Vec<Target>,
 }
 
 impl Report {
     pub fn new(
-        dataplane: DataplaneReport,
-        controlplane: ControlReport,
+        dataplane: Option<DataplaneReport>,
+        controlplane: Option<ControlReport>,
         seconds: f64,
     ) -> Result<Report> {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -73,7 +75,13 @@ impl Report {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let targets = targets(&dataplane, &controlplane);
+        let mut targets = Vec::new();
+        if let Some(dp) = &dataplane {
+            targets.extend(dataplane_targets(dp));
+        }
+        if let Some(cp) = &controlplane {
+            targets.extend(control_targets(cp));
+        }
         Ok(Report {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             build: if cfg!(debug_assertions) {
@@ -138,7 +146,7 @@ fn judge(id: &str, what: &str, target: &str, value: f64, figure: String, ok: boo
     }
 }
 
-pub fn targets(dp: &DataplaneReport, cp: &ControlReport) -> Vec<Target> {
+pub fn dataplane_targets(dp: &DataplaneReport) -> Vec<Target> {
     let mut t = Vec::new();
     let r = dp.one_stream.ratio.median;
     t.push(judge(
@@ -217,6 +225,11 @@ pub fn targets(dp: &DataplaneReport, cp: &ControlReport) -> Vec<Target> {
         format!("{} MB", num(open)),
         open <= 40.0,
     ));
+    t
+}
+
+pub fn control_targets(cp: &ControlReport) -> Vec<Target> {
+    let mut t = Vec::new();
     if let (Some(lo), Some(hi)) = (level_at(cp, true), level_at(cp, false)) {
         let p50 = hi.plugin_add_ms.p50.median;
         let p99 = hi.plugin_add_ms.p99.median;
@@ -359,8 +372,6 @@ fn lat_row(t: &mut Table, what: String, l: &Lat) {
 impl Report {
     /// The human-readable table.
     pub fn table(&self) -> String {
-        let dp = &self.dataplane;
-        let cp = &self.controlplane;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -370,7 +381,7 @@ impl Report {
             self.machine.cpus,
             self.machine.cpu_model,
             self.machine.kernel,
-            dp.plan.runs,
+            self.runs(),
             self.seconds
         );
         let _ = writeln!(
@@ -379,31 +390,60 @@ impl Report {
         );
 
         let mut t = Table::new();
+        if let Some(dp) = &self.dataplane {
+            dataplane_rows(&mut t, dp);
+        }
+        if let Some(cp) = &self.controlplane {
+            control_rows(&mut t, cp);
+        }
+        t.row(["TARGETS", "", ""]);
+        for g in &self.targets {
+            t.row([
+                format!("{} {} {}", g.id, g.what, g.target),
+                g.figure.clone(),
+                match g.met {
+                    Some(true) => "met",
+                    Some(false) => "NOT MET",
+                    None => "n/a",
+                }
+                .to_string(),
+            ]);
+        }
+        t.render(&mut out);
+        out
+    }
+
+    fn runs(&self) -> usize {
+        match (&self.dataplane, &self.controlplane) {
+            (Some(dp), _) => dp.plan.runs,
+            (None, Some(cp)) => cp.plan.runs,
+            _ => 0,
+        }
+    }
+}
+
+fn dataplane_rows(t: &mut Table, dp: &DataplaneReport) {
+    {
         t.row([
             "DATA PLANE, pod on node A → pod on node B",
             "meshed: a-client → b-app (HBONE)",
             "unmeshed: a-plain → b-plain",
         ]);
         pair_row(
-            &mut t,
+            t,
             &format!("bulk TCP, 1 stream, Gbit/s ({} s)", dp.plan.bulk_seconds),
             &dp.one_stream.gbps,
             1.0,
         );
+        pair_row(t, "bulk TCP, 4 streams, Gbit/s", &dp.four_streams.gbps, 1.0);
         pair_row(
-            &mut t,
-            "bulk TCP, 4 streams, Gbit/s",
-            &dp.four_streams.gbps,
-            1.0,
-        );
-        pair_row(
-            &mut t,
+            t,
             "  machine CPU busy, 1 stream, %",
             &dp.one_stream.machine_busy,
             100.0,
         );
         pair_row(
-            &mut t,
+            t,
             "  machine CPU busy, 4 streams, %",
             &dp.four_streams.machine_busy,
             100.0,
@@ -411,16 +451,16 @@ impl Report {
         let rr = &dp.req_resp_1k.latency;
         let rr_n = format!("{} per run", rr.samples_per_run);
         pair_row(
-            &mut t,
+            t,
             &format!("1 KB req/resp p50, µs ({rr_n})"),
             &rr.p50_us,
             1.0,
         );
-        pair_row(&mut t, "1 KB req/resp p99, µs", &rr.p99_us, 1.0);
-        pair_row(&mut t, "1 KB req/resp p99.9, µs", &rr.p999_us, 1.0);
+        pair_row(t, "1 KB req/resp p99, µs", &rr.p99_us, 1.0);
+        pair_row(t, "1 KB req/resp p99.9, µs", &rr.p999_us, 1.0);
         let c = &dp.connect.latency;
         pair_row(
-            &mut t,
+            t,
             &format!(
                 "new connection + 1 B echo p50, µs ({} per run)",
                 c.samples_per_run
@@ -428,9 +468,9 @@ impl Report {
             &c.p50_us,
             1.0,
         );
-        pair_row(&mut t, "new connection + 1 B echo p99, µs", &c.p99_us, 1.0);
+        pair_row(t, "new connection + 1 B echo p99, µs", &c.p99_us, 1.0);
         pair_row(
-            &mut t,
+            t,
             &format!(
                 "new connections/s ({} concurrent clients)",
                 dp.connect.rate_clients
@@ -456,9 +496,9 @@ impl Report {
             ),
             String::new(),
         ]);
-        zt_row(&mut t, "ztunnel RSS idle (fresh), MB", &dp.rss.idle_mb);
+        zt_row(t, "ztunnel RSS idle (fresh), MB", &dp.rss.idle_mb);
         zt_row(
-            &mut t,
+            t,
             &format!(
                 "ztunnel RSS, {} open connections, MB",
                 dp.rss.open_connections
@@ -466,44 +506,48 @@ impl Report {
             &dp.rss.open_mb,
         );
         zt_row(
-            &mut t,
+            t,
             "ztunnel RSS idle after the runs, MB",
             &dp.rss.after_load_mb,
         );
         t.row([""; 3]);
+    }
+}
 
+fn control_rows(t: &mut Table, cp: &ControlReport) {
+    {
         t.row(["CONTROL PLANE, node A, ms", "p50", "p99"]);
         for l in &cp.levels {
             lat_row(
-                &mut t,
+                t,
                 format!("CNI ADD, whole chain, {} pods enrolled", l.pods),
                 &l.chain_add_ms,
             );
         }
         for l in &cp.levels {
             lat_row(
-                &mut t,
+                t,
                 format!("CNI DEL, whole chain, {} pods enrolled", l.pods),
                 &l.chain_del_ms,
             );
         }
         for l in &cp.levels {
             lat_row(
-                &mut t,
+                t,
                 format!("  ptp + host-local alone, ADD, {} pods", l.pods),
                 &l.primary_add_ms,
             );
         }
         for l in &cp.levels {
             lat_row(
-                &mut t,
+                t,
                 format!("ambient-cni share of ADD (P6), {} pods", l.pods),
                 &l.plugin_add_ms,
             );
         }
         for l in &cp.levels {
             lat_row(
-                &mut t,
+                t,
                 format!("ambient-cni share of DEL, {} pods", l.pods),
                 &l.plugin_del_ms,
             );
@@ -547,21 +591,5 @@ impl Report {
             String::new(),
         ]);
         t.row([""; 3]);
-
-        t.row(["TARGETS", "", ""]);
-        for g in &self.targets {
-            t.row([
-                format!("{} {} {}", g.id, g.what, g.target),
-                g.figure.clone(),
-                match g.met {
-                    Some(true) => "met",
-                    Some(false) => "NOT MET",
-                    None => "n/a",
-                }
-                .to_string(),
-            ]);
-        }
-        t.render(&mut out);
-        out
     }
 }
