@@ -22,6 +22,7 @@
 //!   `captured_traffic_skips_kube_proxy_nat`, with a control run without it).
 
 mod exec;
+pub mod netlink;
 mod observe;
 mod render;
 
@@ -447,11 +448,40 @@ fn pod_element_batches(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Vec<(&'static str, V
         .collect()
 }
 
-/// CNI ADD fast path: records pod addresses, one transaction touching only the pod sets.
-/// Creates the table and sets if missing (chains stay to the agent's reconcile).
+/// nf_tables' family number of the node table (`NFPROTO_INET`).
+const NFPROTO_INET: u8 = 1;
+
+/// The pod-set changes as one netlink transaction (no `nft` process); `false` when it could not
+/// be applied that way (table or set missing, or netlink refused), so the caller uses `nft`.
+fn elements_by_netlink(todo: &[(&'static str, Vec<IpAddr>)], ops: &[netlink::ElemOp]) -> bool {
+    let changes: Vec<netlink::ElemChange<'_>> = todo
+        .iter()
+        .flat_map(|(set, ips)| {
+            ops.iter().map(move |op| netlink::ElemChange {
+                op: *op,
+                set,
+                addrs: ips,
+            })
+        })
+        .collect();
+    match netlink::apply(NFPROTO_INET, NODE.name, &changes) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "pod set change over netlink failed; using nft");
+            false
+        }
+    }
+}
+
+/// CNI ADD fast path: records pod addresses, one transaction touching only the pod sets
+/// (over netlink; with `nft` when the table or a set is missing, which creates the table and
+/// sets — chains stay to the agent's reconcile).
 pub fn add_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftError> {
     let todo = pod_element_batches(v4, v6);
     if todo.is_empty() {
+        return Ok(());
+    }
+    if elements_by_netlink(&todo, &[netlink::ElemOp::Add]) {
         return Ok(());
     }
     let mut b = Batch::new();
@@ -468,10 +498,14 @@ pub fn add_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftError
 /// CNI DEL fast path: removes pod addresses; absent addresses, sets or table are fine.
 ///
 /// nft 1.0.6 has no `destroy`; each element is added then deleted in the same transaction,
-/// which succeeds whether or not it was there and never shows it to a packet.
+/// which succeeds whether or not it was there and never shows it to a packet. Over netlink
+/// first; with `nft` when the table or a set is missing.
 pub fn delete_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftError> {
     let todo = pod_element_batches(v4, v6);
     if todo.is_empty() {
+        return Ok(());
+    }
+    if elements_by_netlink(&todo, &[netlink::ElemOp::Add, netlink::ElemOp::Delete]) {
         return Ok(());
     }
     let batch = |sets: &[(&'static str, Vec<IpAddr>)]| {

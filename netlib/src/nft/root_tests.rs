@@ -520,3 +520,106 @@ fn delete_elements_when_one_set_is_missing() {
     assert!(!obs.sets.contains_key(consts::POD_SET_V6));
     assert!(!ns.run(|| pod_element_present(v6.into())).unwrap());
 }
+
+#[test]
+fn pod_elements_over_netlink_without_nft() {
+    if !can_run() {
+        return;
+    }
+    let ns = TestNs::new();
+    let (t, s4, s6) = (consts::NODE_NFT_TABLE, consts::POD_SET, consts::POD_SET_V6);
+    let a: IpAddr = Ipv4Addr::new(10, 9, 0, 1).into();
+    let b: IpAddr = Ipv4Addr::new(10, 9, 0, 2).into();
+    let c: IpAddr = "fd00::9".parse::<Ipv6Addr>().unwrap().into();
+    let change = |op, set, addrs: &[IpAddr]| {
+        let addrs = addrs.to_vec();
+        ns.run(move || {
+            netlink::apply(
+                NFPROTO_INET,
+                t,
+                &[netlink::ElemChange {
+                    op,
+                    set,
+                    addrs: &addrs,
+                }],
+            )
+        })
+    };
+    // No table: the kernel says ENOENT, nothing is created.
+    assert!(matches!(
+        change(netlink::ElemOp::Add, s4, &[a]),
+        Err(netlink::BatchError::Kernel(libc::ENOENT))
+    ));
+    assert_eq!(ns.nft(&["list", "ruleset"]).trim(), "");
+    ns.nft_stdin(&format!(
+        "add table inet {t}\nadd set inet {t} {s4} {{ type ipv4_addr; }}\nadd set inet {t} {s6} {{ type ipv6_addr; }}\n"
+    ));
+    change(netlink::ElemOp::Add, s4, &[a, b]).unwrap();
+    change(netlink::ElemOp::Add, s4, &[a]).unwrap();
+    change(netlink::ElemOp::Add, s6, &[c]).unwrap();
+    let obs = ns.run(observe_node).unwrap().unwrap();
+    assert_eq!(
+        obs.pods_v4(),
+        [Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 2)].into()
+    );
+    assert_eq!(obs.pods_v6().len(), 1);
+    change(netlink::ElemOp::Delete, s4, &[a]).unwrap();
+    // Deleting an absent element fails and rolls back the whole batch.
+    let both = [b, a];
+    let r = ns.run(|| {
+        netlink::apply(
+            NFPROTO_INET,
+            t,
+            &[
+                netlink::ElemChange {
+                    op: netlink::ElemOp::Delete,
+                    set: s4,
+                    addrs: &both[..1],
+                },
+                netlink::ElemChange {
+                    op: netlink::ElemOp::Delete,
+                    set: s4,
+                    addrs: &both[1..],
+                },
+            ],
+        )
+    });
+    assert!(
+        matches!(r, Err(netlink::BatchError::Kernel(libc::ENOENT))),
+        "{r:?}"
+    );
+    let obs = ns.run(observe_node).unwrap().unwrap();
+    assert_eq!(obs.pods_v4(), [Ipv4Addr::new(10, 9, 0, 2)].into());
+    // Add then delete in one transaction (the DEL fast path): fine whether or not it was there.
+    for _ in 0..2 {
+        ns.run(|| {
+            netlink::apply(
+                NFPROTO_INET,
+                t,
+                &[
+                    netlink::ElemChange {
+                        op: netlink::ElemOp::Add,
+                        set: s4,
+                        addrs: &both[..1],
+                    },
+                    netlink::ElemChange {
+                        op: netlink::ElemOp::Delete,
+                        set: s4,
+                        addrs: &both[..1],
+                    },
+                ],
+            )
+        })
+        .unwrap();
+    }
+    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 2)], &[])).unwrap();
+    // The fast paths themselves: add and delete (twice) without falling back.
+    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
+        .unwrap();
+    ns.run(|| delete_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
+        .unwrap();
+    ns.run(|| delete_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
+        .unwrap();
+    let obs = ns.run(observe_node).unwrap().unwrap();
+    assert_eq!(obs.pods_v4(), [Ipv4Addr::new(10, 9, 0, 2)].into());
+}
