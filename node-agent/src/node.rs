@@ -17,6 +17,7 @@ use ambient_net::nft::{self, NodeNft, NodeRules};
 use ambient_net::nl::{self, Netlink};
 use ambient_net::proto::{Attachment, PodInfo, Reply, Request};
 use ambient_net::sysctl::Sysctl;
+use netlink_packet_route::link::LinkAttribute;
 use anyhow::{anyhow, Context};
 use tracing::{info, warn};
 
@@ -328,9 +329,9 @@ impl Node {
     }
 
     async fn enroll_in_kernel(&mut self, p: &PodRecord) -> anyhow::Result<()> {
-        let devs = std::iter::once(&p.host_veth).chain(p.host_bridge.as_ref());
-        let relax: Vec<_> = devs.map(|d| Sysctl::conf(d, "rp_filter", "0")).collect();
-        nl::apply_sysctls(&relax)?;
+        for dev in std::iter::once(&p.host_veth).chain(p.host_bridge.as_ref()) {
+            relax_rp_filter(&self.nl, dev).await?;
+        }
         if self.nft_gateways_change(p) {
             // A new gateway address changes the output chain: converge everything.
             self.reconcile().await?;
@@ -462,14 +463,57 @@ impl Node {
     pub(crate) async fn pod_host_side(&self, pod: &PodInfo) -> anyhow::Result<HostSide> {
         let inner = Netlink::in_netns(Path::new(&pod.netns))
             .with_context(|| format!("open pod netns {}", pod.netns))?;
-        let peer = inner
-            .veth_peer_index(&pod.if_name)
-            .await
-            .with_context(|| format!("{} in {}", pod.if_name, pod.netns))?;
-        let (name, _) =
-            self.nl.link_name_mtu(peer).await?.ok_or_else(|| {
-                anyhow!("the peer of {} (#{peer}) is not in this netns", pod.if_name)
+        // One link query per side (each one costs the kernel a walk over the netns ids of a
+        // node with many pods): the pod's interface gives its peer and MAC, the peer its
+        // name, MTU and bridge.
+        let pod_link = inner
+            .link_by_name(&pod.if_name)
+            .await?
+            .ok_or_else(|| anyhow!("no {} in {}", pod.if_name, pod.netns))?;
+        let peer = pod_link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Link(i) => Some(*i),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} in {} has no peer link (not a veth?)",
+                    pod.if_name,
+                    pod.netns
+                )
             })?;
+        let pod_mac = pod_link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(b) if b.len() == 6 => Some(
+                    b.iter()
+                        .map(|o| format!("{o:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                ),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("{} has no MAC address", pod.if_name))?;
+        let host = self.nl.link_by_index(peer).await?.ok_or_else(|| {
+            anyhow!("the peer of {} (#{peer}) is not in this netns", pod.if_name)
+        })?;
+        let (mut name, mut mtu, mut controller) = (None, 1500, None);
+        for a in &host.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                LinkAttribute::Controller(c) => controller = Some(*c),
+                _ => {}
+            }
+        }
+        let name = name.ok_or_else(|| anyhow!("link #{peer} has no name"))?;
+        let bridge = match controller {
+            Some(c) => self.nl.link_name_mtu(c).await?.map(|(n, _)| n),
+            None => None,
+        };
         let gateway = match pod.gateways.iter().find_map(|g| match g {
             IpAddr::V4(v4) => Some(*v4),
             _ => None,
@@ -481,11 +525,10 @@ impl Node {
                 .map(|(g, _)| g)
                 .ok_or_else(|| anyhow!("pod {} has no IPv4 gateway", pod.name))?,
         };
-        let index = self.nl.link_index(&name).await?;
         Ok(HostSide {
-            bridge: self.nl.link_controller(index).await?,
-            mtu: self.nl.link_name_mtu(index).await?.map_or(1500, |(_, m)| m),
-            pod_mac: inner.link_mac(&pod.if_name).await?,
+            bridge,
+            mtu,
+            pod_mac,
             veth: name,
             gateway,
         })
@@ -565,6 +608,38 @@ fn v6(ips: &[IpAddr]) -> Vec<Ipv6Addr> {
             _ => None,
         })
         .collect()
+}
+
+/// `net.ipv4.conf.<dev>.rp_filter = 0`, set over rtnetlink (RTM_SETLINK by name with
+/// IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF holding only RP_FILTER) rather than through
+/// /proc/sys, whose path lookups get slower with every pod netns on the node (each one adds a
+/// `/proc/sys/net` dentry to the same hash chain). A device that is gone is skipped, as
+/// [`nl::apply_sysctls`] does.
+async fn relax_rp_filter(nl: &Netlink, dev: &str) -> anyhow::Result<()> {
+    use netlink_packet_core::{DefaultNla, NLA_F_NESTED};
+    use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
+    use rtnetlink::LinkUnspec;
+    const IFLA_INET_CONF: u16 = 1;
+    const IPV4_DEVCONF_RP_FILTER: u16 = 8;
+    let mut conf = Vec::with_capacity(8);
+    conf.extend_from_slice(&8u16.to_ne_bytes());
+    conf.extend_from_slice(&IPV4_DEVCONF_RP_FILTER.to_ne_bytes());
+    conf.extend_from_slice(&0u32.to_ne_bytes());
+    let af = LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![AfSpecInet::Other(
+        DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, conf),
+    )])]);
+    let msg = LinkUnspec::new_with_name(dev)
+        .append_extra_attribute(af)
+        .build();
+    match nl.handle().link().set(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("rp_filter=0 on {dev}: {e}")),
+    }
 }
 
 fn pod_route(ip: Ipv4Addr, gateway: Ipv4Addr) -> (RouteKey, model::RouteValue) {

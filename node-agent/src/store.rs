@@ -1,5 +1,6 @@
-//! What the agent must remember across restarts, on disk as JSON, written atomically
-//! (write + rename), so a restarted agent adopts the kernel state instead of rebuilding it.
+//! What the agent must remember across restarts, on disk as JSON (a snapshot written
+//! atomically with write + rename, and a journal of pod changes appended to it), so a
+//! restarted agent adopts the kernel state instead of rebuilding it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -67,19 +68,53 @@ pub fn key(container_id: &str, if_name: &str) -> String {
     format!("{container_id}/{if_name}")
 }
 
-/// The state directory: `state.json` (everything) and `tunnel.json` (what ztunnel-init reads).
-#[derive(Debug, Clone)]
+/// The state directory: `state.json` (a snapshot), `state.journal` (pod changes since the
+/// snapshot, one JSON line each) and `tunnel.json` (what ztunnel-init reads).
+///
+/// CNI ADD and DEL change one pod, and rewriting a snapshot of every pod for each of them
+/// made their cost grow with the number of pods (and on a disk-backed state dir, allocate an
+/// inode per write). A pod-only change is appended to the journal instead; any other change,
+/// or a journal longer than the pod count (at least [`MIN_COMPACT`] lines), writes a fresh
+/// snapshot and starts a new journal. Loading replays the journal over the snapshot; a torn
+/// last line (the agent killed mid-write) is ignored.
+#[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    written: std::sync::Mutex<Written>,
+}
+
+/// Journal lines before a compaction is considered.
+const MIN_COMPACT: usize = 256;
+
+/// What the files hold, as far as this process knows.
+#[derive(Debug, Default)]
+struct Written {
+    /// The state the snapshot plus journal describe; `None` until the first snapshot.
+    state: Option<AgentState>,
+    journal_lines: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum JournalEntry {
+    Put { key: String, pod: Box<PodRecord> },
+    Del { key: String },
 }
 
 impl Store {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            written: Default::default(),
+        }
     }
 
     pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join("state.journal")
     }
 
     pub fn tunnel_path(&self) -> PathBuf {
@@ -87,41 +122,154 @@ impl Store {
     }
 
     pub fn load(&self) -> anyhow::Result<AgentState> {
-        match std::fs::read_to_string(self.state_path()) {
+        let mut state = match std::fs::read_to_string(self.state_path()) {
             Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| anyhow::anyhow!("state {}: {e}", self.state_path().display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
-            Err(e) => Err(e.into()),
+                .map_err(|e| anyhow::anyhow!("state {}: {e}", self.state_path().display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentState::default(),
+            Err(e) => return Err(e.into()),
+        };
+        let journal = match std::fs::read_to_string(self.journal_path()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for line in journal.lines() {
+            match serde_json::from_str::<JournalEntry>(line) {
+                Ok(JournalEntry::Put { key, pod }) => {
+                    state.pods.insert(key, *pod);
+                }
+                Ok(JournalEntry::Del { key }) => {
+                    state.pods.remove(&key);
+                }
+                // Only the last line can be torn; nothing after it was written.
+                Err(_) => break,
+            }
         }
+        Ok(state)
     }
 
+    /// Called on every CNI ADD and DEL: appends the pod changes to the journal when that is
+    /// all that changed, else writes a snapshot (see the type's docs).
     pub fn save(&self, s: &AgentState) -> anyhow::Result<()> {
-        write_atomic(&self.state_path(), &serde_json::to_vec_pretty(s)?)?;
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = match &w.state {
+            Some(old)
+                if old.tunnel == s.tunnel
+                    && old.ztunnel == s.ztunnel
+                    && old.saved_sysctls == s.saved_sysctls
+                    && w.journal_lines < MIN_COMPACT.max(s.pods.len()) =>
+            {
+                pod_changes(&old.pods, &s.pods)
+            }
+            _ => return self.snapshot(&mut w, s),
+        };
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for entry in &lines {
+            serde_json::to_writer(&mut buf, entry)?;
+            buf.push(b'\n');
+        }
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.journal_path())?
+            .write_all(&buf)?;
+        w.journal_lines += lines.len();
+        let old = w.state.as_mut().expect("matched above");
+        for entry in lines {
+            match entry {
+                JournalEntry::Put { key, pod } => {
+                    old.pods.insert(key, *pod);
+                }
+                JournalEntry::Del { key } => {
+                    old.pods.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, w: &mut Written, s: &AgentState) -> anyhow::Result<()> {
+        write_atomic(&self.state_path(), &serde_json::to_vec(s)?)?;
+        // The snapshot holds everything the journal said: start it afresh.
+        match std::fs::remove_file(self.journal_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        w.state = Some(s.clone());
+        w.journal_lines = 0;
         if let Some(t) = &s.tunnel {
-            write_atomic(&self.tunnel_path(), &serde_json::to_vec(t)?)?;
+            let data = serde_json::to_vec(t)?;
+            if std::fs::read(self.tunnel_path()).ok().as_deref() != Some(&data[..]) {
+                write_atomic(&self.tunnel_path(), &data)?;
+            }
         }
         Ok(())
     }
 
     pub fn remove(&self) -> anyhow::Result<()> {
-        for p in [self.state_path(), self.tunnel_path()] {
+        for p in [self.state_path(), self.journal_path(), self.tunnel_path()] {
             match std::fs::remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
         }
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        *w = Written::default();
         Ok(())
     }
 }
 
+/// The journal entries that turn `old` into `new` (one pass over both, in key order).
+fn pod_changes(
+    old: &BTreeMap<String, PodRecord>,
+    new: &BTreeMap<String, PodRecord>,
+) -> Vec<JournalEntry> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        let take_old = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
+                if va != vb {
+                    out.push(JournalEntry::Put {
+                        key: (*kb).clone(),
+                        pod: Box::new((*vb).clone()),
+                    });
+                }
+                a.next();
+                b.next();
+                continue;
+            }
+            (Some((ka, _)), Some((kb, _))) => ka < kb,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        if take_old {
+            let (k, _) = a.next().expect("peeked");
+            out.push(JournalEntry::Del { key: k.clone() });
+        } else {
+            let (k, v) = b.next().expect("peeked");
+            out.push(JournalEntry::Put {
+                key: k.clone(),
+                pod: Box::new(v.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// Write + rename: a reader (or an agent restarted after a crash) sees the old or the new
+/// file, never a torn one. Not fsynced: the file describes kernel state that does not survive
+/// a reboot either, and an fsync per write cost up to ~10 ms on a disk-backed state dir.
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
+    std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
@@ -151,5 +299,93 @@ mod tests {
         assert_eq!(t.port, 6081);
         store.remove().unwrap();
         store.remove().unwrap();
+    }
+
+    fn pod(n: u8) -> (String, PodRecord) {
+        let rec = PodRecord {
+            container_id: format!("c{n}"),
+            if_name: "eth0".into(),
+            namespace: "demo".into(),
+            name: format!("p{n}"),
+            uid: String::new(),
+            netns: format!("/run/netns/p{n}"),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
+            host_veth: format!("veth{n}"),
+            host_bridge: None,
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+        };
+        (key(&rec.container_id, &rec.if_name), rec)
+    }
+
+    #[test]
+    fn pod_changes_go_to_the_journal_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut s = AgentState::default();
+        s.pods.extend([pod(1), pod(2)]);
+        store.save(&s).unwrap();
+        let snapshot = std::fs::read(store.state_path()).unwrap();
+        assert!(!store.journal_path().exists());
+
+        // ADD, DEL and a changed record: the snapshot stays, the journal grows by a line each.
+        s.pods.extend([pod(3)]);
+        store.save(&s).unwrap();
+        s.pods.remove(&pod(1).0);
+        s.pods.get_mut(&pod(2).0).unwrap().host_veth = "vethz".into();
+        store.save(&s).unwrap();
+        store.save(&s).unwrap();
+        assert_eq!(std::fs::read(store.state_path()).unwrap(), snapshot);
+        let journal = std::fs::read_to_string(store.journal_path()).unwrap();
+        assert_eq!(journal.lines().count(), 3, "{journal}");
+        assert_eq!(store.load().unwrap(), s);
+        // A fresh process (a restarted agent) reads the same; its first save is a snapshot,
+        // then it appends.
+        let again = Store::new(dir.path());
+        let mut loaded = again.load().unwrap();
+        assert_eq!(loaded, s);
+        again.save(&loaded).unwrap();
+        assert!(!again.journal_path().exists());
+        loaded.pods.extend([pod(4)]);
+        again.save(&loaded).unwrap();
+        assert!(again.journal_path().exists());
+        assert_eq!(again.load().unwrap(), loaded);
+
+        // A torn last line (killed mid-write) is ignored.
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all(b"{\"put\":{\"key\":\"c9/e")
+            .unwrap();
+        assert_eq!(Store::new(dir.path()).load().unwrap(), loaded);
+
+        // Anything but pods changing writes a snapshot and empties the journal.
+        loaded.saved_sysctls.insert("k".into(), "v".into());
+        again.save(&loaded).unwrap();
+        assert!(!again.journal_path().exists());
+        assert_eq!(again.load().unwrap(), loaded);
+        again.remove().unwrap();
+        assert_eq!(again.load().unwrap(), AgentState::default());
+    }
+
+    #[test]
+    fn a_long_journal_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut s = AgentState::default();
+        store.save(&s).unwrap();
+        for round in 0..(MIN_COMPACT + 10) {
+            let (k, p) = pod((round % 200) as u8);
+            if s.pods.remove(&k).is_none() {
+                s.pods.insert(k, p);
+            }
+            store.save(&s).unwrap();
+            let lines = std::fs::read_to_string(store.journal_path())
+                .map(|j| j.lines().count())
+                .unwrap_or(0);
+            assert!(lines <= MIN_COMPACT.max(s.pods.len()), "{lines} lines");
+        }
+        assert_eq!(store.load().unwrap(), s);
     }
 }

@@ -223,11 +223,27 @@ impl Lab {
         std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// The agent's saved state: `state.json` with the pod changes of `state.journal` applied.
     fn state(&self) -> Value {
-        std::fs::read(self.state_dir().join("state.json"))
+        let mut state: Value = std::fs::read(self.state_dir().join("state.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null)
+            .unwrap_or(Value::Null);
+        let journal =
+            std::fs::read_to_string(self.state_dir().join("state.journal")).unwrap_or_default();
+        for line in journal.lines() {
+            let Ok(entry) = serde_json::from_str::<Value>(line) else {
+                break;
+            };
+            if let Some(pods) = state.get_mut("pods").and_then(Value::as_object_mut) {
+                if let Some(key) = entry["put"]["key"].as_str() {
+                    pods.insert(key.to_string(), entry["put"]["pod"].clone());
+                } else if let Some(key) = entry["del"]["key"].as_str() {
+                    pods.remove(key);
+                }
+            }
+        }
+        state
     }
 
     /// The addresses in the nft set `ztunnel-pods-ips` of table `inet ambient-node`.
