@@ -17,8 +17,8 @@ use ambient_net::nft::{self, NodeNft, NodeRules};
 use ambient_net::nl::{self, Netlink};
 use ambient_net::proto::{Attachment, PodInfo, Reply, Request};
 use ambient_net::sysctl::Sysctl;
-use netlink_packet_route::link::LinkAttribute;
 use anyhow::{anyhow, Context};
+use netlink_packet_route::link::LinkAttribute;
 use tracing::{info, warn};
 
 use crate::kube::netns::{NetnsIndex, NetnsScan};
@@ -497,9 +497,10 @@ impl Node {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("{} has no MAC address", pod.if_name))?;
-        let host = self.nl.link_by_index(peer).await?.ok_or_else(|| {
-            anyhow!("the peer of {} (#{peer}) is not in this netns", pod.if_name)
-        })?;
+        let host =
+            self.nl.link_by_index(peer).await?.ok_or_else(|| {
+                anyhow!("the peer of {} (#{peer}) is not in this netns", pod.if_name)
+            })?;
         let (mut name, mut mtu, mut controller) = (None, 1500, None);
         for a in &host.attributes {
             match a {

@@ -612,7 +612,8 @@ fn pod_elements_over_netlink_without_nft() {
         })
         .unwrap();
     }
-    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 2)], &[])).unwrap();
+    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 2)], &[]))
+        .unwrap();
     // The fast paths themselves: add and delete (twice) without falling back.
     ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
         .unwrap();
