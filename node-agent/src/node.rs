@@ -147,8 +147,19 @@ impl Node {
             .flat_map(|p| std::iter::once(p.host_veth.clone()).chain(p.host_bridge.clone()))
             .collect();
         let zt = self.state.ztunnel.as_ref().map(|z| z.endpoint.clone());
-        let desired = model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
+        let mut desired =
+            model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
         self.remember_sysctls(&desired.sysctls);
+        // The pods' rp_filter=0 is checked against one link dump and set over rtnetlink
+        // ([`relax_pod_rp_filters`]), not read and written through /proc/sys a device at a
+        // time, which took most of a reconcile with 1000 pods.
+        let pod_rp_filter: BTreeSet<String> = devs
+            .iter()
+            .map(|d| Sysctl::conf(d, "rp_filter", "0").key)
+            .collect();
+        desired
+            .sysctls
+            .retain(|s| !(pod_rp_filter.contains(&s.key) && s.value == "0"));
         self.store.save(&self.state)?;
         if zt.is_none() {
             // Without a ztunnel nothing may be captured: the tunnels go too.
@@ -160,7 +171,20 @@ impl Node {
             )
             .await?;
         }
-        let changes = self.nl.apply(&desired, &rule::ALL, &table::ALL).await?;
+        // The tunnels first, with their ARP timing set before any route sends traffic into
+        // them (see [`TUNNEL_ARP_RETRANS_MS`]); `apply` then finds them current.
+        let mut new_tunnels = 0;
+        for t in &desired.tunnels {
+            if self.nl.ensure_tunnel(t).await? {
+                new_tunnels += 1;
+            }
+        }
+        if !desired.tunnels.is_empty() {
+            fast_tunnel_neighbours()?;
+        }
+        let mut changes = self.nl.apply(&desired, &rule::ALL, &table::ALL).await?;
+        changes.tunnels += new_tunnels;
+        changes.sysctls += relax_pod_rp_filters(&self.nl, &devs).await?;
         let nft_changed = nft::reconcile_node(&self.nft_desired())?;
         let changed = !changes.is_empty() || nft_changed;
         if changed {
@@ -641,6 +665,72 @@ async fn relax_rp_filter(nl: &Netlink, dev: &str) -> anyhow::Result<()> {
         }
         Err(e) => Err(anyhow!("rp_filter=0 on {dev}: {e}")),
     }
+}
+
+/// rp_filter=0 on each of `devs` that exists and has another value, from one link dump;
+/// returns how many were changed.
+async fn relax_pod_rp_filters(nl: &Netlink, devs: &BTreeSet<String>) -> anyhow::Result<usize> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
+    if devs.is_empty() {
+        return Ok(0);
+    }
+    let mut links = nl.handle().link().get().execute();
+    let mut strict = Vec::new();
+    while let Some(m) = links
+        .try_next()
+        .await
+        .map_err(|e| anyhow!("dump links: {e}"))?
+    {
+        let mut name = None;
+        let mut rp_filter = None;
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n),
+                LinkAttribute::AfSpecUnspec(specs) => {
+                    for spec in specs {
+                        if let AfSpecUnspec::Inet(inet) = spec {
+                            for i in inet {
+                                if let AfSpecInet::DevConf(c) = i {
+                                    rp_filter = Some(c.rp_filter);
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let (Some(n), Some(v)) = (name, rp_filter) {
+            if v != 0 && devs.contains(n) {
+                strict.push(n.clone());
+            }
+        }
+    }
+    for dev in &strict {
+        relax_rp_filter(nl, dev).await?;
+    }
+    Ok(strict.len())
+}
+
+/// ARP retransmit time on the node's tunnel devices (default 1 s). The tunnels are
+/// re-created when the ztunnel pod changes, and the first packets ask for the ztunnel side's
+/// MAC before `ztunnel-init` has made `pistioin`/`pistioout` in the new pod: with the
+/// default, new connections waited up to a second after the new ztunnel was ready.
+const TUNNEL_ARP_RETRANS_MS: &str = "20";
+
+fn fast_tunnel_neighbours() -> anyhow::Result<()> {
+    let want: Vec<Sysctl> = [consts::ISTIOIN.name, consts::ISTIOOUT.name]
+        .iter()
+        .map(|dev| {
+            Sysctl::new(
+                format!("net.ipv4.neigh.{dev}.retrans_time_ms"),
+                TUNNEL_ARP_RETRANS_MS,
+            )
+        })
+        .collect();
+    nl::apply_sysctls(&want)?;
+    Ok(())
 }
 
 fn pod_route(ip: Ipv4Addr, gateway: Ipv4Addr) -> (RouteKey, model::RouteValue) {
