@@ -393,7 +393,11 @@ pub enum TunnelAction {
     Keep,
     /// Only the MTU differs: change it in place.
     SetMtu,
-    /// Kind, VNI, port or remote differ: these cannot be changed on a live device.
+    /// The remote (a new ztunnel pod IP) differs, maybe the MTU too: both change in place,
+    /// so the routes through the device stay (re-creating it drops every route via it, a
+    /// table-100 route per pod, and waits for the kernel to release the old device).
+    SetRemote,
+    /// Kind, VNI or port differ: these cannot be changed on a live device.
     Recreate,
 }
 
@@ -411,9 +415,10 @@ pub fn tunnel_action(want: &TunnelSpec, have: &TunnelObserved) -> TunnelAction {
     if have.kind != Some(want.kind)
         || have.vni != Some(want.end.vni)
         || have.port != Some(want.port)
-        || have.remote != Some(want.remote)
     {
         TunnelAction::Recreate
+    } else if have.remote != Some(want.remote) {
+        TunnelAction::SetRemote
     } else if have.mtu != Some(want.mtu) {
         TunnelAction::SetMtu
     } else {
@@ -659,7 +664,12 @@ mod tests {
             remote: Some(GW),
             ..have.clone()
         };
-        assert_eq!(tunnel_action(&want, &moved), TunnelAction::Recreate);
+        assert_eq!(tunnel_action(&want, &moved), TunnelAction::SetRemote);
+        let other_port = TunnelObserved {
+            port: Some(6082),
+            ..have.clone()
+        };
+        assert_eq!(tunnel_action(&want, &other_port), TunnelAction::Recreate);
         let geneve = TunnelObserved {
             kind: Some(TunnelKind::Geneve),
             ..have

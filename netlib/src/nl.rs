@@ -355,6 +355,14 @@ impl Netlink {
                         })?;
                     changed = true;
                 }
+                TunnelAction::SetRemote => {
+                    if self.set_tunnel_remote(t, &have).await.is_err() {
+                        // A kernel that cannot change it in place: a new device.
+                        self.delete_link(t.end.name).await?;
+                        self.create_tunnel(t).await?;
+                    }
+                    changed = true;
+                }
                 TunnelAction::Recreate => {
                     self.delete_link(t.end.name).await?;
                     self.create_tunnel(t).await?;
@@ -394,6 +402,74 @@ impl Netlink {
             changed = true;
         }
         Ok(changed)
+    }
+
+    /// Points a live tunnel at `t.remote` (changelink), sets its MTU if it differs, and
+    /// forgets the neighbours learnt through it: they were the old peer's addresses.
+    async fn set_tunnel_remote(
+        &self,
+        t: &TunnelSpec,
+        have: &TunnelObserved,
+    ) -> Result<(), NetError> {
+        let idx = self.link_index(t.end.name).await?;
+        let data = match t.kind {
+            TunnelKind::Geneve => InfoData::Geneve(vec![InfoGeneve::Remote(t.remote)]),
+            TunnelKind::Vxlan => InfoData::Vxlan(vec![InfoVxlan::Group(t.remote)]),
+        };
+        let kind = match t.kind {
+            TunnelKind::Geneve => InfoKind::Geneve,
+            TunnelKind::Vxlan => InfoKind::Vxlan,
+        };
+        let mut msg = LinkMessage::default();
+        msg.header.index = idx;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(kind),
+            LinkInfo::Data(data),
+        ]));
+        if have.mtu != Some(t.mtu) {
+            msg.attributes.push(LinkAttribute::Mtu(t.mtu));
+        }
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                what: format!("set the remote of {} to {}", t.end.name, t.remote),
+                source,
+            })?;
+        self.flush_neighbours(idx).await
+    }
+
+    /// Deletes every neighbour entry of link `index`.
+    async fn flush_neighbours(&self, index: u32) -> Result<(), NetError> {
+        let entries: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|source| NetError::Netlink {
+                what: "list neighbours".into(),
+                source,
+            })?
+            .into_iter()
+            .filter(|n| n.header.ifindex == index)
+            .collect();
+        for n in entries {
+            match self.handle.neighbours().del(n).execute().await {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(NetError::Netlink {
+                        what: format!("delete a neighbour of link #{index}"),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Does this kernel create Geneve links? Creates and removes a throwaway device.

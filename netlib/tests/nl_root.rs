@@ -91,6 +91,21 @@ async fn node_state_converges_in_place_and_cleans_up() {
         (Some(1001), Some(6081), Some(zt.ip), Some(1450))
     );
 
+    // The old ztunnel side's MAC, as ARP would have learnt it.
+    let neigh = |args: &str| {
+        std::process::Command::new("ip")
+            .args(["-n", &ns.0, "neigh"])
+            .args(args.split_whitespace())
+            .output()
+            .unwrap()
+    };
+    assert!(
+        neigh("add 192.168.126.2 lladdr 02:00:00:00:00:01 dev istioin")
+            .status
+            .success()
+    );
+    let istioin = nl.link_index("istioin").await.unwrap();
+
     // One pod leaves, the ztunnel moves: only those routes and the tunnels change.
     let moved = ZtunnelEndpoint {
         ip: Ipv4Addr::new(10, 244, 1, 3),
@@ -100,7 +115,24 @@ async fn node_state_converges_in_place_and_cleans_up() {
     let d2 = model::node_desired(Some(&moved), vxlan(), &fewer, &BTreeSet::new());
     let c = nl.apply(&d2, &rule::ALL, &table::ALL).await.unwrap();
     assert_eq!(c.rules, 0, "rules stay in place");
+    assert_eq!(c.tunnels, 2);
     assert_eq!(nl.observe_routes(&table::ALL).await.unwrap(), d2.routes);
+    // Re-pointed in place: the same device (its routes never went away), the new remote, and
+    // nothing left of the old peer's neighbour entries.
+    assert_eq!(nl.link_index("istioin").await.unwrap(), istioin);
+    let t = nl.observe_tunnel("istioin").await.unwrap().unwrap();
+    assert_eq!(t.remote, Some(moved.ip));
+    let left = neigh("show dev istioin");
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert!(nl
+        .apply(&d2, &rule::ALL, &table::ALL)
+        .await
+        .unwrap()
+        .is_empty());
 
     nl::remove_all(&nl, &["istioin", "istioout"], &rule::ALL, &table::ALL)
         .await
