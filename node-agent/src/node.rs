@@ -150,9 +150,9 @@ impl Node {
         let mut desired =
             model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
         self.remember_sysctls(&desired.sysctls);
-        // The pods' rp_filter=0 is checked against one link dump and set over rtnetlink
-        // ([`relax_pod_rp_filters`]), not read and written through /proc/sys a device at a
-        // time, which took most of a reconcile with 1000 pods.
+        // The pods' rp_filter=0 is checked against one link dump ([`relax_pod_rp_filters`]),
+        // not read through /proc/sys a device at a time, which took most of a reconcile with
+        // 1000 pods.
         let pod_rp_filter: BTreeSet<String> = devs
             .iter()
             .map(|d| Sysctl::conf(d, "rp_filter", "0").key)
@@ -330,10 +330,10 @@ impl Node {
         };
         // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
         self.state.pods.insert(key.clone(), rec.clone());
-        self.store.save(&self.state)?;
+        self.store.save_pod(&self.state, &key)?;
         if let Err(e) = self.enroll_in_kernel(&rec).await {
             self.state.pods.remove(&key);
-            self.store.save(&self.state)?;
+            self.store.save_pod(&self.state, &key)?;
             self.unenroll_in_kernel(&key, &rec).await.ok();
             return Err(e);
         }
@@ -354,7 +354,7 @@ impl Node {
 
     async fn enroll_in_kernel(&mut self, p: &PodRecord) -> anyhow::Result<()> {
         for dev in std::iter::once(&p.host_veth).chain(p.host_bridge.as_ref()) {
-            relax_rp_filter(&self.nl, dev).await?;
+            relax_rp_filter(dev)?;
         }
         if self.nft_gateways_change(p) {
             // A new gateway address changes the output chain: converge everything.
@@ -385,17 +385,17 @@ impl Node {
     /// Removes a pod's set elements and routes, except addresses another record still holds
     /// (an address reused by a new pod before the old one's removal was seen).
     async fn unenroll_in_kernel(&self, key: &str, p: &PodRecord) -> anyhow::Result<()> {
-        let held: BTreeSet<IpAddr> = self
-            .state
-            .pods
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .flat_map(|(_, r)| r.ips.iter().copied())
-            .collect();
-        let v4: Vec<Ipv4Addr> = p.v4().filter(|ip| !held.contains(&(*ip).into())).collect();
+        // A scan per address, no set of every pod's addresses built for each DEL.
+        let held = |ip: IpAddr| {
+            self.state
+                .pods
+                .iter()
+                .any(|(k, r)| k.as_str() != key && r.ips.contains(&ip))
+        };
+        let v4: Vec<Ipv4Addr> = p.v4().filter(|ip| !held((*ip).into())).collect();
         let v6: Vec<Ipv6Addr> = v6(&p.ips)
             .into_iter()
-            .filter(|ip| !held.contains(&(*ip).into()))
+            .filter(|ip| !held((*ip).into()))
             .collect();
         nft::delete_pod_elements(&v4, &v6)?;
         for ip in v4 {
@@ -432,7 +432,7 @@ impl Node {
         self.unenroll_in_kernel(key, &rec).await?;
         self.state.pods.remove(key);
         self.cni_added.remove(key);
-        self.store.save(&self.state)?;
+        self.store.save_pod(&self.state, key)?;
         info!(pod = %format!("{}/{}", rec.namespace, rec.name), "removed");
         Ok(true)
     }
@@ -635,36 +635,42 @@ fn v6(ips: &[IpAddr]) -> Vec<Ipv6Addr> {
         .collect()
 }
 
-/// `net.ipv4.conf.<dev>.rp_filter = 0`, set over rtnetlink (RTM_SETLINK by name with
-/// IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF holding only RP_FILTER) rather than through
-/// /proc/sys, whose path lookups get slower with every pod netns on the node (each one adds a
-/// `/proc/sys/net` dentry to the same hash chain). A device that is gone is skipped, as
-/// [`nl::apply_sysctls`] does.
-async fn relax_rp_filter(nl: &Netlink, dev: &str) -> anyhow::Result<()> {
-    use netlink_packet_core::{DefaultNla, NLA_F_NESTED};
-    use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
-    use rtnetlink::LinkUnspec;
-    const IFLA_INET_CONF: u16 = 1;
-    const IPV4_DEVCONF_RP_FILTER: u16 = 8;
-    let mut conf = Vec::with_capacity(8);
-    conf.extend_from_slice(&8u16.to_ne_bytes());
-    conf.extend_from_slice(&IPV4_DEVCONF_RP_FILTER.to_ne_bytes());
-    conf.extend_from_slice(&0u32.to_ne_bytes());
-    let af = LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![AfSpecInet::Other(
-        DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, conf),
-    )])]);
-    let msg = LinkUnspec::new_with_name(dev)
-        .append_extra_attribute(af)
-        .build();
-    match nl.handle().link().set(msg).execute().await {
-        Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(anyhow!("rp_filter=0 on {dev}: {e}")),
+/// `net.ipv4.conf.<dev>.rp_filter = 0`, written relative to a kept-open
+/// `/proc/sys/net/ipv4/conf` of this thread's netns. Both obvious ways cost more with every
+/// pod on the node: a full /proc/sys path is looked up from the top, and its `net` step walks a
+/// hash chain holding one entry per network namespace; rtnetlink (IFLA_INET_CONF) sends a
+/// change notification that walks the whole IPv6 routing table. A device that is gone is
+/// skipped, as [`nl::apply_sysctls`] does.
+fn relax_rp_filter(dev: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+    static CONF: Mutex<Option<((u64, u64), std::fs::File)>> = Mutex::new(None);
+    if dev.is_empty() || dev.contains('/') || dev == "." || dev == ".." {
+        return Err(anyhow!("bad device name {dev:?}"));
     }
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")?;
+    let ns = (ns.dev(), ns.ino());
+    let mut conf = CONF.lock().unwrap_or_else(|p| p.into_inner());
+    if conf.as_ref().is_none_or(|(id, _)| *id != ns) {
+        *conf = Some((ns, std::fs::File::open("/proc/sys/net/ipv4/conf")?));
+    }
+    let (_, dir) = conf.as_ref().expect("just set");
+    let path = format!("{dev}/rp_filter");
+    let fd = match nix::fcntl::openat(
+        dir,
+        path.as_str(),
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(anyhow!("open net.ipv4.conf.{dev}.rp_filter: {e}")),
+    };
+    std::fs::File::from(fd)
+        .write_all(b"0")
+        .with_context(|| format!("net.ipv4.conf.{dev}.rp_filter=0"))?;
+    Ok(())
 }
 
 /// rp_filter=0 on each of `devs` that exists and has another value, from one link dump;
@@ -708,7 +714,7 @@ async fn relax_pod_rp_filters(nl: &Netlink, devs: &BTreeSet<String>) -> anyhow::
         }
     }
     for dev in &strict {
-        relax_rp_filter(nl, dev).await?;
+        relax_rp_filter(dev)?;
     }
     Ok(strict.len())
 }

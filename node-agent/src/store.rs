@@ -94,6 +94,19 @@ struct Written {
     journal_lines: usize,
 }
 
+impl Written {
+    /// Whether going from what was written to `s` can be journaled: a snapshot exists, only
+    /// pods differ, and the journal is not due for compaction.
+    fn journal_takes(&self, s: &AgentState) -> bool {
+        self.state.as_ref().is_some_and(|old| {
+            old.tunnel == s.tunnel
+                && old.ztunnel == s.ztunnel
+                && old.saved_sysctls == s.saved_sysctls
+                && self.journal_lines < MIN_COMPACT.max(s.pods.len())
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum JournalEntry {
@@ -153,16 +166,33 @@ impl Store {
     pub fn save(&self, s: &AgentState) -> anyhow::Result<()> {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let lines = match &w.state {
-            Some(old)
-                if old.tunnel == s.tunnel
-                    && old.ztunnel == s.ztunnel
-                    && old.saved_sysctls == s.saved_sysctls
-                    && w.journal_lines < MIN_COMPACT.max(s.pods.len()) =>
-            {
-                pod_changes(&old.pods, &s.pods)
-            }
+            Some(old) if w.journal_takes(s) => pod_changes(&old.pods, &s.pods),
             _ => return self.snapshot(&mut w, s),
         };
+        self.append(&mut w, lines)
+    }
+
+    /// [`Store::save`] after a change to the pod `key` only (added, changed or removed): one
+    /// journal line, without comparing every pod.
+    pub fn save_pod(&self, s: &AgentState, key: &str) -> anyhow::Result<()> {
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let journal = w.journal_takes(s);
+        if !journal {
+            return self.snapshot(&mut w, s);
+        }
+        let entry = match s.pods.get(key) {
+            Some(pod) => JournalEntry::Put {
+                key: key.to_string(),
+                pod: Box::new(pod.clone()),
+            },
+            None => JournalEntry::Del {
+                key: key.to_string(),
+            },
+        };
+        self.append(&mut w, vec![entry])
+    }
+
+    fn append(&self, w: &mut Written, lines: Vec<JournalEntry>) -> anyhow::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -178,7 +208,7 @@ impl Store {
             .open(self.journal_path())?
             .write_all(&buf)?;
         w.journal_lines += lines.len();
-        let old = w.state.as_mut().expect("matched above");
+        let old = w.state.as_mut().expect("a snapshot precedes the journal");
         for entry in lines {
             match entry {
                 JournalEntry::Put { key, pod } => {
@@ -387,5 +417,32 @@ mod tests {
             assert!(lines <= MIN_COMPACT.max(s.pods.len()), "{lines} lines");
         }
         assert_eq!(store.load().unwrap(), s);
+    }
+
+    #[test]
+    fn one_pod_saves_append_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut s = AgentState::default();
+        s.pods.extend([pod(1)]);
+        store.save_pod(&s, &pod(1).0).unwrap();
+        assert!(
+            !store.journal_path().exists(),
+            "the first save is a snapshot"
+        );
+        let (k2, p2) = pod(2);
+        s.pods.insert(k2.clone(), p2);
+        store.save_pod(&s, &k2).unwrap();
+        s.pods.remove(&pod(1).0);
+        store.save_pod(&s, &pod(1).0).unwrap();
+        let journal = std::fs::read_to_string(store.journal_path()).unwrap();
+        assert_eq!(journal.lines().count(), 2, "{journal}");
+        assert_eq!(Store::new(dir.path()).load().unwrap(), s);
+        // A full save afterwards finds nothing left to write.
+        store.save(&s).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(store.journal_path()).unwrap(),
+            journal
+        );
     }
 }
