@@ -7,6 +7,7 @@ use tracing_subscriber::EnvFilter;
 use ztunnel::config::{Cli, Config};
 
 fn main() -> ExitCode {
+    ztunnel::proxy::h2::tune_allocator();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
