@@ -158,8 +158,6 @@ struct Ctx<'a> {
     ambient_conf: Value,
     rp_filter: u8,
     next: AtomicUsize,
-    /// The pods filling node A, deleted with the lab.
-    fill: Mutex<Vec<Pod>>,
 }
 
 /// Runs the control-plane measurements. Everything here runs on a thread inside node A's
@@ -227,7 +225,6 @@ fn run_in_node(
         rp_filter: state.options.rp_filter,
         node,
         next: AtomicUsize::new(0),
-        fill: Mutex::new(Vec::new()),
     };
 
     let mut levels = Vec::new();
@@ -389,8 +386,8 @@ impl Ctx<'_> {
             }
             Ok(())
         })?;
+        // The filling pods stay until the lab goes (`down` deletes their netns).
         let seconds = t.elapsed().as_secs_f64();
-        self.fill.lock().unwrap().extend(pods);
         let now = self.enrolled()?;
         if now != total.max(have) {
             bail!("the agent has {now} pods enrolled, expected {total}");
