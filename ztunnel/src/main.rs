@@ -1,5 +1,6 @@
 //! `ztunnel`: see the crate docs and README.md.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,7 +13,10 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file or a container log gets plain lines
+        // (and every access-log line costs less to format).
+        .with_ansi(std::io::stderr().is_terminal());
     if cli.log_format == "json" {
         builder.json().flatten_event(true).init();
     } else {

@@ -82,19 +82,14 @@ impl TlsContext {
         if let Some(c) = self.servers.lock().unwrap().get(id) {
             return Ok(c.clone());
         }
-        let verifier = MeshClientVerifier::new(self.roots.clone(), self.manager.trust_domain())?;
-        let mut cfg = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(IdentityResolver {
+        let cfg = server_config(
+            self.roots.clone(),
+            self.manager.trust_domain(),
+            Arc::new(IdentityResolver {
                 manager: self.manager.clone(),
                 id: id.clone(),
-            }));
-        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-        // No resumption: every connection proves its identity with the current certificate.
-        cfg.session_storage = Arc::new(NoServerSessionStorage {});
-        cfg.send_tls13_tickets = 0;
-        let cfg = Arc::new(cfg);
+            }),
+        )?;
         self.servers.lock().unwrap().insert(id.clone(), cfg.clone());
         Ok(cfg)
     }
@@ -120,6 +115,25 @@ impl TlsContext {
         self.clients.lock().unwrap().insert(key, cfg.clone());
         Ok(cfg)
     }
+}
+
+/// A server configuration presenting `cert` (any resolver): TLS 1.3, ALPN h2, a client
+/// certificate of `trust_domain` required. Public so tests can stand in for a peer.
+pub fn server_config(
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+    cert: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let verifier = MeshClientVerifier::new(roots, trust_domain)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection proves its identity with the current certificate.
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
 }
 
 /// A client configuration presenting `cert` (any resolver) and expecting one of `expected`.
@@ -189,6 +203,12 @@ impl ResolvesClientCert for FixedCert {
     }
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 

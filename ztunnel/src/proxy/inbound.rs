@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::h2::{relay_h2, server_builder, H2Stream};
+use super::h2::{relay_h2, server_builder, H2Stream, Sent};
 use super::{forwarded_for, ConnLog, Error, Inputs};
 use crate::identity::Identity;
 use crate::rbac;
@@ -260,7 +260,7 @@ async fn serve_stream(
         send,
         recv: req.into_body(),
     };
-    let r = relay_h2(&mut up, stream).await;
+    let r = relay_h2(&mut up, stream, Sent::default()).await;
     // The TCP side is the pod here: `up` is pod → client (sent), `down` client → pod (received).
     log.finish(
         &pi.metrics,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use ambient_net::consts::port;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::h2::{relay_h2, relay_tcp, ConnectRequest, Relayed};
+use super::h2::{relay_h2, relay_tcp, ConnectRequest, Early, Relayed};
 use super::pool::PoolKey;
 use super::{ConnLog, Error, Inputs};
 use crate::config::{Protocol, WaypointRef};
@@ -288,9 +288,11 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
                 http::HeaderValue::from_str(&fwd).map_err(|e| Error::BadRequest(e.to_string()))?,
             );
             let req = ConnectRequest { authority, headers };
-            let (stream, _guard) = pi.pool.connect(&key, &req).await?;
+            let mut early = Early::new(tcp);
+            let (stream, _guard) = pi.pool.connect(&key, &req, &mut early).await?;
+            let sent = early.sent();
             log.opened(&pi.metrics);
-            Ok(relay_h2(tcp, stream).await)
+            Ok(relay_h2(tcp, stream, sent).await)
         }
         Route::Local {
             target,

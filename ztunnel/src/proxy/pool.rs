@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
-use super::h2::{client_builder, ConnectRequest, H2Stream};
+use super::h2::{client_builder, ConnectRequest, Early, EarlyError, H2Stream};
 use super::Error;
 use crate::identity::Identity;
 use crate::socket;
@@ -163,11 +163,13 @@ impl Pool {
         }
     }
 
-    /// Opens a CONNECT stream for `key`; the response must be 200.
+    /// Opens a CONNECT stream for `key` and waits for its response, which must be 200; what
+    /// the client sends meanwhile goes out on the stream already (see [`Early`]).
     pub async fn connect(
         &self,
         key: &PoolKey,
         req: &ConnectRequest,
+        early: &mut Early<'_>,
     ) -> Result<(H2Stream, StreamGuard), Error> {
         let mut attempts = 0;
         loop {
@@ -207,39 +209,55 @@ impl Pool {
                 }
             };
             let guard = StreamGuard { conn };
-            match self.open_stream(&guard.conn, req.build()).await {
-                Ok(s) => return Ok((s, guard)),
+            let exchange = self.exchange(&guard.conn, req.build(), early);
+            match tokio::time::timeout(self.cfg.connect_timeout, exchange).await {
+                Err(_) => return Err(Error::Timeout("CONNECT response")),
+                Ok(Ok(s)) => return Ok((s, guard)),
                 // The stream failed before any response: the connection died under us (peer
                 // restarted, GOAWAY) or refused the stream. Try again, on a new connection
                 // unless only this stream was reset.
-                Err(Error::H2(e)) if attempts < 3 => {
+                Ok(Err(Error::H2(e))) if attempts < 3 => {
                     if !e.is_reset() {
                         guard.conn.closed.store(true, Ordering::Release);
                     }
                     tracing::debug!(dst = %key.dst, error = %e, "retrying CONNECT");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Ok(Err(e)) => return Err(e),
             }
         }
     }
 
-    async fn open_stream(&self, conn: &Conn, req: http::Request<()>) -> Result<H2Stream, Error> {
-        let fut = async {
-            let mut sender = conn.sender.clone().ready().await.map_err(Error::H2)?;
-            let (resp, send) = sender.send_request(req, false).map_err(Error::H2)?;
-            let resp = resp.await.map_err(Error::H2)?;
-            if resp.status() != http::StatusCode::OK {
-                return Err(Error::Status(resp.status()));
+    /// Sends the CONNECT (and what an earlier attempt sent early), forwards the client's bytes
+    /// until the response arrives, and checks it.
+    async fn exchange(
+        &self,
+        conn: &Conn,
+        req: http::Request<()>,
+        early: &mut Early<'_>,
+    ) -> Result<H2Stream, Error> {
+        let mut sender = conn.sender.clone().ready().await.map_err(Error::H2)?;
+        let (response, mut send) = sender.send_request(req, false).map_err(Error::H2)?;
+        early.replay(&mut send).map_err(Error::H2)?;
+        tokio::pin!(response);
+        let resp = loop {
+            tokio::select! {
+                biased;
+                r = &mut response => break r.map_err(Error::H2)?,
+                r = early.forward_more(&mut send), if early.wants_more() => match r {
+                    Ok(()) => {}
+                    Err(EarlyError::Stream(e)) => return Err(Error::H2(e)),
+                    Err(EarlyError::Client(e)) => return Err(Error::Io(e)),
+                },
             }
-            Ok(H2Stream {
-                send,
-                recv: resp.into_body(),
-            })
         };
-        tokio::time::timeout(self.cfg.connect_timeout, fut)
-            .await
-            .map_err(|_| Error::Timeout("CONNECT response"))?
+        if resp.status() != http::StatusCode::OK {
+            return Err(Error::Status(resp.status()));
+        }
+        Ok(H2Stream {
+            send,
+            recv: resp.into_body(),
+        })
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Conn, Error> {
