@@ -57,8 +57,9 @@ pub async fn connect(
     transparent: bool,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_nonblocking(true)?;
+    // Non-blocking from socket() on: two fcntl calls fewer per upstream connection.
+    let ty = Type::STREAM.nonblocking();
+    let s = Socket::new(Domain::for_address(dst), ty, Some(Protocol::TCP))?;
     s.set_tcp_nodelay(true)?;
     if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
         if transparent {

@@ -9,12 +9,16 @@
 //! syscalls.
 
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 /// Per-stream flow-control window.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -148,15 +152,20 @@ impl Growing {
     }
 
     /// Reads once; `None` at EOF.
-    async fn read(&mut self, r: &TcpStream) -> io::Result<Option<Bytes>> {
+    async fn read(&mut self, r: &mut ReadHalf<'_>) -> io::Result<Option<Bytes>> {
         loop {
-            r.readable().await?;
+            r.as_ref().readable().await?;
             self.buf.reserve(self.want);
             let room = self.buf.capacity() - self.buf.len();
-            let n = match r.try_read_buf(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            // poll_read, unlike try_read, takes a short read as "drained" and waits for the
+            // next readiness event: the data is passed on without first reading the socket
+            // again only to get EAGAIN (a syscall on every hop of a request's path).
+            let read =
+                poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *r), cx, &mut self.buf)))
+                    .await;
+            let n = match read {
+                Poll::Ready(r) => r?,
+                Poll::Pending => continue,
             };
             if n == 0 {
                 return Ok(None);
@@ -193,7 +202,11 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<(
 }
 
 /// TCP → tunnel until EOF, then END_STREAM.
-async fn tcp_to_h2(r: &TcpStream, send: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
+async fn tcp_to_h2(
+    r: &mut ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    count: &mut u64,
+) -> io::Result<()> {
     let mut buf = Growing::new();
     while let Some(data) = buf.read(r).await? {
         *count += data.len() as u64;
@@ -232,13 +245,13 @@ pub struct Sent {
 /// stream before (counted in `up`).
 pub async fn relay_h2(tcp: &mut TcpStream, stream: H2Stream, sent: Sent) -> Relayed {
     let H2Stream { mut send, mut recv } = stream;
-    let (r, mut w) = tcp.split();
+    let (mut r, mut w) = tcp.split();
     let (mut up, mut down) = (sent.bytes, 0u64);
     let upstream = async {
         if sent.eof {
             return Ok(());
         }
-        tcp_to_h2(r.as_ref(), &mut send, &mut up).await
+        tcp_to_h2(&mut r, &mut send, &mut up).await
     };
     let result = futures::future::try_join(upstream, h2_to_tcp(&mut recv, &mut w, &mut down))
         .await
@@ -261,14 +274,14 @@ pub const EARLY_MAX: u64 = 64 * 1024;
 /// [`EARLY_MAX`] bytes go out before the response, and they are kept until it arrives so a
 /// retry on another connection (the first one died under the CONNECT) sends them again.
 pub struct Early<'a> {
-    tcp: &'a TcpStream,
+    tcp: &'a mut TcpStream,
     buf: Growing,
     kept: Vec<Bytes>,
     sent: Sent,
 }
 
 impl<'a> Early<'a> {
-    pub fn new(tcp: &'a TcpStream) -> Self {
+    pub fn new(tcp: &'a mut TcpStream) -> Self {
         Early {
             tcp,
             buf: Growing::new(),
@@ -301,7 +314,8 @@ impl<'a> Early<'a> {
     /// Reads the client once and sends what came (or END_STREAM at EOF). Cancel-safe: nothing
     /// is read until the socket is readable.
     pub async fn forward_more(&mut self, send: &mut SendStream<Bytes>) -> Result<(), EarlyError> {
-        match self.buf.read(self.tcp).await.map_err(EarlyError::Client)? {
+        let (mut r, _) = self.tcp.split();
+        match self.buf.read(&mut r).await.map_err(EarlyError::Client)? {
             Some(data) => {
                 self.sent.bytes += data.len() as u64;
                 self.kept.push(data.clone());
@@ -326,7 +340,7 @@ pub enum EarlyError {
     Stream(h2::Error),
 }
 
-async fn copy_half<W>(r: &TcpStream, w: &mut W, count: &mut u64) -> io::Result<()>
+async fn copy_half<W>(r: &mut ReadHalf<'_>, w: &mut W, count: &mut u64) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -340,12 +354,12 @@ where
 
 /// Relays both ways between two TCP connections (passthrough).
 pub async fn relay_tcp(a: &mut TcpStream, b: &mut TcpStream) -> Relayed {
-    let (ar, mut aw) = a.split();
-    let (br, mut bw) = b.split();
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
     let (mut up, mut down) = (0u64, 0u64);
     let result = futures::future::try_join(
-        copy_half(ar.as_ref(), &mut bw, &mut up),
-        copy_half(br.as_ref(), &mut aw, &mut down),
+        copy_half(&mut ar, &mut bw, &mut up),
+        copy_half(&mut br, &mut aw, &mut down),
     )
     .await
     .map(|_| ());
