@@ -719,10 +719,11 @@ async fn relax_pod_rp_filters(nl: &Netlink, devs: &BTreeSet<String>) -> anyhow::
     Ok(strict.len())
 }
 
-/// ARP retransmit time on the node's tunnel devices (default 1 s). The tunnels are
-/// re-created when the ztunnel pod changes, and the first packets ask for the ztunnel side's
-/// MAC before `ztunnel-init` has made `pistioin`/`pistioout` in the new pod: with the
-/// default, new connections waited up to a second after the new ztunnel was ready.
+/// ARP retransmit time on the node's tunnel devices (default 1 s). When the ztunnel pod
+/// changes, the tunnels are re-pointed (or re-created) and their neighbours forgotten; the
+/// first packets ask for the ztunnel side's MAC before `ztunnel-init` has made
+/// `pistioin`/`pistioout` in the new pod: with the default, new connections waited up to a
+/// second after the new ztunnel was ready.
 const TUNNEL_ARP_RETRANS_MS: &str = "20";
 
 fn fast_tunnel_neighbours() -> anyhow::Result<()> {

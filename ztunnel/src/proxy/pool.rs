@@ -209,7 +209,7 @@ impl Pool {
                 }
             };
             let guard = StreamGuard { conn };
-            let exchange = self.exchange(&guard.conn, req.build(), early);
+            let exchange = Self::exchange(&guard.conn, req.build(), early);
             match tokio::time::timeout(self.cfg.connect_timeout, exchange).await {
                 Err(_) => return Err(Error::Timeout("CONNECT response")),
                 Ok(Ok(s)) => return Ok((s, guard)),
@@ -231,7 +231,6 @@ impl Pool {
     /// Sends the CONNECT (and what an earlier attempt sent early), forwards the client's bytes
     /// until the response arrives, and checks it.
     async fn exchange(
-        &self,
         conn: &Conn,
         req: http::Request<()>,
         early: &mut Early<'_>,
