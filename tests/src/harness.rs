@@ -21,11 +21,13 @@ use ambient_net::netns;
 use anyhow::{bail, Context, Result};
 
 use crate::cni;
+use crate::http::{self, HttpRequest, HttpResponse};
 use crate::paths;
 use crate::procs;
 use crate::state::{LabState, ProcessRecord};
-use crate::status::{LabStatus, PodStatus};
+use crate::status::{LabStatus, PodStatus, WaypointStatus};
 use crate::tproxy::{self, TproxyRecord};
+use crate::waypoint;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -38,6 +40,10 @@ pub struct LabOptions {
     pub primary: Option<String>,
     /// Anything else for `ambient-lab up`.
     pub extra_args: Vec<String>,
+    /// Start the waypoint process (`up` without `--no-waypoint`). Off by default: the tests
+    /// that need it say so with [`LabOptions::waypoint`], the others do not depend on the
+    /// waypoint binary.
+    pub waypoint: bool,
 }
 
 impl LabOptions {
@@ -47,7 +53,15 @@ impl LabOptions {
             no_agent: false,
             primary: None,
             extra_args: Vec::new(),
+            waypoint: false,
         }
+    }
+
+    /// Runs the waypoint in `b-waypoint` (needs the `waypoint` binary next to ambient-lab,
+    /// the agent and the ztunnel data plane).
+    pub fn waypoint(mut self) -> Self {
+        self.waypoint = true;
+        self
     }
 
     pub fn no_agent(mut self) -> Self {
@@ -99,6 +113,9 @@ impl Lab {
         }
         if let Some(p) = &opts.primary {
             cmd.args(["--primary", p]);
+        }
+        if !opts.waypoint {
+            cmd.arg("--no-waypoint");
         }
         cmd.args(&opts.extra_args);
         let out = cmd
@@ -344,6 +361,131 @@ impl Lab {
     pub fn down(&mut self) -> Result<()> {
         self.down_done = true;
         run_down(&self.bin, &self.prefix)
+    }
+}
+
+/// How long the HTTP helpers wait for a whole exchange.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// HTTP from inside pods, and the waypoint's side ports, log and config.
+impl Lab {
+    /// Sends `reqs` one after the other over one HTTP/1.1 keep-alive connection from inside
+    /// `from` (a pod id) to `addr`, e.g. `(service::REVIEWS_IP, 80)`.
+    pub fn http1(
+        &self,
+        from: &str,
+        addr: impl Into<SocketAddr>,
+        reqs: &[HttpRequest],
+    ) -> Result<Vec<HttpResponse>> {
+        let addr = addr.into();
+        let reqs = reqs.to_vec();
+        self.run_in(from, move || http::http1(addr, &reqs, HTTP_TIMEOUT))?
+            .with_context(|| format!("HTTP/1.1 from {from} to {addr}"))
+    }
+
+    /// Sends `reqs` concurrently over one HTTP/2 prior-knowledge (h2c) connection from
+    /// inside `from`; answers in request order.
+    pub fn h2c(
+        &self,
+        from: &str,
+        addr: impl Into<SocketAddr>,
+        reqs: &[HttpRequest],
+    ) -> Result<Vec<HttpResponse>> {
+        let addr = addr.into();
+        let reqs = reqs.to_vec();
+        self.run_in(from, move || http::h2c(addr, &reqs, HTTP_TIMEOUT))?
+            .with_context(|| format!("h2c from {from} to {addr}"))
+    }
+
+    /// One HTTP/1.1 GET from inside `from`.
+    pub fn http_get(
+        &self,
+        from: &str,
+        addr: impl Into<SocketAddr>,
+        path: &str,
+    ) -> Result<HttpResponse> {
+        let mut r = self.http1(from, addr, &[HttpRequest::get(path)])?;
+        r.pop().context("no response")
+    }
+
+    /// An HTTP/1.1 upgrade to the test server's raw echo from inside `from`: (status, the
+    /// bytes echoed after the 101).
+    pub fn http_upgrade_echo(
+        &self,
+        from: &str,
+        addr: impl Into<SocketAddr>,
+        path: &str,
+        payload: &[u8],
+    ) -> Result<(u16, Vec<u8>)> {
+        let addr = addr.into();
+        let payload = payload.to_vec();
+        let path = path.to_string();
+        self.run_in(from, move || {
+            http::upgrade_echo(addr, &path, None, &payload, HTTP_TIMEOUT)
+        })?
+        .with_context(|| format!("upgrade from {from} to {addr}"))
+    }
+
+    /// The waypoint as `status` reports it; panics when the lab has none.
+    pub fn waypoint(&self) -> &WaypointStatus {
+        self.status
+            .waypoint
+            .as_ref()
+            .unwrap_or_else(|| panic!("lab {} has no waypoint", self.prefix))
+    }
+
+    /// The waypoint's IP (its workload address, the `waypoint.address` in the configs).
+    pub fn waypoint_ip(&self) -> Ipv4Addr {
+        self.waypoint().ip
+    }
+
+    /// `GET http://<waypoint ip>:15020/metrics` from the waypoint's netns: the Prometheus text.
+    pub fn waypoint_metrics(&self) -> Result<String> {
+        let wp = self.waypoint().clone();
+        let addr = SocketAddr::from((wp.ip, waypoint::METRICS_PORT));
+        let (code, body) = self
+            .run_in(&wp.pod, move || waypoint::http_get(addr, "/metrics"))?
+            .with_context(|| format!("GET {addr}/metrics"))?;
+        if code != 200 {
+            bail!("GET {addr}/metrics: status {code}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// A GET on the waypoint's admin port (127.0.0.1:15000) from its netns: (status, body).
+    pub fn waypoint_admin(&self, path: &str) -> Result<(u16, String)> {
+        let wp = self.waypoint().clone();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, waypoint::ADMIN_PORT));
+        let owned = path.to_string();
+        self.run_in(&wp.pod, move || waypoint::http_get(addr, &owned))?
+            .with_context(|| format!("GET {addr}{path}"))
+    }
+
+    /// The waypoint's whole log so far (its stderr).
+    pub fn waypoint_log(&self) -> String {
+        std::fs::read_to_string(&self.waypoint().log).unwrap_or_default()
+    }
+
+    /// Its access-log lines (tracing target `access`) so far.
+    pub fn waypoint_access_log(&self) -> Vec<String> {
+        waypoint::access_lines(&self.waypoint_log())
+    }
+
+    /// Rewrites the waypoint's config (atomically) with these HTTPRoute-shaped `routes` and
+    /// AuthorizationPolicy-shaped `policies`; the waypoint reloads it. Returns the path.
+    pub fn set_waypoint_config(
+        &self,
+        routes: &serde_json::Value,
+        policies: &serde_json::Value,
+    ) -> Result<PathBuf> {
+        let state = LabState::load(&self.prefix)?
+            .with_context(|| format!("lab {} has no state file", self.prefix))?;
+        waypoint::write(&state, routes, policies)
+    }
+
+    /// Puts the lab's default routes and no policies back.
+    pub fn reset_waypoint_config(&self) -> Result<PathBuf> {
+        self.set_waypoint_config(&waypoint::default_routes(), &waypoint::default_policies())
     }
 }
 

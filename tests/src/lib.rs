@@ -5,7 +5,8 @@
 //!
 //! Modules by concern: [`topology`] (shape, netns, underlay), [`cni`] (client build,
 //! conflist, ADD/DEL), [`agent`] (agent and ztunnel-init), [`service`] (kube-proxy-style
-//! DNAT), [`procs`] and [`state`] (what was started and made), [`up`] / [`down`] /
+//! DNAT), [`ztunnel`] and [`waypoint`] (the data plane's config and processes), [`http`]
+//! (HTTP/1.1 and h2c clients for tests), [`procs`] and [`state`] (what was started and made), [`up`] / [`down`] /
 //! [`status`] / [`exec`] (the commands), [`serve`] and [`tproxy`] (test endpoints run
 //! inside pods), [`harness`] (the `Lab` RAII helper), [`bench`] (`ambient-lab bench`: the
 //! meshed path against the unmeshed one, and the control plane's costs).
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod down;
 pub mod exec;
 pub mod harness;
+pub mod http;
 pub mod paths;
 pub mod procs;
 pub mod serve;
@@ -27,6 +29,7 @@ pub mod sysctl;
 pub mod topology;
 pub mod tproxy;
 pub mod up;
+pub mod waypoint;
 pub mod ztunnel;
 
 pub use harness::{unique_prefix, Lab, LabOptions};

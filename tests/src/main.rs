@@ -35,7 +35,8 @@ enum Cmd {
         #[command(flatten)]
         prefix: PrefixArg,
     },
-    /// Build the lab: nodes, underlay, agents, pods via CNI, servers, Service, ztunnel-init.
+    /// Build the lab: nodes, underlay, agents, pods via CNI, servers, Services, ztunnel-init,
+    /// ztunnels, the waypoint.
     Up {
         #[command(flatten)]
         prefix: PrefixArg,
@@ -67,6 +68,13 @@ enum Cmd {
         /// The ztunnel-init binary.
         #[arg(long)]
         ztunnel_init_bin: Option<PathBuf>,
+        /// Make everything (pods, Services, the waypoint's config) but do not start the
+        /// waypoint process in b-waypoint.
+        #[arg(long)]
+        no_waypoint: bool,
+        /// The waypoint binary (default: `waypoint` in --bin-dir or next to this executable).
+        #[arg(long)]
+        waypoint_bin: Option<PathBuf>,
     },
     /// Show the lab's topology.
     Status {
@@ -125,8 +133,18 @@ enum Cmd {
     /// Test server run inside pods.
     #[command(hide = true)]
     Serve {
+        /// The greeting + echo server's port.
         #[arg(long, default_value_t = 9080)]
         port: u16,
+        /// Also serve HTTP (h1 and h2c) on this port.
+        #[arg(long)]
+        http_port: Option<u16>,
+        /// Reported as `pod` in HTTP answers.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Reported as `version` in HTTP answers.
+        #[arg(long, default_value = "")]
+        version: String,
     },
     /// Transparent test listeners for the ztunnel netns.
     #[command(hide = true)]
@@ -169,6 +187,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             agent_bin,
             cni_plugin,
             ztunnel_init_bin,
+            no_waypoint,
+            waypoint_bin,
         } => {
             let state = up::up(&UpOptions {
                 prefix: prefix.prefix,
@@ -181,6 +201,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 agent_bin,
                 cni_plugin,
                 ztunnel_init_bin,
+                waypoint: !no_waypoint,
+                waypoint_bin,
             })?;
             emit(&status::LabStatus::from_state(&state).table())?;
         }
@@ -243,7 +265,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 report.targets.len()
             );
         }
-        Cmd::Serve { port } => serve::run(port)?,
+        Cmd::Serve {
+            port,
+            http_port,
+            name,
+            version,
+        } => serve::run(&serve::ServeOptions {
+            port,
+            http_port,
+            name,
+            version,
+        })?,
         Cmd::TproxyListen { ports, log } => tproxy::run(&ports, &log)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,7 @@
-//! The lab's one Service, programmed the way kube-proxy's nftables mode would: a DNAT of
-//! the ClusterIP to the backend pod, in prerouting (pod traffic) and output (node traffic).
-//! The output chain says `priority -100` (= dstnat): this nft (1.0.x) rejects the name
-//! `dstnat` on the output hook.
+//! The lab's Services, programmed the way kube-proxy's nftables mode would: a DNAT of each
+//! ClusterIP to its backend pods (one at random per connection when there are several), in
+//! prerouting (pod traffic) and output (node traffic). The output chain says `priority -100`
+//! (= dstnat): this nft (1.0.x) rejects the name `dstnat` on the output hook.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -19,9 +19,72 @@ pub const SERVICE_PORT: u16 = 80;
 /// The nft table (family ip) holding the DNAT.
 pub const TABLE: &str = "kube-proxy";
 
-/// The nft script for one node.
+/// The reviews Services (HTTP on the pods' [`crate::topology::HTTP_PORT`], behind the
+/// waypoint): `demo/reviews` (both versions) and one per version, named by the HTTPRoute's
+/// backendRefs.
+pub const REVIEWS: &str = "reviews";
+pub const REVIEWS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+pub const REVIEWS_V1: &str = "reviews-v1";
+pub const REVIEWS_V1_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+pub const REVIEWS_V2: &str = "reviews-v2";
+pub const REVIEWS_V2_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+
+/// One Service port as kube-proxy programs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dnat {
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    /// At least one.
+    pub backends: Vec<Ipv4Addr>,
+    pub target_port: u16,
+}
+
+impl Dnat {
+    /// The nft rule: `dnat to <ip>:<port>`, or with several backends a random pick
+    /// (`numgen random mod N map { 0 : ip0, ... }:port`, as kube-proxy's vmap of endpoints).
+    pub fn rule(&self) -> String {
+        let Dnat {
+            cluster_ip,
+            port,
+            target_port,
+            ..
+        } = self;
+        let to = match self.backends.as_slice() {
+            [one] => format!("{one}:{target_port}"),
+            many => {
+                let map: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ip)| format!("{i} : {ip}"))
+                    .collect();
+                format!(
+                    "numgen random mod {} map {{ {} }}:{target_port}",
+                    many.len(),
+                    map.join(", ")
+                )
+            }
+        };
+        format!("ip daddr {cluster_ip} tcp dport {port} dnat to {to}")
+    }
+}
+
+/// The nft script for one node with one Service.
 pub fn render(cluster_ip: Ipv4Addr, port: u16, backend: Ipv4Addr, target_port: u16) -> String {
-    let rule = format!("ip daddr {cluster_ip} tcp dport {port} dnat to {backend}:{target_port}");
+    render_all(&[Dnat {
+        cluster_ip,
+        port,
+        backends: vec![backend],
+        target_port,
+    }])
+}
+
+/// The nft script for one node: every Service's rule in both chains.
+pub fn render_all(services: &[Dnat]) -> String {
+    let rule = services
+        .iter()
+        .map(Dnat::rule)
+        .collect::<Vec<_>>()
+        .join("\n\t\t");
     format!(
         "table ip {TABLE} {{\n\
          \tchain prerouting {{\n\
@@ -68,5 +131,27 @@ mod tests {
         );
         assert!(s.contains("type nat hook prerouting priority dstnat;"));
         assert!(s.contains("type nat hook output priority -100;"));
+    }
+
+    #[test]
+    fn several_services_and_backends() {
+        let s = render_all(&[
+            Dnat {
+                cluster_ip: CLUSTER_IP,
+                port: 80,
+                backends: vec![Ipv4Addr::new(10, 244, 2, 3)],
+                target_port: 9080,
+            },
+            Dnat {
+                cluster_ip: REVIEWS_IP,
+                port: 80,
+                backends: vec![Ipv4Addr::new(10, 244, 1, 6), Ipv4Addr::new(10, 244, 2, 6)],
+                target_port: 8080,
+            },
+        ]);
+        let multi = "ip daddr 10.96.0.20 tcp dport 80 dnat to numgen random mod 2 \
+                     map { 0 : 10.244.1.6, 1 : 10.244.2.6 }:8080";
+        assert_eq!(s.matches(multi).count(), 2, "{s}");
+        assert_eq!(s.matches("dnat to 10.244.2.3:9080").count(), 2, "{s}");
     }
 }

@@ -35,6 +35,9 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     pub services: Vec<ServiceState>,
+    /// The waypoint (node B's `b-waypoint` pod, its config, its process).
+    #[serde(default)]
+    pub waypoint: Option<WaypointState>,
     /// Every process started and left running, with its start time (`/proc/<pid>/stat`
     /// field 22) so a recycled PID is never signalled.
     pub processes: Vec<ProcessRecord>,
@@ -53,6 +56,11 @@ pub struct LabOptionsState {
     pub cni_plugin: Option<PathBuf>,
     pub agent_bin: Option<PathBuf>,
     pub ztunnel_init_bin: Option<PathBuf>,
+    /// Whether the waypoint process was to be started.
+    #[serde(default)]
+    pub waypoint: bool,
+    #[serde(default)]
+    pub waypoint_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +113,10 @@ pub enum PodRole {
     App,
     Client,
     Plain,
+    /// `reviews-v1` (node A) and `reviews-v2` (node B): the endpoints of the reviews Services.
+    Reviews,
+    /// The waypoint pod (node B).
+    Waypoint,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +124,7 @@ pub enum PodRole {
 pub struct PodState {
     /// `<node letter>-<name>`, e.g. `a-app`; also the netns short name.
     pub id: String,
-    /// `ztunnel`, `app`, `client`, `plain`.
+    /// `ztunnel`, `app`, `client`, `plain`, `reviews-v1`, ...
     pub name: String,
     pub role: PodRole,
     /// K8S_POD_NAME: `<name>-<node letter>` (so the ztunnel's starts with `ztunnel`).
@@ -132,6 +144,29 @@ pub struct PodState {
     /// Name of the server's [`ProcessRecord`].
     pub server: Option<String>,
     pub server_port: Option<u16>,
+    /// Its ServiceAccount (empty in older state files: then the pod's `name`).
+    #[serde(default)]
+    pub service_account: String,
+    /// What its HTTP server reports as `version`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The port its HTTP server answers on.
+    #[serde(default)]
+    pub http_port: Option<u16>,
+    /// The workload-level waypoint (ztunnel sends every connection to this pod through it).
+    #[serde(default)]
+    pub waypoint: Option<Ipv4Addr>,
+}
+
+impl PodState {
+    /// The ServiceAccount (`name` for state files that predate the field).
+    pub fn service_account(&self) -> &str {
+        if self.service_account.is_empty() {
+            &self.name
+        } else {
+            &self.service_account
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,11 +177,83 @@ pub struct ServiceState {
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
     pub target_port: u16,
-    /// Pod id of the backend.
+    /// Pod id of the (first) backend.
     pub backend_pod: String,
     pub backend_ip: Ipv4Addr,
     /// Nodes whose netns carry the DNAT.
     pub nodes: Vec<String>,
+    /// Every endpoint, `backend_pod` first (empty in older state files: then `backend_pod`).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointState>,
+    /// The waypoint ztunnel sends this Service's traffic to.
+    #[serde(default)]
+    pub waypoint: Option<Ipv4Addr>,
+}
+
+impl ServiceState {
+    /// The endpoints, also for state files without `endpoints`.
+    pub fn endpoints(&self) -> Vec<EndpointState> {
+        if self.endpoints.is_empty() {
+            vec![EndpointState {
+                pod: self.backend_pod.clone(),
+                ip: self.backend_ip,
+            }]
+        } else {
+            self.endpoints.clone()
+        }
+    }
+
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointState {
+    /// Pod id.
+    pub pod: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The waypoint: its pod, identity, config file and process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointState {
+    /// Pod id (`b-waypoint`).
+    pub pod: String,
+    /// The Kubernetes name and namespace of its pod (`waypoint-b`, `demo`): how its config
+    /// names its own workload entry.
+    pub k8s_name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    /// `spiffe://cluster.local/ns/demo/sa/waypoint`.
+    pub identity: String,
+    /// `<run dir>/waypoint-config.yaml`.
+    pub config: PathBuf,
+    /// Its stderr (the log, access lines with target `access`).
+    pub log: PathBuf,
+    /// Name of its [`ProcessRecord`] (recorded only once it was started).
+    pub process: String,
+    pub hbone_addr: String,
+    pub metrics_addr: String,
+    pub admin_addr: String,
+    pub readiness_addr: String,
+    /// `<namespace>/<name>` of the Services whose waypoint it is.
+    pub services: Vec<String>,
+    /// Pod ids of the workloads whose own waypoint it is.
+    pub workloads: Vec<String>,
+    /// Why it was not started, when it was not (`--no-waypoint`, no data plane).
+    #[serde(default)]
+    pub not_started: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +280,7 @@ impl LabState {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            waypoint: None,
             processes: Vec::new(),
             files: Vec::new(),
         }

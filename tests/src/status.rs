@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::procs;
-use crate::state::{LabState, PodRole};
+use crate::state::{EndpointState, LabState, PodRole};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +29,9 @@ pub struct LabStatus {
     pub pods: Vec<PodStatus>,
     pub ztunnels: Vec<ZtunnelStatus>,
     pub services: Vec<ServiceStatus>,
+    /// The waypoint (absent in labs from before it existed).
+    #[serde(default)]
+    pub waypoint: Option<WaypointStatus>,
     pub processes: Vec<ProcessStatus>,
 }
 
@@ -80,6 +83,14 @@ pub struct PodStatus {
     pub container_id: String,
     pub uid: String,
     pub server: Option<ServerStatus>,
+    #[serde(default)]
+    pub service_account: String,
+    /// What its HTTP server reports as `version`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Its workload-level waypoint.
+    #[serde(default)]
+    pub waypoint: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +98,9 @@ pub struct PodStatus {
 pub struct ServerStatus {
     pub pid: i32,
     pub port: u16,
+    /// The HTTP server's port (h1 and h2c).
+    #[serde(default)]
+    pub http_port: Option<u16>,
     pub alive: bool,
     pub log: PathBuf,
 }
@@ -112,6 +126,45 @@ pub struct ServiceStatus {
     pub backend_pod: String,
     pub backend_ip: Ipv4Addr,
     pub nodes: Vec<String>,
+    /// `<name>.<namespace>.svc.cluster.local`.
+    #[serde(default)]
+    pub hostname: String,
+    /// Every endpoint (pod id and IP), `backend_pod` first.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointState>,
+    /// The waypoint ztunnel sends its traffic to.
+    #[serde(default)]
+    pub waypoint: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointStatus {
+    /// Pod id (`b-waypoint`).
+    pub pod: String,
+    pub k8s_name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    /// `spiffe://cluster.local/ns/demo/sa/waypoint`.
+    pub identity: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub hbone_addr: String,
+    pub metrics_addr: String,
+    pub admin_addr: String,
+    pub readiness_addr: String,
+    /// Whether its process runs.
+    pub running: bool,
+    pub pid: Option<i32>,
+    /// Why it was not started (`--no-waypoint`, `--dataplane none`, `--no-agent`).
+    pub not_started: Option<String>,
+    /// `<namespace>/<name>` of the Services it serves.
+    pub services: Vec<String>,
+    /// Pod ids of the workloads whose own waypoint it is.
+    pub workloads: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,10 +231,14 @@ impl LabStatus {
                         ServerStatus {
                             pid: r.pid,
                             port: p.server_port.unwrap_or_default(),
+                            http_port: p.http_port,
                             alive,
                             log: r.log.clone(),
                         }
                     }),
+                    service_account: p.service_account().to_string(),
+                    version: p.version.clone(),
+                    waypoint: p.waypoint,
                 })
                 .collect();
         let ztunnels = s
@@ -208,8 +265,35 @@ impl LabStatus {
                 backend_pod: v.backend_pod.clone(),
                 backend_ip: v.backend_ip,
                 nodes: v.nodes.clone(),
+                hostname: v.hostname(),
+                endpoints: v.endpoints(),
+                waypoint: v.waypoint,
             })
             .collect();
+        let waypoint = s.waypoint.as_ref().map(|w| {
+            let p = proc_alive(&w.process);
+            WaypointStatus {
+                pod: w.pod.clone(),
+                k8s_name: w.k8s_name.clone(),
+                namespace: w.namespace.clone(),
+                node: w.node.clone(),
+                netns: s.pod(&w.pod).map(|p| p.netns.clone()).unwrap_or_default(),
+                ip: w.ip,
+                service_account: w.service_account.clone(),
+                identity: w.identity.clone(),
+                config: w.config.clone(),
+                log: w.log.clone(),
+                hbone_addr: w.hbone_addr.clone(),
+                metrics_addr: w.metrics_addr.clone(),
+                admin_addr: w.admin_addr.clone(),
+                readiness_addr: w.readiness_addr.clone(),
+                running: p.is_some_and(|(_, alive)| alive),
+                pid: p.map(|(r, _)| r.pid),
+                not_started: w.not_started.clone(),
+                services: w.services.clone(),
+                workloads: w.workloads.clone(),
+            }
+        });
         let processes = s
             .processes
             .iter()
@@ -236,6 +320,7 @@ impl LabStatus {
             pods,
             ztunnels,
             services,
+            waypoint,
             processes,
         }
     }
@@ -288,21 +373,31 @@ impl LabStatus {
                 agent
             );
         }
-        let _ = writeln!(out, "\nPOD        K8S NAMESPACE/NAME      NETNS              IP           AMBIENT  HOST VETH        SERVER");
+        let _ = writeln!(out, "\nPOD          K8S NAMESPACE/NAME       NETNS                IP           AMBIENT  HOST VETH        SERVER");
         for p in &self.pods {
             let server = match &p.server {
                 Some(s) => format!(
-                    ":{} pid {} {}",
+                    ":{}{} pid {} {}{}",
                     s.port,
+                    s.http_port
+                        .map(|h| format!(" http :{h}"))
+                        .unwrap_or_default(),
                     s.pid,
-                    if s.alive { "up" } else { "DOWN" }
+                    if s.alive { "up" } else { "DOWN" },
+                    p.version
+                        .as_deref()
+                        .map(|v| format!(" {v}"))
+                        .unwrap_or_default()
                 ),
                 None if p.ztunnel => "(ztunnel)".into(),
+                None if self.waypoint.as_ref().is_some_and(|w| w.pod == p.id) => {
+                    "(waypoint)".into()
+                }
                 None => "-".into(),
             };
             let _ = writeln!(
                 out,
-                "{:<10} {:<23} {:<18} {:<12} {:<8} {:<16} {}",
+                "{:<12} {:<24} {:<20} {:<12} {:<8} {:<16} {}",
                 p.id,
                 format!("{}/{}", p.namespace, p.k8s_name),
                 p.netns,
@@ -312,17 +407,62 @@ impl LabStatus {
                 server
             );
         }
-        let _ = writeln!(out, "\nSERVICE    CLUSTER IP      BACKEND");
+        let _ = writeln!(out, "\nSERVICE          CLUSTER IP      BACKENDS");
         for v in &self.services {
+            let eps: Vec<String> = if v.endpoints.is_empty() {
+                vec![format!(
+                    "{} {}:{}",
+                    v.backend_pod, v.backend_ip, v.target_port
+                )]
+            } else {
+                v.endpoints
+                    .iter()
+                    .map(|e| format!("{} {}:{}", e.pod, e.ip, v.target_port))
+                    .collect()
+            };
             let _ = writeln!(
                 out,
-                "{:<10} {:<15} {} {}:{} (DNAT on nodes {})",
+                "{:<16} {:<15} {} (DNAT on nodes {}){}",
                 format!("{}/{}", v.namespace, v.name),
                 format!("{}:{}", v.cluster_ip, v.port),
-                v.backend_pod,
-                v.backend_ip,
-                v.target_port,
-                v.nodes.join(",")
+                eps.join(", "),
+                v.nodes.join(","),
+                v.waypoint
+                    .map(|w| format!(", waypoint {w}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(w) = &self.waypoint {
+            let state = match (&w.pid, w.running, &w.not_started) {
+                (Some(pid), true, _) => format!("running, pid {pid}"),
+                (Some(pid), false, _) => format!("NOT RUNNING (pid {pid} exited)"),
+                (None, _, Some(why)) => format!("not started ({why})"),
+                (None, _, None) => "not started".into(),
+            };
+            let _ = writeln!(
+                out,
+                "\nWAYPOINT {} ({}/{}) on node {}, {}: {}\n  \
+                 identity  {}\n  \
+                 hbone     {}   metrics {}   admin {}   readiness {}\n  \
+                 config    {}\n  \
+                 log       {}\n  \
+                 services  {}\n  \
+                 workloads {}",
+                w.pod,
+                w.namespace,
+                w.k8s_name,
+                w.node,
+                w.ip,
+                state,
+                w.identity,
+                w.hbone_addr,
+                w.metrics_addr,
+                w.admin_addr,
+                w.readiness_addr,
+                w.config.display(),
+                w.log.display(),
+                w.services.join(", "),
+                w.workloads.join(", ")
             );
         }
         out

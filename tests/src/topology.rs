@@ -1,4 +1,4 @@
-//! The lab's shape (two nodes, four pods each) and the plumbing the lab does itself:
+//! The lab's shape (two nodes; four pods on each, plus pods placed on one node only) and the plumbing the lab does itself:
 //! namespaces, their sysctls, loopback, and the `ul0` underlay between the nodes. Pod
 //! networking is the CNI chain's job (see [`crate::cni`]).
 
@@ -26,6 +26,8 @@ pub const POD_PREFIX_LEN: u8 = 24;
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// The port every non-ztunnel pod serves on.
 pub const SERVER_PORT: u16 = 9080;
+/// The port every serving pod also answers HTTP on (h1 and h2c, see [`crate::serve`]).
+pub const HTTP_PORT: u16 = 8080;
 
 /// One node of the lab.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +77,16 @@ pub const NODES: [NodePlan; 2] = [
     },
 ];
 
-/// One pod, created on every node.
+/// Which nodes a pod is created on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// One pod per node (`a-app`, `b-app`).
+    Every,
+    /// Only on the node with this name (`A`/`B`).
+    Only(&'static str),
+}
+
+/// One pod of the plan: created on every node or on one.
 #[derive(Debug, Clone, Copy)]
 pub struct PodPlan {
     pub name: &'static str,
@@ -83,18 +94,43 @@ pub struct PodPlan {
     pub namespace: &'static str,
     /// Whether the pod is expected to be enrolled (its namespace is ambient).
     pub ambient: bool,
-    /// Whether it runs the test server on [`SERVER_PORT`].
+    /// Whether it runs the test servers on [`SERVER_PORT`] and [`HTTP_PORT`].
     pub serves: bool,
+    pub placement: Placement,
+    /// Its ServiceAccount (the `sa` of its SPIFFE identity).
+    pub service_account: &'static str,
+    /// What its HTTP server reports as `version`.
+    pub version: &'static str,
 }
 
-/// In creation order: the ztunnel first, so the agent knows its endpoint before the rest.
-pub const PODS: [PodPlan; 4] = [
+impl PodPlan {
+    /// Whether this pod exists on `node`.
+    pub fn on(&self, node: &NodePlan) -> bool {
+        match self.placement {
+            Placement::Every => true,
+            Placement::Only(name) => name == node.name,
+        }
+    }
+
+    /// The pod id on `node`: `<letter>-<name>` (also its netns short name).
+    pub fn id(&self, node: &NodePlan) -> String {
+        format!("{}-{}", node.letter, self.name)
+    }
+}
+
+/// In creation order (per node): the ztunnel first, so the agent knows its endpoint before
+/// the rest; the pods of one node only after the others, so the first four keep their IPs
+/// (`.2`–`.5` of the node's CIDR).
+pub const PODS: [PodPlan; 7] = [
     PodPlan {
         name: "ztunnel",
         role: PodRole::Ztunnel,
         namespace: "istio-system",
         ambient: false,
         serves: false,
+        placement: Placement::Every,
+        service_account: "ztunnel",
+        version: "",
     },
     PodPlan {
         name: "app",
@@ -102,6 +138,9 @@ pub const PODS: [PodPlan; 4] = [
         namespace: "demo",
         ambient: true,
         serves: true,
+        placement: Placement::Every,
+        service_account: "app",
+        version: "v1",
     },
     PodPlan {
         name: "client",
@@ -109,6 +148,9 @@ pub const PODS: [PodPlan; 4] = [
         namespace: "demo",
         ambient: true,
         serves: true,
+        placement: Placement::Every,
+        service_account: "client",
+        version: "v1",
     },
     PodPlan {
         name: "plain",
@@ -116,8 +158,53 @@ pub const PODS: [PodPlan; 4] = [
         namespace: "default",
         ambient: false,
         serves: true,
+        placement: Placement::Every,
+        service_account: "plain",
+        version: "v1",
+    },
+    PodPlan {
+        name: "reviews-v1",
+        role: PodRole::Reviews,
+        namespace: "demo",
+        ambient: true,
+        serves: true,
+        placement: Placement::Only("A"),
+        service_account: "reviews",
+        version: "v1",
+    },
+    PodPlan {
+        name: "reviews-v2",
+        role: PodRole::Reviews,
+        namespace: "demo",
+        ambient: true,
+        serves: true,
+        placement: Placement::Only("B"),
+        service_account: "reviews",
+        version: "v2",
+    },
+    // The waypoint: an ambient pod like any other; it runs the `waypoint` binary (when the
+    // data plane runs), not the test servers.
+    PodPlan {
+        name: "waypoint",
+        role: PodRole::Waypoint,
+        namespace: "demo",
+        ambient: true,
+        serves: false,
+        placement: Placement::Only("B"),
+        service_account: "waypoint",
+        version: "",
     },
 ];
+
+/// The pods of the plan on `node`, in creation order.
+pub fn pods_on(node: &NodePlan) -> impl Iterator<Item = &'static PodPlan> + '_ {
+    PODS.iter().filter(move |p| p.on(node))
+}
+
+/// A pod's plan by its name (`reviews-v1`).
+pub fn plan(name: &str) -> Option<&'static PodPlan> {
+    PODS.iter().find(|p| p.name == name)
+}
 
 /// The namespaces the agent is told are ambient.
 pub const AMBIENT_NAMESPACES: &[&str] = &["demo"];
@@ -267,5 +354,32 @@ mod tests {
             .iter()
             .filter(|p| p.ambient)
             .all(|p| AMBIENT_NAMESPACES.contains(&p.namespace)));
+        // The pods of both nodes come first: their IPs do not move.
+        let first_single = PODS
+            .iter()
+            .position(|p| p.placement != Placement::Every)
+            .unwrap();
+        assert!(PODS[first_single..]
+            .iter()
+            .all(|p| p.placement != Placement::Every));
+        let a: Vec<String> = pods_on(&NODES[0]).map(|p| p.id(&NODES[0])).collect();
+        let b: Vec<String> = pods_on(&NODES[1]).map(|p| p.id(&NODES[1])).collect();
+        assert_eq!(
+            a,
+            ["a-ztunnel", "a-app", "a-client", "a-plain", "a-reviews-v1"]
+        );
+        assert_eq!(
+            b,
+            [
+                "b-ztunnel",
+                "b-app",
+                "b-client",
+                "b-plain",
+                "b-reviews-v2",
+                "b-waypoint"
+            ]
+        );
+        assert_eq!(plan("reviews-v2").unwrap().version, "v2");
+        assert_eq!(plan("reviews-v1").unwrap().service_account, "reviews");
     }
 }

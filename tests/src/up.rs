@@ -17,10 +17,12 @@ use crate::paths;
 use crate::procs;
 use crate::service;
 use crate::state::{
-    AgentState, LabOptionsState, LabState, NodeCniState, NodeState, Phase, PodState, ServiceState,
+    AgentState, EndpointState, LabOptionsState, LabState, NodeCniState, NodeState, Phase, PodRole,
+    PodState, ServiceState, WaypointState,
 };
 use crate::sysctl;
-use crate::topology::{self, NodePlan, PodPlan, NODES, PODS, SERVER_PORT};
+use crate::topology::{self, NodePlan, PodPlan, HTTP_PORT, NODES, SERVER_PORT};
+use crate::waypoint;
 use crate::ztunnel;
 
 /// What runs in the ztunnel netns besides ztunnel-init: the real `ztunnel`, or nothing (the
@@ -53,6 +55,11 @@ pub struct UpOptions {
     pub agent_bin: Option<PathBuf>,
     pub cni_plugin: Option<PathBuf>,
     pub ztunnel_init_bin: Option<PathBuf>,
+    /// Start the waypoint in `b-waypoint` (only with the agent and the ztunnel data plane;
+    /// `--no-waypoint` turns it off, everything else is still made).
+    pub waypoint: bool,
+    /// The waypoint binary (default: `waypoint` in `--bin-dir` or next to this executable).
+    pub waypoint_bin: Option<PathBuf>,
 }
 
 /// The executables a lab run needs.
@@ -64,6 +71,7 @@ struct Binaries {
     agent: Option<PathBuf>,
     ztunnel_init: Option<PathBuf>,
     ztunnel: Option<PathBuf>,
+    waypoint: Option<PathBuf>,
 }
 
 /// Progress lines on stderr, with seconds since `up` started.
@@ -137,6 +145,8 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
             cni_plugin: bins.cni_plugin.clone(),
             agent_bin: bins.agent.clone(),
             ztunnel_init_bin: bins.ztunnel_init.clone(),
+            waypoint: bins.waypoint.is_some(),
+            waypoint_bin: bins.waypoint.clone(),
         },
     );
     state.cniclient = Some(bins.cniclient.clone());
@@ -208,6 +218,21 @@ fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
         (true, Dataplane::Ztunnel) => Some(find("ztunnel", &None)?),
         _ => None,
     };
+    let waypoint = match (&ztunnel, opts.waypoint) {
+        (Some(_), true) => {
+            let path = match (&opts.waypoint_bin, &opts.bin_dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(dir)) => dir.join(waypoint::BINARY),
+                (None, None) => paths::sibling_bin(waypoint::BINARY)?,
+            };
+            paths::require_executable(waypoint::BINARY, &path).with_context(|| {
+                "the waypoint binary is needed (cargo build -p waypoint, or --waypoint-bin PATH; \
+                 `up --no-waypoint` makes everything but the waypoint process)"
+            })?;
+            Some(path)
+        }
+        _ => None,
+    };
     Ok(Binaries {
         lab,
         cniclient,
@@ -216,6 +241,7 @@ fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
         agent,
         ztunnel_init,
         ztunnel,
+        waypoint,
     })
 }
 
@@ -240,15 +266,16 @@ impl Builder<'_> {
             }
         }
         for node in &NODES {
-            for pod in &PODS {
+            for pod in topology::pods_on(node) {
                 self.add_pod(node, pod)?;
             }
         }
         for node in &NODES {
-            for pod in PODS.iter().filter(|p| p.serves) {
+            for pod in topology::pods_on(node).filter(|p| p.serves) {
                 self.start_server(node, pod)?;
             }
         }
+        self.waypoint_topology()?;
         self.service()?;
         if self.opts.agent {
             for node in &NODES {
@@ -263,6 +290,19 @@ impl Builder<'_> {
             for node in &NODES {
                 self.start_ztunnel(node)?;
             }
+        }
+        // Always written (tests and `status` look at it); the process only runs with the
+        // data plane and without --no-waypoint.
+        let state = &*self.state;
+        let path = waypoint::write(
+            state,
+            &waypoint::default_routes(),
+            &waypoint::default_policies(),
+        )?;
+        self.state.add_file(&path);
+        self.state.save()?;
+        if self.bins.waypoint.is_some() {
+            self.start_waypoint()?;
         }
         self.state.phase = Phase::Ready;
         self.state.save()
@@ -394,7 +434,7 @@ impl Builder<'_> {
     }
 
     fn add_pod(&mut self, node: &NodePlan, plan: &PodPlan) -> Result<()> {
-        let id = format!("{}-{}", node.letter, plan.name);
+        let id = plan.id(node);
         let netns_name = self.make_netns(&id, &topology::pod_sysctls(self.opts.rp_filter))?;
         let pod = PodState {
             id: id.clone(),
@@ -414,6 +454,10 @@ impl Builder<'_> {
             cni_result: None,
             server: None,
             server_port: None,
+            service_account: plan.service_account.into(),
+            version: (!plan.version.is_empty()).then(|| plan.version.to_string()),
+            http_port: None,
+            waypoint: None,
         };
         // Recorded before ADD runs: a half-done ADD still gets its DEL.
         self.state.pods.push(pod.clone());
@@ -441,7 +485,7 @@ impl Builder<'_> {
     }
 
     fn start_server(&mut self, node: &NodePlan, plan: &PodPlan) -> Result<()> {
-        let id = format!("{}-{}", node.letter, plan.name);
+        let id = plan.id(node);
         let pod = self.state.pod(&id).context("pod not recorded")?.clone();
         let name = format!("serve-{id}");
         let log = self.run_dir().join(format!("{id}-serve.log"));
@@ -450,15 +494,39 @@ impl Builder<'_> {
             "serve".into(),
             "--port".into(),
             SERVER_PORT.to_string(),
+            "--http-port".into(),
+            HTTP_PORT.to_string(),
+            "--name".into(),
+            id.clone(),
+            "--version".into(),
+            plan.version.into(),
         ];
         let mut child = self.spawn(&name, &pod.netns, &argv, &log)?;
         let rec = self.state.pod_mut(&id).context("pod vanished from state")?;
         rec.server = Some(name.clone());
         rec.server_port = Some(SERVER_PORT);
+        rec.http_port = Some(HTTP_PORT);
         self.state.save()?;
-        wait_listening(&pod.netns, SERVER_PORT, &mut child, &log)
-            .with_context(|| format!("server in pod {id}"))?;
+        for port in [SERVER_PORT, HTTP_PORT] {
+            wait_listening(&pod.netns, port, &mut child, &log)
+                .with_context(|| format!("server in pod {id}"))?;
+        }
         Ok(())
+    }
+
+    /// Records the waypoint (pod `b-waypoint`) and points the reviews workloads at it.
+    fn waypoint_topology(&mut self) -> Result<()> {
+        let why = if self.bins.waypoint.is_some() {
+            None
+        } else if !self.opts.agent {
+            Some("--no-agent (no data plane)".to_string())
+        } else if self.opts.dataplane != Dataplane::Ztunnel {
+            Some(format!("--dataplane {}", self.opts.dataplane.as_str()))
+        } else {
+            Some("--no-waypoint".to_string())
+        };
+        plan_waypoint(self.state, why)?;
+        self.state.save()
     }
 
     /// Starts a detached process and records it right away.
@@ -476,45 +544,37 @@ impl Builder<'_> {
         Ok(child)
     }
 
+    /// The Services with kube-proxy-style DNAT for all of them on both nodes.
     fn service(&mut self) -> Result<()> {
-        let backend_id = format!("{}-app", NODES[1].letter);
-        let backend_ip = self
-            .state
-            .pod(&backend_id)
-            .and_then(|p| p.ip)
-            .context("backend pod has no IP")?;
-        let script = service::render(
-            service::CLUSTER_IP,
-            service::SERVICE_PORT,
-            backend_ip,
-            SERVER_PORT,
-        );
-        let mut nodes = Vec::new();
+        let services = plan_services(self.state)?;
+        let dnat: Vec<service::Dnat> = services
+            .iter()
+            .map(|s| service::Dnat {
+                cluster_ip: s.cluster_ip,
+                port: s.port,
+                backends: s.endpoints.iter().map(|e| e.ip).collect(),
+                target_port: s.target_port,
+            })
+            .collect();
+        let script = service::render_all(&dnat);
         for node in &NODES {
             let netns_name = self.node_state(node)?.netns.clone();
             service::apply(&netns_name, &script)?;
-            nodes.push(node.name.to_string());
         }
-        self.state.services.push(ServiceState {
-            name: service::SERVICE_NAME.into(),
-            namespace: service::SERVICE_NAMESPACE.into(),
-            cluster_ip: service::CLUSTER_IP,
-            port: service::SERVICE_PORT,
-            target_port: SERVER_PORT,
-            backend_pod: backend_id,
-            backend_ip,
-            nodes,
-        });
-        self.state.save()?;
-        self.progress.say(format!(
-            "service {}/{} {}:{} -> {backend_ip}:{SERVER_PORT} (nft table ip {} on both nodes)",
-            service::SERVICE_NAMESPACE,
-            service::SERVICE_NAME,
-            service::CLUSTER_IP,
-            service::SERVICE_PORT,
-            service::TABLE
-        ));
-        Ok(())
+        for (svc, rule) in services.into_iter().zip(&dnat) {
+            self.progress.say(format!(
+                "service {} {} (nft table ip {} on nodes {}{})",
+                svc.key(),
+                rule.rule(),
+                service::TABLE,
+                svc.nodes.join(","),
+                svc.waypoint
+                    .map(|w| format!(", waypoint {w}"))
+                    .unwrap_or_default()
+            ));
+            self.state.services.push(svc);
+        }
+        self.state.save()
     }
 
     fn ztunnel_init(&mut self, node: &NodePlan) -> Result<()> {
@@ -554,6 +614,198 @@ impl Builder<'_> {
         self.progress.say(format!("ztunnel ready in {pod_netns}"));
         Ok(())
     }
+}
+
+impl Builder<'_> {
+    fn start_waypoint(&mut self) -> Result<()> {
+        let wp = self
+            .state
+            .waypoint
+            .clone()
+            .context("no waypoint recorded")?;
+        let pod_netns = self
+            .state
+            .pod(&wp.pod)
+            .context("no waypoint pod")?
+            .netns
+            .clone();
+        let bin = self.bins.waypoint.clone().context("no waypoint binary")?;
+        let argv = waypoint::argv(&bin, &self.run_dir());
+        let mut child = self.spawn(&wp.process, &pod_netns, &argv, &wp.log)?;
+        waypoint::wait_ready(&pod_netns, wp.ip, &mut child, &wp.log)
+            .with_context(|| format!("waypoint in {pod_netns}"))?;
+        self.progress.say(format!(
+            "waypoint ready in {pod_netns} ({} as {}, config {})",
+            wp.ip,
+            wp.identity,
+            wp.config.display()
+        ));
+        Ok(())
+    }
+}
+
+/// The id of a pod of the plan that lives on one node (`reviews-v1` → `a-reviews-v1`).
+fn single_pod_id(name: &str) -> Result<String> {
+    let plan = topology::plan(name).with_context(|| format!("no pod {name} in the plan"))?;
+    let node = NODES
+        .iter()
+        .find(|n| plan.on(n))
+        .with_context(|| format!("pod {name} is on no node"))?;
+    Ok(plan.id(node))
+}
+
+/// Records the waypoint pod as `state.waypoint` and makes it the workload-level waypoint of
+/// the reviews pods. `not_started` says why its process will not run, if it will not.
+pub fn plan_waypoint(state: &mut LabState, not_started: Option<String>) -> Result<()> {
+    let pod = state
+        .pod(&single_pod_id(waypoint::POD_NAME)?)
+        .context("waypoint pod not recorded")?
+        .clone();
+    let ip = pod.ip.context("waypoint pod has no IP")?;
+    let mut workloads = Vec::new();
+    for p in state.pods.iter_mut().filter(|p| p.role == PodRole::Reviews) {
+        p.waypoint = Some(ip);
+        workloads.push(p.id.clone());
+    }
+    let any = |port: u16| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).to_string();
+    state.waypoint = Some(WaypointState {
+        pod: pod.id.clone(),
+        k8s_name: pod.k8s_name.clone(),
+        namespace: pod.namespace.clone(),
+        node: pod.node.clone(),
+        ip,
+        service_account: pod.service_account().to_string(),
+        identity: waypoint::identity(&pod.namespace, pod.service_account()),
+        config: waypoint::config_path(&state.run_dir),
+        log: waypoint::log_path(&state.run_dir, &pod.id),
+        process: waypoint::PROCESS.into(),
+        hbone_addr: SocketAddr::from((ip, waypoint::HBONE_PORT)).to_string(),
+        metrics_addr: any(waypoint::METRICS_PORT),
+        admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, waypoint::ADMIN_PORT)).to_string(),
+        readiness_addr: any(waypoint::READINESS_PORT),
+        services: waypoint::SERVICES
+            .iter()
+            .map(|s| format!("{}/{s}", service::SERVICE_NAMESPACE))
+            .collect(),
+        workloads,
+        not_started,
+    });
+    Ok(())
+}
+
+/// The lab's Services from its pods: `demo/app` (b-app:9080), `demo/reviews` (both reviews
+/// pods), `demo/reviews-v1`, `demo/reviews-v2` (port 80 → 8080, behind the waypoint when
+/// `state.waypoint` is set). All are programmed on every node.
+pub fn plan_services(state: &LabState) -> Result<Vec<ServiceState>> {
+    let endpoint = |id: &str| -> Result<EndpointState> {
+        Ok(EndpointState {
+            pod: id.to_string(),
+            ip: state
+                .pod(id)
+                .and_then(|p| p.ip)
+                .with_context(|| format!("pod {id} has no IP"))?,
+        })
+    };
+    let waypoint_ip = state.waypoint.as_ref().map(|w| w.ip);
+    let app = format!("{}-app", NODES[1].letter);
+    let (v1, v2) = (single_pod_id("reviews-v1")?, single_pod_id("reviews-v2")?);
+    let specs = [
+        (
+            service::SERVICE_NAME,
+            service::CLUSTER_IP,
+            SERVER_PORT,
+            vec![endpoint(&app)?],
+            None,
+        ),
+        (
+            service::REVIEWS,
+            service::REVIEWS_IP,
+            HTTP_PORT,
+            vec![endpoint(&v1)?, endpoint(&v2)?],
+            waypoint_ip,
+        ),
+        (
+            service::REVIEWS_V1,
+            service::REVIEWS_V1_IP,
+            HTTP_PORT,
+            vec![endpoint(&v1)?],
+            waypoint_ip,
+        ),
+        (
+            service::REVIEWS_V2,
+            service::REVIEWS_V2_IP,
+            HTTP_PORT,
+            vec![endpoint(&v2)?],
+            waypoint_ip,
+        ),
+    ];
+    Ok(specs
+        .into_iter()
+        .map(|(name, ip, target, eps, wp)| ServiceState {
+            name: name.into(),
+            namespace: service::SERVICE_NAMESPACE.into(),
+            cluster_ip: ip,
+            port: service::SERVICE_PORT,
+            target_port: target,
+            backend_pod: eps[0].pod.clone(),
+            backend_ip: eps[0].ip,
+            nodes: NODES.iter().map(|n| n.name.to_string()).collect(),
+            endpoints: eps,
+            waypoint: wp,
+        })
+        .collect())
+}
+
+/// A lab state as `up` records it (pods with the IPs host-local hands out in creation
+/// order, the waypoint, the Services), without making anything: for unit tests.
+pub fn planned_state(prefix: &str) -> Result<LabState> {
+    let mut state = LabState::new(
+        prefix,
+        LabOptionsState {
+            primary: "ptp".into(),
+            dataplane: "ztunnel".into(),
+            agent: true,
+            tunnel: "auto".into(),
+            rp_filter: 1,
+            cni_plugin: None,
+            agent_bin: None,
+            ztunnel_init_bin: None,
+            waypoint: true,
+            waypoint_bin: None,
+        },
+    );
+    for node in &NODES {
+        for (i, plan) in topology::pods_on(node).enumerate() {
+            let id = plan.id(node);
+            let o = node.pod_net.octets();
+            state.pods.push(PodState {
+                id: id.clone(),
+                name: plan.name.into(),
+                role: plan.role,
+                k8s_name: format!("{}-{}", plan.name, node.letter),
+                namespace: plan.namespace.into(),
+                uid: format!("uid-{id}"),
+                node: node.name.into(),
+                netns: paths::netns_name(prefix, &id),
+                container_id: format!("{prefix}-{id}"),
+                ifname: "eth0".into(),
+                ambient: plan.ambient,
+                cni_added: true,
+                ip: Some(Ipv4Addr::new(o[0], o[1], o[2], 2 + i as u8)),
+                host_veth: None,
+                cni_result: None,
+                server: plan.serves.then(|| format!("serve-{id}")),
+                server_port: plan.serves.then_some(SERVER_PORT),
+                service_account: plan.service_account.into(),
+                version: (!plan.version.is_empty()).then(|| plan.version.to_string()),
+                http_port: plan.serves.then_some(HTTP_PORT),
+                waypoint: None,
+            });
+        }
+    }
+    plan_waypoint(&mut state, None)?;
+    state.services = plan_services(&state)?;
+    Ok(state)
 }
 
 /// Waits until `port` accepts on the pod's loopback; fails when the server exits.

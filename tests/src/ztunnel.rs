@@ -1,6 +1,7 @@
 //! The lab's data plane: one `ztunnel` per ztunnel netns, configured from the topology
-//! (pods → workloads with a service account each, the Service → a service with the
-//! ClusterIP), all sharing one lab CA directory.
+//! (pods → workloads with a service account each, the Services → services with their
+//! ClusterIPs, and `waypoint: {address}` on the reviews Services and workloads), all sharing
+//! one lab CA directory.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -15,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::procs;
-use crate::state::LabState;
+use crate::state::{LabState, PodRole};
 
 /// The local config file all ztunnels read (each serves only its own node's workloads).
 pub const CONFIG_FILE: &str = "ztunnel-config.yaml";
@@ -49,33 +50,75 @@ pub struct LocalService {
     pub hostname: String,
     pub vips: Vec<String>,
     pub ports: BTreeMap<u16, u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
 }
 
-/// The local config for the lab's pods and Service, with `policies`.
+/// `waypoint:` of a service or workload: the waypoint's workload IP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointRef {
+    pub address: String,
+}
+
+impl WaypointRef {
+    fn of(ip: Option<Ipv4Addr>) -> Option<WaypointRef> {
+        ip.map(|ip| WaypointRef {
+            address: ip.to_string(),
+        })
+    }
+}
+
+/// The local config for the lab's pods and Services, with `policies`.
 pub fn render_config(state: &LabState, policies: &Value) -> LocalConfig {
-    let workloads = state
+    LocalConfig {
+        workloads: render_workloads(state),
+        services: render_services(state),
+        policies: policies.clone(),
+    }
+}
+
+/// Every pod but the ztunnels as a workload of ztunnel's schema: its Services (those it is
+/// an endpoint of) and its own waypoint, if any.
+pub fn render_workloads(state: &LabState) -> Vec<Value> {
+    state
         .pods
         .iter()
-        .filter(|p| p.name != "ztunnel")
+        .filter(|p| p.role != PodRole::Ztunnel)
         .filter_map(|p| {
             let ip = p.ip?;
             let mut w = json!({
                 "uid": p.uid,
                 "name": p.k8s_name,
                 "namespace": p.namespace,
-                "serviceAccount": p.name,
+                "serviceAccount": p.service_account(),
                 "workloadIps": [ip.to_string()],
                 "protocol": if p.ambient { "HBONE" } else { "TCP" },
                 "node": node_name(&p.node),
             });
-            for s in state.services.iter().filter(|s| s.backend_pod == p.id) {
-                let key = format!("{}/{}", s.namespace, hostname(&s.name, &s.namespace));
-                w["services"] = json!({ key: {} });
+            let services: serde_json::Map<String, Value> = state
+                .services
+                .iter()
+                .filter(|s| s.endpoints().iter().any(|e| e.pod == p.id))
+                .map(|s| {
+                    let key = format!("{}/{}", s.namespace, hostname(&s.name, &s.namespace));
+                    (key, json!({}))
+                })
+                .collect();
+            if !services.is_empty() {
+                w["services"] = Value::Object(services);
+            }
+            if let Some(wp) = WaypointRef::of(p.waypoint) {
+                w["waypoint"] = json!(wp);
             }
             Some(w)
         })
-        .collect();
-    let services = state
+        .collect()
+}
+
+/// The lab's Services in ztunnel's schema.
+pub fn render_services(state: &LabState) -> Vec<LocalService> {
+    state
         .services
         .iter()
         .map(|s| LocalService {
@@ -84,16 +127,13 @@ pub fn render_config(state: &LabState, policies: &Value) -> LocalConfig {
             hostname: hostname(&s.name, &s.namespace),
             vips: vec![s.cluster_ip.to_string()],
             ports: [(s.port, s.target_port)].into(),
+            waypoint: WaypointRef::of(s.waypoint),
         })
-        .collect();
-    LocalConfig {
-        workloads,
-        services,
-        policies: policies.clone(),
-    }
+        .collect()
 }
 
-fn hostname(name: &str, namespace: &str) -> String {
+/// `<name>.<namespace>.svc.cluster.local`.
+pub fn hostname(name: &str, namespace: &str) -> String {
     format!("{name}.{namespace}.svc.{TRUST_DOMAIN}")
 }
 
@@ -165,4 +205,87 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service;
+    use crate::up::planned_state;
+    use std::net::IpAddr;
+
+    /// The lab's config as ztunnel itself parses and indexes it: the reviews Services and
+    /// workloads behind the waypoint, the waypoint a plain HBONE workload of its own.
+    #[test]
+    fn ztunnel_accepts_the_lab_config_with_the_waypoint() {
+        let state = planned_state("unit").unwrap();
+        let wp_ip = state.waypoint.as_ref().unwrap().ip;
+        assert_eq!(wp_ip, Ipv4Addr::new(10, 244, 2, 7));
+        let yaml = serde_yaml_ng::to_string(&render_config(&state, &json!([]))).unwrap();
+        let cfg =
+            ::ztunnel::config::parse_local_config(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        for node in ["nodeA", "nodeB"] {
+            let st = ::ztunnel::state::State::build(&cfg, TRUST_DOMAIN, node)
+                .unwrap_or_else(|e| panic!("{node}: {e}\n{yaml}"));
+            assert!(st.is_waypoint(IpAddr::V4(wp_ip)));
+            for (vip, endpoints) in [
+                (service::REVIEWS_IP, 2),
+                (service::REVIEWS_V1_IP, 1),
+                (service::REVIEWS_V2_IP, 1),
+            ] {
+                let svc = st.service_by_vip(IpAddr::V4(vip)).expect("reviews VIP");
+                assert_eq!(
+                    svc.waypoint.as_ref().map(|w| w.address),
+                    Some(IpAddr::V4(wp_ip)),
+                    "{vip}"
+                );
+                assert_eq!(svc.ports.get(&80), Some(&8080));
+                assert_eq!(st.endpoints(svc).len(), endpoints, "{vip}");
+            }
+            let app = st.service_by_vip(IpAddr::V4(service::CLUSTER_IP)).unwrap();
+            assert!(app.waypoint.is_none());
+            let v1_ip = state.pod("a-reviews-v1").unwrap().ip.unwrap();
+            let v1 = st.workload_by_ip(IpAddr::V4(v1_ip)).unwrap();
+            assert_eq!(v1.service_account, "reviews");
+            assert_eq!(v1.waypoint.as_ref().unwrap().address, IpAddr::V4(wp_ip));
+            // Behind the waypoint on 8080: only the waypoint's identity may connect.
+            let ids = st.required_waypoints(v1, 8080);
+            assert_eq!(ids.len(), 1);
+            assert_eq!(
+                ids[0].to_string(),
+                "spiffe://cluster.local/ns/demo/sa/waypoint"
+            );
+            let wp = st.workload_by_ip(IpAddr::V4(wp_ip)).unwrap();
+            assert_eq!(wp.service_account, "waypoint");
+            assert_eq!(wp.protocol, ::ztunnel::config::Protocol::Hbone);
+            assert!(wp.waypoint.is_none());
+            let b_app = state.pod("b-app").unwrap().ip.unwrap();
+            assert!(st
+                .workload_by_ip(IpAddr::V4(b_app))
+                .unwrap()
+                .waypoint
+                .is_none());
+        }
+    }
+
+    #[test]
+    fn workloads_list_every_service_they_serve() {
+        let state = planned_state("unit").unwrap();
+        let w = render_workloads(&state);
+        let find = |name: &str| w.iter().find(|x| x["name"] == name).unwrap().clone();
+        let v1 = find("reviews-v1-a");
+        let keys: Vec<&String> = v1["services"].as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "demo/reviews-v1.demo.svc.cluster.local",
+                "demo/reviews.demo.svc.cluster.local"
+            ]
+        );
+        assert_eq!(find("app-b")["services"].as_object().unwrap().len(), 1);
+        assert!(find("app-a").get("services").is_none());
+        assert!(w.iter().all(|x| x["name"] != "ztunnel-a"));
+        // 11 pods but the 2 ztunnels.
+        assert_eq!(w.len(), 9);
+    }
 }

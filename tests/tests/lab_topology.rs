@@ -5,11 +5,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
+use ambient_lab::http::HttpRequest;
 use ambient_lab::procs;
 use ambient_lab::serve::parse_greeting;
 use ambient_lab::state::ProcessRecord;
 use ambient_lab::status::LabStatus;
-use ambient_lab::{paths, unique_prefix, Lab, LabOptions};
+use ambient_lab::{paths, service, unique_prefix, Lab, LabOptions};
 use ambient_net::netns;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
@@ -85,9 +86,24 @@ fn ptp_pods_reach_across_nodes_and_down_cleans_up() {
     assert_eq!(st.primary, "ptp");
     assert!(!st.agent);
     assert_eq!(st.nodes.len(), 2);
-    assert_eq!(st.pods.len(), 8);
-    for node in ["a", "b"] {
-        for pod in ["ztunnel", "app", "client", "plain"] {
+    // Four pods on each node, then reviews-v1 on A, reviews-v2 and the waypoint on B.
+    let expected: [(&str, &[&str]); 2] = [
+        ("a", &["ztunnel", "app", "client", "plain", "reviews-v1"]),
+        (
+            "b",
+            &[
+                "ztunnel",
+                "app",
+                "client",
+                "plain",
+                "reviews-v2",
+                "waypoint",
+            ],
+        ),
+    ];
+    assert_eq!(st.pods.len(), 11);
+    for (node, pods) in expected {
+        for (i, pod) in pods.iter().enumerate() {
             let p = lab.pod(&format!("{node}-{pod}"));
             let ip = p.ip.expect("pod ip");
             let cidr = if node == "a" {
@@ -96,6 +112,8 @@ fn ptp_pods_reach_across_nodes_and_down_cleans_up() {
                 [10, 244, 2]
             };
             assert_eq!(ip.octets()[..3], cidr, "{} got {ip}", p.id);
+            // Creation order per node: the IPs of the first four did not move.
+            assert_eq!(ip.octets()[3], 2 + i as u8, "{} got {ip}", p.id);
             assert_eq!(p.netns, format!("{prefix}-{node}-{pod}"));
             assert!(
                 p.host_veth
@@ -104,18 +122,74 @@ fn ptp_pods_reach_across_nodes_and_down_cleans_up() {
                 "{p:?}"
             );
             assert_eq!(p.ambient, p.namespace == "demo");
-            assert_eq!(p.server.is_some(), pod != "ztunnel");
-            assert!(p.server.as_ref().is_none_or(|s| s.alive && s.port == 9080));
+            let serves = !["ztunnel", "waypoint"].contains(pod);
+            assert_eq!(p.server.is_some(), serves, "{}", p.id);
+            assert!(p
+                .server
+                .as_ref()
+                .is_none_or(|s| s.alive && s.port == 9080 && s.http_port == Some(8080)));
         }
     }
+    // The one-node pods exist only where they are placed.
+    for absent in ["b-reviews-v1", "a-reviews-v2", "a-waypoint"] {
+        assert!(st.pod(absent).is_none(), "{absent}");
+        assert!(!lab.netns_path(absent).exists(), "{absent}");
+    }
+    let v1 = lab.pod("a-reviews-v1");
+    assert_eq!(
+        (v1.namespace.as_str(), v1.service_account.as_str()),
+        ("demo", "reviews")
+    );
+    assert_eq!(v1.version.as_deref(), Some("v1"));
+    assert_eq!(lab.pod("b-reviews-v2").version.as_deref(), Some("v2"));
+    assert_eq!(lab.pod("b-waypoint").service_account, "waypoint");
     assert_eq!(st.ztunnels.len(), 2);
     assert_eq!(lab.pod("a-ztunnel").namespace, "istio-system");
     assert!(lab.pod("a-ztunnel").k8s_name.starts_with("ztunnel"));
     let ips: std::collections::HashSet<_> = st.pods.iter().filter_map(|p| p.ip).collect();
-    assert_eq!(ips.len(), 8, "pod IPs must be distinct");
-    assert_eq!(st.services.len(), 1);
+    assert_eq!(ips.len(), 11, "pod IPs must be distinct");
+    let names: Vec<String> = st.services.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["app", "reviews", "reviews-v1", "reviews-v2"]);
     assert_eq!(st.services[0].cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
     assert_eq!(st.services[0].backend_ip, lab.pod_ip("b-app"));
+    assert_eq!(st.services[0].waypoint, None);
+    let wp = lab.waypoint().clone();
+    assert_eq!(wp.pod, "b-waypoint");
+    assert_eq!(wp.ip, lab.pod_ip("b-waypoint"));
+    assert_eq!(wp.identity, "spiffe://cluster.local/ns/demo/sa/waypoint");
+    assert!(!wp.running);
+    assert!(wp
+        .not_started
+        .as_deref()
+        .is_some_and(|w| w.contains("--no-agent")));
+    assert!(
+        wp.config.exists(),
+        "the waypoint config is written without the waypoint"
+    );
+    assert_eq!(wp.workloads, ["a-reviews-v1", "b-reviews-v2"]);
+    for (svc, ip, eps) in [
+        (
+            &st.services[1],
+            service::REVIEWS_IP,
+            &["a-reviews-v1", "b-reviews-v2"][..],
+        ),
+        (
+            &st.services[2],
+            service::REVIEWS_V1_IP,
+            &["a-reviews-v1"][..],
+        ),
+        (
+            &st.services[3],
+            service::REVIEWS_V2_IP,
+            &["b-reviews-v2"][..],
+        ),
+    ] {
+        assert_eq!((svc.cluster_ip, svc.port, svc.target_port), (ip, 80, 8080));
+        assert_eq!(svc.waypoint, Some(wp.ip), "{}", svc.name);
+        let got: Vec<&str> = svc.endpoints.iter().map(|e| e.pod.as_str()).collect();
+        assert_eq!(got, eps);
+        assert!(wp.services.contains(&format!("demo/{}", svc.name)));
+    }
 
     // A -> B and B -> A: the server sees the real client IP (no masquerade).
     let (server, client) = greet(&lab, "a-client", lab.pod_ip("b-app"), 9080);
@@ -141,6 +215,141 @@ fn ptp_pods_reach_across_nodes_and_down_cleans_up() {
     assert_eq!(echoed.len(), payload.len());
     assert!(echoed == payload);
 
+    reviews_answer_http_through_the_dnat(&lab);
+    down_leaves_nothing(lab);
+}
+
+/// The reviews pods' HTTP servers from plain pods through the kube-proxy DNAT of the reviews
+/// ClusterIPs: each per-version Service reaches its pod, `demo/reviews` both, the server sees
+/// the client's own IP; HTTP/1.1 keep-alive and h2c.
+fn reviews_answer_http_through_the_dnat(lab: &Lab) {
+    let (a_plain, b_plain) = (lab.pod_ip("a-plain"), lab.pod_ip("b-plain"));
+    for (from, ip, pod, version) in [
+        ("a-plain", service::REVIEWS_V1_IP, "a-reviews-v1", "v1"),
+        ("a-plain", service::REVIEWS_V2_IP, "b-reviews-v2", "v2"),
+        ("b-plain", service::REVIEWS_V1_IP, "a-reviews-v1", "v1"),
+    ] {
+        let reqs: Vec<HttpRequest> = (0..3)
+            .map(|i| HttpRequest::get(&format!("/r?i={i}")))
+            .collect();
+        let resps = lab.http1(from, (ip, 80), &reqs).expect("http1");
+        let peers: Vec<String> = resps
+            .iter()
+            .map(|r| {
+                assert_eq!(r.status, 200, "{}", r.text());
+                let e = r.echo().unwrap();
+                assert_eq!((e.pod.as_str(), e.version.as_str()), (pod, version));
+                assert_eq!(e.protocol, "HTTP/1.1");
+                assert_eq!(e.peer_addr().unwrap().ip(), lab.pod_ip(from));
+                e.peer
+            })
+            .collect();
+        assert!(
+            peers.iter().all(|p| *p == peers[0]),
+            "keep-alive: {peers:?}"
+        );
+    }
+    let h2 = lab
+        .h2c(
+            "b-plain",
+            (service::REVIEWS_V2_IP, 80),
+            &[
+                HttpRequest::get("/a"),
+                HttpRequest::post("/b", b"xyz".to_vec()),
+            ],
+        )
+        .expect("h2c");
+    for r in &h2 {
+        let e = r.echo().unwrap();
+        assert_eq!(
+            (e.pod.as_str(), e.protocol.as_str()),
+            ("b-reviews-v2", "HTTP/2.0")
+        );
+        assert_eq!(e.peer_addr().unwrap().ip(), b_plain);
+    }
+    assert_eq!(h2[1].echo().unwrap().body_bytes, 3);
+    // demo/reviews: a random endpoint per connection; both answer sooner or later.
+    let mut versions = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = lab
+            .http_get("a-plain", (service::REVIEWS_IP, 80), "/")
+            .expect("reviews");
+        let e = r.echo().unwrap();
+        assert_eq!(e.peer_addr().unwrap().ip(), a_plain);
+        versions.insert(e.version);
+        if versions.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), ["v1", "v2"]);
+    // The 9080 greeting server still runs next to it.
+    let (server, _) = greet(lab, "a-plain", lab.pod_ip("b-reviews-v2"), 9080);
+    assert_eq!(server.port(), 9080);
+    // And the upgrade to the raw echo.
+    let (status, echoed) = lab
+        .http_upgrade_echo(
+            "a-plain",
+            (lab.pod_ip("a-reviews-v1"), 8080),
+            "/",
+            b"raw bytes",
+        )
+        .expect("upgrade");
+    assert_eq!((status, echoed.as_slice()), (101, &b"raw bytes"[..]));
+}
+
+/// With the agent (and no data plane): every ambient pod, the one-node ones included, is
+/// enrolled on its own node and nowhere else; `--no-waypoint` is accepted, the waypoint
+/// is recorded but not started.
+#[test]
+fn one_node_pods_are_enrolled_on_their_node() {
+    let lab = Lab::up(
+        &unique_prefix("tlab"),
+        LabOptions::new(LAB).arg("--dataplane").arg("none"),
+    )
+    .expect("lab up");
+    let st = lab.status().clone();
+    for node in ["A", "B"] {
+        let out = lab
+            .exec(
+                &format!("node{node}"),
+                &[
+                    "nft",
+                    "list",
+                    "set",
+                    "inet",
+                    "ambient-node",
+                    "ztunnel-pods-ips",
+                ],
+            )
+            .unwrap();
+        let set = String::from_utf8_lossy(&out.stdout);
+        for p in &st.pods {
+            let ip = p.ip.unwrap().to_string();
+            let want = p.ambient && p.node == node;
+            assert_eq!(
+                set.contains(&format!("{ip},")) || set.contains(&format!("{ip} }}")),
+                want,
+                "node {node}, pod {} ({ip}):\n{set}",
+                p.id
+            );
+        }
+    }
+    for id in ["a-reviews-v1", "b-reviews-v2", "b-waypoint"] {
+        assert!(lab.pod(id).ambient, "{id}");
+    }
+    let wp = lab.waypoint();
+    assert!(!wp.running);
+    assert_eq!(wp.not_started.as_deref(), Some("--dataplane none"));
+    let text = std::process::Command::new(LAB)
+        .args(["status", "--prefix", lab.prefix()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("WAYPOINT b-waypoint"), "{text}");
+    assert!(
+        text.contains("spiffe://cluster.local/ns/demo/sa/waypoint"),
+        "{text}"
+    );
     down_leaves_nothing(lab);
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP/1.1 side ports: admin (15000, localhost: `/config_dump`), metrics (15020:
-//! `/metrics`) and readiness (15021: `/healthz/ready`).
+//! `/metrics`) and readiness (15021: `/healthz/ready`). The server is shared by every proxy of
+//! the system: ztunnel and the waypoint each say what they show through [`AdminSource`].
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,17 @@ use crate::metrics::Metrics;
 use crate::proxy::pool::Pool;
 use crate::state::StateHandle;
 
-/// What the side ports show.
+/// What a proxy's side ports show.
+pub trait AdminSource: Send + Sync + 'static {
+    /// `/healthz/ready` answers 200 when true.
+    fn is_ready(&self) -> bool;
+    /// The `/config_dump` document.
+    fn config_dump(&self) -> serde_json::Value;
+    /// The `/metrics` text (OpenMetrics).
+    fn metrics(&self) -> String;
+}
+
+/// What ztunnel's side ports show.
 pub struct AdminInputs {
     pub cfg: Arc<Config>,
     pub state: StateHandle,
@@ -30,13 +41,17 @@ pub struct AdminInputs {
     pub draining: CancellationToken,
 }
 
-impl AdminInputs {
-    pub fn is_ready(&self) -> bool {
+impl AdminSource for AdminInputs {
+    fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.is_cancelled()
     }
 
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
     /// The whole `/config_dump` document.
-    pub fn config_dump(&self) -> serde_json::Value {
+    fn config_dump(&self) -> serde_json::Value {
         let st = self.state.get();
         serde_json::json!({
             "node": st.node,
@@ -69,7 +84,7 @@ fn text(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Ful
         .expect("static response parts")
 }
 
-fn ready(a: &AdminInputs) -> Response<Full<Bytes>> {
+fn ready(a: &dyn AdminSource) -> Response<Full<Bytes>> {
     if a.is_ready() {
         text(StatusCode::OK, "text/plain", "ready\n")
     } else {
@@ -77,7 +92,7 @@ fn ready(a: &AdminInputs) -> Response<Full<Bytes>> {
     }
 }
 
-pub fn handle(a: &AdminInputs, port: Port, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub fn handle(a: &dyn AdminSource, port: Port, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (port, path) {
         (_, "/healthz/ready") => ready(a),
@@ -88,21 +103,22 @@ pub fn handle(a: &AdminInputs, port: Port, req: &Request<Incoming>) -> Response<
         (Port::Admin, "/") => text(
             StatusCode::OK,
             "text/plain",
-            "/config_dump  workloads, services, policies, certificates (no keys), pool\n\
+            "/config_dump  the running configuration, certificates (no keys), pool\n\
+             /metrics\n\
              /healthz/ready\n",
         ),
         (Port::Metrics | Port::Admin, "/metrics" | "/stats/prometheus") => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            a.metrics.encode(),
+            a.metrics(),
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
 /// Serves HTTP/1.1 on `listener` until `stop`.
-pub async fn serve(
-    a: Arc<AdminInputs>,
+pub async fn serve<A: AdminSource>(
+    a: Arc<A>,
     port: Port,
     listener: TcpListener,
     stop: CancellationToken,
@@ -118,7 +134,7 @@ pub async fn serve(
         let a = a.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&a, port, &req);
+                let resp = handle(a.as_ref(), port, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -15,9 +15,9 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminInputs};
-use crate::config::{CertSource, Config};
+use crate::config::Config;
 use crate::drain::Drain;
-use crate::identity::{Ca, SecretManager};
+use crate::identity::SecretManager;
 use crate::metrics::Metrics;
 use crate::proxy::pool::{Pool, PoolConfig};
 use crate::proxy::{inbound, inbound_passthrough, outbound, Inputs};
@@ -71,29 +71,14 @@ impl Running {
     }
 }
 
-fn identity(cfg: &Config) -> anyhow::Result<SecretManager> {
-    Ok(match &cfg.cert_source {
-        CertSource::Ca(dir) => {
-            let (ca, created) = Ca::load_or_create(dir, &cfg.trust_domain)
-                .with_context(|| format!("CA in {}", dir.display()))?;
-            let root = dir.join(crate::identity::ROOT_CERT);
-            if created {
-                tracing::info!(root = %root.display(), key = %dir.join(crate::identity::ROOT_KEY).display(),
-                    "created a new CA root (share this directory between nodes of one mesh)");
-            } else {
-                tracing::info!(root = %root.display(), "loaded the CA root");
-            }
-            SecretManager::with_ca(Arc::new(ca), cfg.cert_lifetime)
-        }
-        CertSource::Dir(dir) => SecretManager::with_dir(dir, &cfg.trust_domain)
-            .with_context(|| format!("certificate directory {}", dir.display()))?,
-    })
-}
-
 /// Starts everything. Listeners are bound before this returns.
 pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
-    let manager = Arc::new(identity(&cfg)?);
+    let manager = Arc::new(SecretManager::from_source(
+        &cfg.cert_source,
+        &cfg.trust_domain,
+        cfg.cert_lifetime,
+    )?);
     let state = match (&cfg.config_file, cfg.kube) {
         (file, true) => {
             StateHandle::load_for_discovery(file.as_deref(), &cfg.trust_domain, &cfg.node_name)

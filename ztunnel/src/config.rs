@@ -398,6 +398,22 @@ pub struct LocalService {
     pub subject_alt_names: Vec<String>,
     #[serde(default)]
     pub waypoint: Option<WaypointRef>,
+    /// What a service port speaks (Kubernetes' `appProtocol`): service port → protocol. Only the
+    /// waypoint looks at it: `tcp` ports are relayed at L4; `http` (the default) is detected.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
+}
+
+/// A service port's application protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 or HTTP/2, detected per connection.
+    Http,
+    /// HTTP/2 only (prior knowledge).
+    Http2,
+    /// Opaque TCP: never parsed.
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -463,8 +479,14 @@ pub struct LocalRule {
 /// Parses the file's text. Syntax and schema errors name the field (`workloads[0].protocol`)
 /// and carry the line and column.
 pub fn parse_local_config(text: &str) -> Result<LocalConfig, ConfigError> {
+    parse_yaml(text)
+}
+
+/// Parses a YAML config file of any schema (ztunnel's, the waypoint's): an empty file is the
+/// default value; errors name the field by its path and carry the line and column.
+pub fn parse_yaml<T: serde::de::DeserializeOwned + Default>(text: &str) -> Result<T, ConfigError> {
     if text.trim().is_empty() {
-        return Ok(LocalConfig::default());
+        return Ok(T::default());
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -486,11 +508,15 @@ pub fn parse_local_config(text: &str) -> Result<LocalConfig, ConfigError> {
 }
 
 pub fn read_local_config(path: &Path) -> Result<LocalConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    parse_local_config(&read_file(path)?)
+}
+
+/// A config file's text.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    parse_local_config(&text)
+    })
 }
 
 /// A VIP as written in the file: `10.96.0.10` or `<network>/10.96.0.10`.

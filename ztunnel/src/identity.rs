@@ -490,6 +490,32 @@ pub struct SecretManager {
 }
 
 impl SecretManager {
+    /// The certificates of `source`: the embedded CA (its root created on first start when the
+    /// directory has none) or a directory of ready-made certificates.
+    pub fn from_source(
+        source: &crate::config::CertSource,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> anyhow::Result<SecretManager> {
+        use anyhow::Context;
+        Ok(match source {
+            crate::config::CertSource::Ca(dir) => {
+                let (ca, created) = Ca::load_or_create(dir, trust_domain)
+                    .with_context(|| format!("CA in {}", dir.display()))?;
+                let root = dir.join(ROOT_CERT);
+                if created {
+                    tracing::info!(root = %root.display(), key = %dir.join(ROOT_KEY).display(),
+                        "created a new CA root (share this directory between nodes of one mesh)");
+                } else {
+                    tracing::info!(root = %root.display(), "loaded the CA root");
+                }
+                SecretManager::with_ca(Arc::new(ca), lifetime)
+            }
+            crate::config::CertSource::Dir(dir) => SecretManager::with_dir(dir, trust_domain)
+                .with_context(|| format!("certificate directory {}", dir.display()))?,
+        })
+    }
+
     pub fn with_ca(ca: Arc<Ca>, lifetime: Duration) -> SecretManager {
         SecretManager {
             trust_domain: ca.trust_domain.clone(),

@@ -13,7 +13,11 @@
 //! - [`proxy`]: the listeners, the HBONE connection pool and the relays;
 //! - [`socket`]: transparent listeners and spoofing upstream sockets;
 //! - [`metrics`], [`admin`]: Prometheus metrics, `/config_dump`, readiness;
-//! - [`app`]: wiring, drain on SIGTERM.
+//! - [`app`]: wiring, drain on SIGTERM; [`process`]: logging, runtimes, signals.
+//!
+//! The waypoint (`waypoint/`) is built on this library: it shares the TLS configurations and
+//! SPIFFE verification, identity and certificates, the HBONE pool and h2 relays, metrics and
+//! the side ports.
 
 pub mod admin;
 pub mod app;
@@ -22,6 +26,7 @@ pub mod discovery;
 pub mod drain;
 pub mod identity;
 pub mod metrics;
+pub mod process;
 pub mod proxy;
 pub mod rbac;
 pub mod socket;

@@ -73,6 +73,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Self::with(|_| ())
+    }
+
+    /// The TCP families and whatever `extra` registers beside them in the same registry (the
+    /// waypoint adds its HTTP families), all served on one `/metrics`.
+    pub fn with(extra: impl FnOnce(&mut Registry)) -> Metrics {
         let mut registry = Registry::default();
         let opened = Family::<ConnLabels, Counter>::default();
         let closed = Family::<ConnLabels, Counter>::default();
@@ -99,6 +105,7 @@ impl Metrics {
             "The size of total bytes received during request (source to destination)",
             received.clone(),
         );
+        extra(&mut registry);
         Metrics {
             registry,
             opened,

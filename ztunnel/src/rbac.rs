@@ -111,6 +111,8 @@ pub enum Denied {
     DenyPolicy(String),
     #[error("no allow policy matched ({0} apply)")]
     NoAllowMatch(usize),
+    #[error("the destination is behind waypoint {0}: connections must come from it")]
+    BypassedWaypoint(String),
 }
 
 impl Policy {

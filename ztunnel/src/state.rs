@@ -12,8 +12,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{
-    parse_vip, read_local_config, ConfigError, HealthStatus, LocalConfig, LocalService,
-    LocalWorkload, PolicyScope, Protocol, WaypointRef,
+    parse_vip, read_local_config, AppProtocol, ConfigError, HealthStatus, LocalConfig,
+    LocalService, LocalWorkload, PolicyScope, Protocol, WaypointRef,
 };
 use crate::identity::Identity;
 use crate::rbac::Policy;
@@ -55,6 +55,8 @@ pub struct Service {
     pub subject_alt_names: Vec<Identity>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<WaypointRef>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
     /// uids of the workloads that are endpoints of this service.
     pub endpoints: Vec<String>,
 }
@@ -62,6 +64,33 @@ pub struct Service {
 impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// What `port` speaks (HTTP, detected, unless declared otherwise).
+    pub fn app_protocol(&self, port: u16) -> AppProtocol {
+        self.app_protocols
+            .get(&port)
+            .copied()
+            .unwrap_or(AppProtocol::Http)
+    }
+
+    /// The address a connection to service port `port` reaches on endpoint `ep`: the endpoint's
+    /// own target-port override, else the service's target port, else the same port; the
+    /// endpoint IP of the port's family when it has several.
+    pub fn endpoint_target(&self, ep: &Workload, port: u16, v4: bool) -> SocketAddr {
+        let target_port = ep
+            .services
+            .get(&self.key())
+            .and_then(|m| m.get(&port))
+            .or_else(|| self.ports.get(&port))
+            .copied()
+            .unwrap_or(port);
+        let ip = ep
+            .workload_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == v4)
+            .unwrap_or(&ep.workload_ips[0]);
+        SocketAddr::new(*ip, target_port)
     }
 }
 
@@ -77,6 +106,10 @@ pub struct State {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
     policy_by_key: HashMap<String, Arc<Policy>>,
+    by_key: HashMap<String, Arc<Service>>,
+    /// Addresses of the workloads that are some service's or workload's waypoint: they
+    /// terminate HBONE themselves.
+    waypoints: HashSet<IpAddr>,
 }
 
 impl State {
@@ -142,6 +175,7 @@ impl State {
                 ports: s.ports.clone(),
                 subject_alt_names: sans,
                 waypoint: s.waypoint.clone(),
+                app_protocols: s.app_protocols.clone(),
                 endpoints: Vec::new(),
             });
             st.services.push(svc);
@@ -247,7 +281,9 @@ impl State {
                         format!("{} is not a workload address", wp.address),
                     ));
                 }
+                st.waypoints.insert(wp.address);
             }
+            st.by_key.insert(key, svc.clone());
         }
         for (i, w) in st.workloads.iter().enumerate() {
             if let Some(wp) = &w.waypoint {
@@ -257,6 +293,13 @@ impl State {
                         format!("{} is not a workload address", wp.address),
                     ));
                 }
+                if w.workload_ips.contains(&wp.address) {
+                    return Err(ConfigError::invalid(
+                        format!("workloads[{i}].waypoint.address"),
+                        "a waypoint cannot be its own waypoint",
+                    ));
+                }
+                st.waypoints.insert(wp.address);
             }
         }
         Ok(st)
@@ -273,6 +316,49 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// A service by `<namespace>/<hostname>`.
+    pub fn service_by_key(&self, key: &str) -> Option<&Arc<Service>> {
+        self.by_key.get(key)
+    }
+
+    /// Is `ip` a waypoint's address (a workload that terminates HBONE itself)?
+    pub fn is_waypoint(&self, ip: IpAddr) -> bool {
+        self.waypoints.contains(&ip)
+    }
+
+    /// The identities a connection to `wl` for `target_port` must come from when it is
+    /// behind a waypoint: its own waypoint's, and those of the waypoints of its services whose
+    /// target port this is. Empty: not behind a waypoint.
+    pub fn required_waypoints(&self, wl: &Workload, target_port: u16) -> Vec<Identity> {
+        let mut ids = Vec::new();
+        let mut add = |wp: &WaypointRef| {
+            if let Some(w) = self.by_ip.get(&wp.address) {
+                if !ids.contains(&w.identity) {
+                    ids.push(w.identity.clone());
+                }
+            }
+        };
+        if let Some(wp) = &wl.waypoint {
+            add(wp);
+        }
+        for (key, overrides) in &wl.services {
+            let Some(svc) = self.by_key.get(key) else {
+                continue;
+            };
+            let Some(wp) = &svc.waypoint else { continue };
+            // The target ports this workload serves the service on (no ports declared: any).
+            let mut targets = svc
+                .ports
+                .iter()
+                .map(|(p, t)| overrides.get(p).copied().unwrap_or(*t))
+                .chain(overrides.values().copied());
+            if (svc.ports.is_empty() && overrides.is_empty()) || targets.any(|t| t == target_port) {
+                add(wp);
+            }
+        }
+        ids
     }
 
     /// The endpoints of a service (healthy or not).
@@ -544,6 +630,20 @@ pub async fn watch_file(
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    poll_file(path.clone(), every, stop, move || {
+        let _ = handle.reload(&path);
+    })
+    .await
+}
+
+/// Calls `reload` whenever the file at `path` has changed and then stayed unchanged for one
+/// poll (so a file being written is not read half-way), until `stop`.
+pub async fn poll_file(
+    path: PathBuf,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut reload: impl FnMut() + Send,
+) {
     let mut loaded = file_stamp(&path);
     let mut seen = loaded;
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
@@ -556,7 +656,7 @@ pub async fn watch_file(
         let now = file_stamp(&path);
         if now.is_some() && now != loaded && now == seen {
             loaded = now;
-            let _ = handle.reload(&path);
+            reload();
         }
         seen = now;
     }

@@ -34,8 +34,8 @@ pub const GATEWAY: &str = "10.248.0.1";
 pub const MAX_PODS: usize = 4000;
 /// The agent's health port in the node netns.
 const HEALTH_PORT: u16 = 15120;
-/// Enrolled pods of the lab itself on node A (`a-app`, `a-client`).
-pub const LAB_ENROLLED: usize = 2;
+/// Enrolled pods of the lab itself on node A (`a-app`, `a-client`, `a-reviews-v1`).
+pub const LAB_ENROLLED: usize = 3;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -868,5 +868,15 @@ async fn greet(target: SocketAddr) -> std::io::Result<()> {
         if buf[..n].contains(&b'\n') {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod lab_enrolled_tests {
+    #[test]
+    fn lab_enrolled_matches_the_plan() {
+        let a = &crate::topology::NODES[0];
+        let n = crate::topology::pods_on(a).filter(|p| p.ambient).count();
+        assert_eq!(super::LAB_ENROLLED, n);
     }
 }

@@ -228,6 +228,7 @@ pub fn build(store: &Store, params: &Params) -> Discovered {
             ports,
             subject_alt_names: Vec::new(),
             waypoint: None,
+            app_protocols: Default::default(),
         });
     }
     out

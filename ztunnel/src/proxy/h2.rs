@@ -340,6 +340,137 @@ pub enum EarlyError {
     Stream(h2::Error),
 }
 
+/// A CONNECT stream as a byte stream (`AsyncRead` + `AsyncWrite`), for running a protocol
+/// inside a tunnel: the waypoint serves HTTP on the streams it accepts and speaks HTTP on the
+/// streams it opens. Received data is handed out as it comes and its flow-control capacity
+/// released once read; writes wait for send capacity, so both directions keep h2's
+/// backpressure. Shutting down the write side sends END_STREAM.
+pub struct H2Io {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read (see [`H2Io::fill`]).
+    pending: BytesMut,
+    /// The peer's END_STREAM was seen.
+    eof: bool,
+}
+
+impl H2Io {
+    pub fn new(stream: H2Stream) -> H2Io {
+        H2Io {
+            send: stream.send,
+            recv: stream.recv,
+            pending: BytesMut::new(),
+            eof: false,
+        }
+    }
+
+    /// Waits for the next data frame and appends it to what [`H2Io::pending`] shows, without
+    /// consuming it (protocol detection peeks this way). False at END_STREAM.
+    pub async fn fill(&mut self) -> io::Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        match self.recv.data().await {
+            Some(Ok(d)) => {
+                let _ = self.recv.flow_control().release_capacity(d.len());
+                self.pending.extend_from_slice(&d);
+                Ok(true)
+            }
+            Some(Err(e)) => Err(h2_io(e)),
+            None => {
+                self.eof = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// What [`H2Io::fill`] received and nobody has read yet.
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
+    /// Resets the stream (the peer sees the tunnel fail rather than end).
+    pub fn reset(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl tokio::io::AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(d)) => {
+                    let _ = this.recv.flow_control().release_capacity(d.len());
+                    if d.len() <= buf.remaining() {
+                        buf.put_slice(&d);
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.pending.extend_from_slice(&d);
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => this.eof = true,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.send;
+        send.reserve_capacity(buf.len());
+        loop {
+            match std::task::ready!(send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(cap)) => {
+                    let n = cap.min(buf.len());
+                    send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes frames out on its connection task; nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.send.send_data(Bytes::new(), true) {
+            Ok(()) => Poll::Ready(Ok(())),
+            // Already ended or reset: nothing more to say.
+            Err(e) if e.is_reset() || e.is_go_away() => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(h2_io(e))),
+        }
+    }
+}
+
 async fn copy_half<W>(r: &mut ReadHalf<'_>, w: &mut W, count: &mut u64) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,

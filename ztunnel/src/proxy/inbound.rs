@@ -38,12 +38,59 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
             },
         };
         let _ = tcp.set_nodelay(true);
+        let Ok(dialed) = tcp.local_addr() else {
+            continue;
+        };
         let pi2 = pi.clone();
-        pi.drain.spawn(async move {
-            if let Err(e) = serve_connection(pi2, tcp, peer).await {
-                tracing::warn!(%peer, error = %e, "inbound HBONE connection refused");
-            }
-        });
+        pi.drain
+            .spawn(async move { serve_dialed(pi2, tcp, peer, dialed).await });
+    }
+}
+
+/// One connection to `dialed` (under TPROXY: the pod's `ip:15008`). A waypoint terminates
+/// HBONE itself: its connections are passed to it untouched; every other pod's are ours.
+pub async fn serve_dialed(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
+    let to_waypoint = {
+        let st = pi.state.get();
+        st.is_waypoint(dialed.ip()) && st.local_workload_by_ip(dialed.ip()).is_some()
+    };
+    if to_waypoint {
+        to_local_waypoint(&pi, tcp, peer, dialed).await;
+    } else if let Err(e) = serve_connection(pi, tcp, peer, dialed).await {
+        tracing::warn!(%peer, error = %e, "inbound HBONE connection refused");
+    }
+}
+
+/// HBONE for a waypoint of this node: relayed as TCP from the client's own address, so the
+/// waypoint sees the client and verifies its certificate itself.
+async fn to_local_waypoint(pi: &Inputs, mut tcp: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
+    let mut log = ConnLog::new("inbound", peer, dialed);
+    log.route = "waypoint";
+    log.upstream = Some(dialed);
+    log.dst_workload = pi.state.get().workload_by_ip(dialed.ip()).cloned();
+    let up = socket::connect(
+        Some(peer.ip()),
+        dialed,
+        pi.cfg.transparent,
+        pi.cfg.connect_timeout,
+    )
+    .await;
+    match up {
+        Ok(mut up) => {
+            let r = super::h2::relay_tcp(&mut tcp, &mut up).await;
+            log.finish(
+                &pi.metrics,
+                r.up,
+                r.down,
+                r.result.map_err(|e| e.to_string()),
+            );
+        }
+        Err(e) => log.finish(
+            &pi.metrics,
+            0,
+            0,
+            Err(Error::Connect(dialed, e).to_string()),
+        ),
     }
 }
 
@@ -54,8 +101,12 @@ struct Tunnel {
     served: Identity,
 }
 
-async fn serve_connection(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr) -> Result<(), Error> {
-    let local = tcp.local_addr()?;
+async fn serve_connection(
+    pi: Arc<Inputs>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<(), Error> {
     let served = {
         let state = pi.state.get();
         state
@@ -161,6 +212,15 @@ fn admit(
         Some(f) if f.ip() == src_ip => f,
         _ => tunnel.peer,
     };
+    // Behind a waypoint, only the waypoint may send this port's traffic: anything else has
+    // bypassed the L7 policy the waypoint enforces.
+    let waypoints = state.required_waypoints(wl, target.port());
+    if !waypoints.is_empty() && !waypoints.contains(&tunnel.peer_identity) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            Error::Denied(rbac::Denied::BypassedWaypoint(waypoints[0].to_string())),
+        ));
+    }
     let conn = rbac::Connection {
         src_identity: Some(&tunnel.peer_identity),
         src_ip,

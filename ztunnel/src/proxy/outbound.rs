@@ -66,6 +66,21 @@ pub fn route(
     dst: SocketAddr,
     rng: &mut fastrand::Rng,
 ) -> Result<Route, Error> {
+    if dst.port() == port::INBOUND_HBONE {
+        if let Some(wl) = state.workload_by_ip(dst.ip()) {
+            if wl.protocol == Protocol::Hbone {
+                // The client speaks HBONE itself (a waypoint carrying a request to an
+                // endpoint): tunnelling it again would wrap mTLS in mTLS and end at a pod that
+                // has no 15008. It goes as is; the destination's ztunnel terminates it and
+                // checks the client's own certificate.
+                return Ok(Route::Passthrough {
+                    target: dst,
+                    workload: Some(wl.clone()),
+                    service: None,
+                });
+            }
+        }
+    }
     if let Some(svc) = state.service_by_vip(dst.ip()) {
         let key = svc.key();
         if let Some(wp) = &svc.waypoint {
@@ -83,27 +98,9 @@ pub fn route(
         }
         let ep = pick_endpoint(state.endpoints(svc), rng)
             .ok_or_else(|| Error::NoHealthyEndpoint(key.clone()))?;
-        let target_port = ep
-            .services
-            .get(&key)
-            .and_then(|m| m.get(&dst.port()))
-            .or_else(|| svc.ports.get(&dst.port()))
-            .copied()
-            .unwrap_or(dst.port());
-        let ip = ep
-            .workload_ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-            .unwrap_or(&ep.workload_ips[0]);
+        let target = svc.endpoint_target(ep, dst.port(), dst.is_ipv4());
         let extra = &svc.subject_alt_names;
-        return to_workload(
-            state,
-            src,
-            ep,
-            SocketAddr::new(*ip, target_port),
-            Some(key),
-            extra,
-        );
+        return to_workload(state, src, ep, target, Some(key), extra);
     }
     if let Some(wl) = state.workload_by_ip(dst.ip()) {
         return to_workload(state, src, wl, dst, None, &[]);
@@ -231,6 +228,20 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
 
 /// One captured connection from `src` to its original destination `dst`.
 pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    if dst.port() == port::INBOUND_HBONE {
+        let local_hbone = pi
+            .state
+            .get()
+            .local_workload_by_ip(dst.ip())
+            .is_some_and(|w| w.protocol == Protocol::Hbone);
+        if local_hbone {
+            // A client speaking HBONE itself (see [`route`]) to a pod of this node: on a remote
+            // node this connection would arrive on that ztunnel's 15008; here it is ours to
+            // terminate, as if it had.
+            super::inbound::serve_dialed(pi, tcp, src, dst).await;
+            return;
+        }
+    }
     let mut log = ConnLog::new("outbound", src, dst);
     log.reporters = &["source"];
     let relayed = proxy(&pi, &mut tcp, &mut log).await;
@@ -289,7 +300,7 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
             );
             let req = ConnectRequest { authority, headers };
             let mut early = Early::new(tcp);
-            let (stream, _guard) = pi.pool.connect(&key, &req, &mut early).await?;
+            let (stream, _guard) = pi.pool.connect(&key, &req, Some(&mut early)).await?;
             let sent = early.sent();
             log.opened(&pi.metrics);
             Ok(relay_h2(tcp, stream, sent).await)

@@ -164,12 +164,14 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream for `key` and waits for its response, which must be 200; what
-    /// the client sends meanwhile goes out on the stream already (see [`Early`]).
+    /// the client sends meanwhile goes out on the stream already (see [`Early`]). Without a
+    /// client socket (`early` None: the waypoint speaks HTTP on the stream itself) nothing is
+    /// sent before the response.
     pub async fn connect(
         &self,
         key: &PoolKey,
         req: &ConnectRequest,
-        early: &mut Early<'_>,
+        mut early: Option<&mut Early<'_>>,
     ) -> Result<(H2Stream, StreamGuard), Error> {
         let mut attempts = 0;
         loop {
@@ -209,7 +211,7 @@ impl Pool {
                 }
             };
             let guard = StreamGuard { conn };
-            let exchange = Self::exchange(&guard.conn, req.build(), early);
+            let exchange = Self::exchange(&guard.conn, req.build(), early.as_deref_mut());
             match tokio::time::timeout(self.cfg.connect_timeout, exchange).await {
                 Err(_) => return Err(Error::Timeout("CONNECT response")),
                 Ok(Ok(s)) => return Ok((s, guard)),
@@ -233,21 +235,26 @@ impl Pool {
     async fn exchange(
         conn: &Conn,
         req: http::Request<()>,
-        early: &mut Early<'_>,
+        early: Option<&mut Early<'_>>,
     ) -> Result<H2Stream, Error> {
         let mut sender = conn.sender.clone().ready().await.map_err(Error::H2)?;
         let (response, mut send) = sender.send_request(req, false).map_err(Error::H2)?;
-        early.replay(&mut send).map_err(Error::H2)?;
-        tokio::pin!(response);
-        let resp = loop {
-            tokio::select! {
-                biased;
-                r = &mut response => break r.map_err(Error::H2)?,
-                r = early.forward_more(&mut send), if early.wants_more() => match r {
-                    Ok(()) => {}
-                    Err(EarlyError::Stream(e)) => return Err(Error::H2(e)),
-                    Err(EarlyError::Client(e)) => return Err(Error::Io(e)),
-                },
+        let resp = match early {
+            None => response.await.map_err(Error::H2)?,
+            Some(early) => {
+                early.replay(&mut send).map_err(Error::H2)?;
+                tokio::pin!(response);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut response => break r.map_err(Error::H2)?,
+                        r = early.forward_more(&mut send), if early.wants_more() => match r {
+                            Ok(()) => {}
+                            Err(EarlyError::Stream(e)) => return Err(Error::H2(e)),
+                            Err(EarlyError::Client(e)) => return Err(Error::Io(e)),
+                        },
+                    }
+                }
             }
         };
         if resp.status() != http::StatusCode::OK {

@@ -1,0 +1,204 @@
+//! Wiring: identity, state, the HBONE listener, side ports, reload and certificate rotation;
+//! drain on shutdown. The data plane runs on the runtime `start` is called from, the side
+//! ports and background work on `side` (as in ztunnel).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use ztunnel::admin;
+use ztunnel::drain::Drain;
+use ztunnel::identity::SecretManager;
+use ztunnel::metrics::Metrics;
+use ztunnel::proxy::pool::{Pool, PoolConfig};
+use ztunnel::tls::TlsContext;
+
+use crate::admin::WaypointAdmin;
+use crate::config::Config;
+use crate::metrics::HttpMetrics;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::{server, Inputs};
+use crate::state::StateHandle;
+
+/// The addresses the listeners really bound.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BoundAddrs {
+    pub hbone: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+pub struct Running {
+    pub addrs: BoundAddrs,
+    pub state: StateHandle,
+    pub metrics: Arc<Metrics>,
+    pub hbone: Arc<Pool>,
+    drain: Drain,
+    background: CancellationToken,
+    drain_timeout: Duration,
+}
+
+impl Running {
+    /// Stops accepting, fails readiness, lets open tunnels finish (up to the drain timeout).
+    /// True if nothing was cut.
+    pub async fn shutdown(self) -> bool {
+        tracing::info!(active = self.drain.active(), "draining");
+        let clean = self.drain.drain(self.drain_timeout).await;
+        if !clean {
+            tracing::warn!(
+                left = self.drain.active(),
+                "drain timeout: closing the rest"
+            );
+        }
+        self.background.cancel();
+        clean
+    }
+}
+
+pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    let state = StateHandle::load(&cfg.config_file, &cfg.trust_domain)
+        .with_context(|| format!("config {}", cfg.config_file.display()))?;
+    let manager = Arc::new(SecretManager::from_source(
+        &cfg.cert_source,
+        &cfg.trust_domain,
+        cfg.cert_lifetime,
+    )?);
+    let me = state.get().identity().clone();
+    manager.set_wanted([me.clone()].into());
+    manager.refresh(SystemTime::now());
+    manager
+        .fetch(&me)
+        .with_context(|| format!("the waypoint's certificate ({me})"))?;
+    let tls = Arc::new(TlsContext::new(manager.clone()).context("trust anchors")?);
+    let hbone = Arc::new(Pool::new(
+        PoolConfig {
+            max_streams: 100,
+            spread: cfg.worker_threads,
+            idle_timeout: cfg.idle_timeout,
+            connect_timeout: cfg.connect_timeout,
+            // The waypoint speaks from its own address.
+            transparent: false,
+        },
+        tls.clone(),
+    ));
+    let upstream = Arc::new(Upstream::new(
+        hbone.clone(),
+        me.clone(),
+        cfg.connect_timeout,
+        cfg.idle_timeout,
+    ));
+    let (http_metrics, metrics) = HttpMetrics::new();
+    let metrics = Arc::new(metrics);
+    let drain = Drain::new();
+    let background = CancellationToken::new();
+
+    let bind = |addr: SocketAddr, what: &str| {
+        ztunnel::socket::listen(addr, false).with_context(|| format!("{what} listener {addr}"))
+    };
+    let hbone_l = bind(cfg.hbone_addr, "HBONE")?;
+    let admin_l = bind(cfg.admin_addr, "admin")?;
+    let metrics_l = bind(cfg.metrics_addr, "metrics")?;
+    let readiness_l = bind(cfg.readiness_addr, "readiness")?;
+    let addrs = BoundAddrs {
+        hbone: hbone_l.local_addr()?,
+        admin: admin_l.local_addr()?,
+        metrics: metrics_l.local_addr()?,
+        readiness: readiness_l.local_addr()?,
+    };
+    let inputs = Arc::new(Inputs {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        tls,
+        metrics: metrics.clone(),
+        http_metrics,
+        upstream: upstream.clone(),
+        drain: drain.clone(),
+    });
+    tokio::spawn(server::serve(inputs, ztunnel::socket::to_tokio(hbone_l)?));
+    tokio::spawn(hbone.clone().reaper(background.clone()));
+    {
+        let (up, stop) = (upstream.clone(), background.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => up.reap(),
+                }
+            }
+        });
+    }
+
+    // Background: the config file, the certificate.
+    {
+        let (st, path) = (state.clone(), cfg.config_file.clone());
+        side.spawn(ztunnel::state::poll_file(
+            cfg.config_file.clone(),
+            cfg.config_poll,
+            background.clone(),
+            move || {
+                let _ = st.reload(&path);
+            },
+        ));
+    }
+    side.spawn(rotate(manager.clone(), background.clone()));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_inputs = Arc::new(WaypointAdmin {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        manager,
+        hbone: hbone.clone(),
+        upstream,
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        draining: drain.signal(),
+    });
+    for (l, port) in [
+        (admin_l, admin::Port::Admin),
+        (metrics_l, admin::Port::Metrics),
+        (readiness_l, admin::Port::Readiness),
+    ] {
+        let (a, stop) = (admin_inputs.clone(), background.clone());
+        side.spawn(async move {
+            match ztunnel::socket::to_tokio(l) {
+                Ok(l) => admin::serve(a, port, l, stop).await,
+                Err(e) => tracing::error!(error = %e, "side port"),
+            }
+        });
+    }
+    ready.store(true, Ordering::Release);
+    let st = state.get();
+    tracing::info!(identity = %me, services = ?st.served, routes = st.routes.attachments.len(),
+        policies = st.policies.len(), addrs = ?addrs, "waypoint ready");
+    Ok(Running {
+        addrs,
+        state,
+        metrics,
+        hbone,
+        drain,
+        background,
+        drain_timeout: cfg.drain_timeout,
+    })
+}
+
+/// Rotates the waypoint's certificate at half-life.
+async fn rotate(manager: Arc<SecretManager>, stop: CancellationToken) {
+    loop {
+        let next = manager
+            .next_rotation(SystemTime::now())
+            .unwrap_or(Duration::from_secs(5))
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
+        }
+        manager.refresh(SystemTime::now());
+    }
+}

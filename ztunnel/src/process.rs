@@ -1,0 +1,55 @@
+//! Process plumbing shared by the proxies of the system (ztunnel, the waypoint): logging, the
+//! two runtimes, signals.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr, `plain` or `json` (one object per line), filtered by `RUST_LOG` (default
+/// `info`).
+pub fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file or a container log gets plain lines
+        // (and every access-log line costs less to format).
+        .with_ansi(std::io::stderr().is_terminal());
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The data plane's multi-thread runtime (`workers` threads named `<name>-dp`) and a
+/// one-thread runtime for side ports and background work (`<name>-admin`), so a busy data
+/// plane never starves readiness, metrics or config reloads.
+pub fn runtimes(
+    name: &str,
+    workers: usize,
+) -> std::io::Result<(tokio::runtime::Runtime, tokio::runtime::Runtime)> {
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("{name}-admin"))
+        .enable_all()
+        .build()?;
+    let dataplane = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .thread_name(format!("{name}-dp"))
+        .enable_all()
+        .build()?;
+    Ok((side, dataplane))
+}
+
+/// Returns at SIGTERM or SIGINT.
+pub async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}
