@@ -91,6 +91,7 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let upstream = Arc::new(Upstream::new(
         hbone.clone(),
         me.clone(),
+        state.get().me.workload_ips.clone(),
         cfg.connect_timeout,
         cfg.idle_timeout,
     ));

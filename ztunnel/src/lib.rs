@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod drain;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -110,6 +110,9 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 pub struct Upstream {
     hbone: Arc<Pool>,
     me: Identity,
+    /// The waypoint's own addresses: upstream connections leave from the one of the
+    /// endpoint's family, so an endpoint's ztunnel sees the waypoint's workload address.
+    my_ips: Vec<IpAddr>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
@@ -171,12 +174,14 @@ impl Upstream {
     pub fn new(
         hbone: Arc<Pool>,
         me: Identity,
+        my_ips: Vec<IpAddr>,
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Upstream {
         Upstream {
             hbone,
             me,
+            my_ips,
             connect_timeout,
             idle_timeout,
             h1: Mutex::default(),
@@ -186,8 +191,13 @@ impl Upstream {
 
     /// A byte stream to `ep` (HBONE, or TCP for an endpoint outside the mesh).
     pub async fn open(&self, ep: &Endpoint) -> Result<Io, UpstreamError> {
+        let src_ip = self
+            .my_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == ep.addr.is_ipv4())
+            .copied();
         if !ep.hbone {
-            let tcp = ztunnel::socket::connect(None, ep.addr, false, self.connect_timeout)
+            let tcp = ztunnel::socket::connect(src_ip, ep.addr, false, self.connect_timeout)
                 .await
                 .map_err(|e| UpstreamError::Connect(format!("{}: {e}", ep.addr)))?;
             return Ok(Io::Tcp(tcp));
@@ -196,7 +206,7 @@ impl Upstream {
             src_identity: self.me.clone(),
             dst_identities: ep.identities.clone(),
             dst: SocketAddr::new(ep.addr.ip(), ambient_net::consts::port::INBOUND_HBONE),
-            src_ip: None,
+            src_ip,
         };
         let req = ConnectRequest {
             authority: ep.addr,
