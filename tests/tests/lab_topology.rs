@@ -353,6 +353,86 @@ fn one_node_pods_are_enrolled_on_their_node() {
     down_leaves_nothing(lab);
 }
 
+/// With the real data plane and the waypoint (needs target/debug/waypoint, as the hbone
+/// tests need ztunnel): `up` waits for it, `status` says it runs, and the harness's HTTP and
+/// waypoint helpers work through it. The waypoint's own behaviour is tested elsewhere.
+#[test]
+fn the_waypoint_runs_and_the_harness_reaches_it() {
+    let lab = Lab::up(&unique_prefix("tlab"), LabOptions::new(LAB).waypoint()).expect("lab up");
+    let wp = lab.waypoint().clone();
+    assert!(wp.running && wp.pid.is_some(), "{wp:?}");
+    assert_eq!(wp.not_started, None);
+    let reviews = (service::REVIEWS_IP, 80);
+    let reqs = [
+        HttpRequest::get("/one").header("x-version", "v2"),
+        HttpRequest::post_pattern("/two", 200_000).header("x-version", "v2"),
+    ];
+    for resps in [
+        lab.http1("a-client", reviews, &reqs).expect("http1"),
+        lab.h2c("a-client", reviews, &reqs).expect("h2c"),
+    ] {
+        for r in &resps {
+            let e = r.echo().unwrap();
+            assert_eq!(
+                (r.status, e.pod.as_str()),
+                (200, "b-reviews-v2"),
+                "{}",
+                r.text()
+            );
+            // The server's peer is the waypoint: it carried the request.
+            assert_eq!(e.peer_addr().unwrap().ip(), wp.ip);
+        }
+        let up = resps[1].echo().unwrap();
+        assert_eq!(up.body_bytes, 200_000);
+        assert_eq!(
+            up.body_fnv64,
+            ambient_lab::serve::pattern_fnv64(200_000).hex()
+        );
+    }
+    let metrics = lab.waypoint_metrics().expect("metrics");
+    assert!(metrics.contains("istio_requests_total"), "{metrics}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while lab.waypoint_access_log().len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "access log:\n{}",
+            lab.waypoint_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Routes rewritten live: everything to reviews-v1.
+    lab.set_waypoint_config(
+        &serde_json::json!([{"name": "reviews", "namespace": "demo",
+            "parentRefs": [{"kind": "Service", "name": "reviews"}],
+            "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 80}]}]}]),
+        &serde_json::json!([]),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = lab.http_get("a-client", reviews, "/").unwrap();
+        if r.status == 200 && r.echo().unwrap().version == "v1" {
+            let v2 = lab
+                .http1(
+                    "a-client",
+                    reviews,
+                    &[HttpRequest::get("/").header("x-version", "v2")],
+                )
+                .unwrap();
+            if v2[0].echo().unwrap().version == "v1" {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new routes never applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    lab.reset_waypoint_config().unwrap();
+    down_leaves_nothing(lab);
+}
+
 #[test]
 fn bridge_primary_works_too() {
     let lab = Lab::up(&unique_prefix("tlab"), options().primary("bridge")).expect("lab up");
@@ -402,6 +482,37 @@ fn failing_agent_fails_up_and_leaves_nothing() {
     );
     assert_eq!(lab_netns(&prefix), Vec::<String>::new());
     assert!(!paths::run_dir(&prefix).exists());
+}
+
+#[test]
+fn a_missing_waypoint_binary_is_named() {
+    // Everything but the waypoint, linked from where cargo built it.
+    let dir = std::env::temp_dir().join(format!("ambient-lab-nowp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["ambient-agent", "ambient-cni", "ztunnel-init", "ztunnel"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(std::path::Path::new(LAB).with_file_name(name), &link).unwrap();
+    }
+    let prefix = unique_prefix("tlab");
+    let bin_dir = dir.display().to_string();
+    let err = Lab::up(
+        &prefix,
+        LabOptions::new(LAB)
+            .waypoint()
+            .arg("--bin-dir")
+            .arg(&bin_dir),
+    )
+    .err()
+    .expect("up must fail without the waypoint binary");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("waypoint not found at {bin_dir}/waypoint"))
+            && msg.contains("--no-waypoint"),
+        "{msg}"
+    );
+    assert_eq!(lab_netns(&prefix), Vec::<String>::new());
 }
 
 #[test]
