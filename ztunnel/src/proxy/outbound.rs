@@ -592,4 +592,44 @@ services:
             "{r:?}"
         );
     }
+
+    #[test]
+    fn a_client_speaking_hbone_itself_is_not_tunnelled_again() {
+        let (st, _) = setup();
+        let wp = st
+            .workload_by_ip("10.0.3.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        // The waypoint's own HBONE to an endpoint's 15008: as is, not HBONE in HBONE, and not
+        // back to the waypoint although the endpoint is behind it.
+        let r = route(&st, &wp, sa("10.0.3.2:15008"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Passthrough { target, workload: Some(w), .. }
+            if *target == sa("10.0.3.2:15008") && w.name == "behind-waypoint"),
+            "{r:?}"
+        );
+        // Port 15008 of a workload outside the mesh is just a port.
+        let r = route(&st, &wp, sa("10.0.2.1:15008"), &mut fastrand::Rng::new()).unwrap();
+        assert_eq!(r.kind(), "passthrough");
+        assert!(st.is_waypoint("10.0.3.1".parse().unwrap()));
+        assert!(!st.is_waypoint("10.0.3.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn workloads_behind_a_waypoint_name_its_identity() {
+        let (st, _) = setup();
+        let behind = st
+            .workload_by_ip("10.0.3.2".parse().unwrap())
+            .unwrap()
+            .clone();
+        // Its own waypoint: every port.
+        assert_eq!(st.required_waypoints(&behind, 5432), vec![id("waypoint")]);
+        assert_eq!(st.required_waypoints(&behind, 1), vec![id("waypoint")]);
+        // A service endpoint without a waypoint of its own or of its services: none.
+        let echo = st
+            .workload_by_ip("10.0.1.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        assert!(st.required_waypoints(&echo, 9090).is_empty());
+    }
 }
