@@ -8,7 +8,25 @@ pub const POD_SET: &str = "ztunnel-pods-ips";
 /// The IPv6 twin of [`POD_SET`]: enrolled v6 addresses are recorded so they are visible and
 /// cleaned up, even though the SPEC's capture path (tunnels, tables) is IPv4 only.
 pub const POD_SET_V6: &str = "ztunnel-pods-ips6";
-/// The node's nftables table (family inet) and the ztunnel netns' table (family ip).
+/// Anti-spoofing: `<device> . <address>` of every enrolled pod address (nft type `ifname .
+/// ipv4_addr`), the device being the one the pod's packets have as input device in the node's
+/// IP layer (its host veth, or with a bridge-type primary the bridge). Capture requires a match,
+/// and an address of [`POD_SET`] arriving on any other device is dropped.
+pub const POD_IIF_SET: &str = "ztunnel-pods-iifs";
+/// The IPv6 twin of [`POD_IIF_SET`] (`ifname . ipv6_addr`), filled like [`POD_SET_V6`].
+pub const POD_IIF_SET_V6: &str = "ztunnel-pods-iifs6";
+/// Anti-spoofing on bridge ports (the node's `bridge` family table): `<host veth> . <address>`
+/// of every enrolled pod address. With a bridge-type primary, routing sees the bridge as input
+/// device for every pod, so which port a frame came in on is checked here.
+pub const POD_PORT_SET: &str = "ztunnel-pods-ports";
+/// The IPv6 twin of [`POD_PORT_SET`].
+pub const POD_PORT_SET_V6: &str = "ztunnel-pods-ports6";
+/// Prefix of the (rate-limited) kernel log line for a dropped packet with a spoofed pod source.
+pub const SPOOF_LOG_PREFIX: &str = "ambient-node spoofed pod source: ";
+/// At most this many of those log lines per minute (burst as many), per rule.
+pub const SPOOF_LOG_PER_MINUTE: u32 = 10;
+/// The node's nftables tables: family inet (capture) and family bridge (anti-spoofing on bridge
+/// ports), both of this name; and the ztunnel netns' table (family ip).
 pub const NODE_NFT_TABLE: &str = "ambient-node";
 pub const ZTUNNEL_NFT_TABLE: &str = "ztunnel";
 

@@ -3,7 +3,7 @@
 //! SPEC's tables read straight off the unit tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +145,27 @@ pub struct PodRoute {
     pub ip: Ipv4Addr,
     /// The node's gateway address toward this pod (`src` of its table-100 route).
     pub gateway: Ipv4Addr,
+}
+
+/// One enrolled pod address and the node devices its packets may come from (anti-spoofing):
+/// a packet claiming this address is only captured when it arrives where the pod is attached.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodSource {
+    pub ip: IpAddr,
+    /// The pod's host-side veth (found from inside the pod's netns); with a bridge-type
+    /// primary, a port of [`Self::bridge`].
+    pub veth: String,
+    /// The bridge that veth is a port of, if any.
+    pub bridge: Option<String>,
+}
+
+impl PodSource {
+    /// The input device the pod's packets have in the node's IP layer (`iifname` in the inet
+    /// table): the veth, or the bridge when the veth is a bridge port (the bridge table then
+    /// checks the port).
+    pub fn routed_dev(&self) -> &str {
+        self.bridge.as_deref().unwrap_or(&self.veth)
+    }
 }
 
 /// Tunnel MTU: the underlay's minus the encapsulation.
@@ -561,6 +582,21 @@ mod tests {
             Some(&via("cni0", ZT_IP, None, true))
         );
         assert!(d.sysctls.contains(&Sysctl::conf("cni0", "rp_filter", "0")));
+    }
+
+    #[test]
+    fn a_pod_behind_a_bridge_is_routed_from_the_bridge() {
+        let ptp = PodSource {
+            ip: Ipv4Addr::new(10, 244, 1, 5).into(),
+            veth: "veth1".into(),
+            bridge: None,
+        };
+        assert_eq!(ptp.routed_dev(), "veth1");
+        let bridged = PodSource {
+            bridge: Some("cni0".into()),
+            ..ptp
+        };
+        assert_eq!(bridged.routed_dev(), "cni0");
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! the watcher (`crate::kube::Dataplane`); both end in the same [`Node::enroll_attachment`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::Instant;
 
 use ambient_net::consts::{self, rule, table};
-use ambient_net::model::{self, PodRoute, RouteKey, TunnelChoice, TunnelMode, ZtunnelEndpoint};
+use ambient_net::model::{
+    self, PodRoute, PodSource, RouteKey, TunnelChoice, TunnelMode, ZtunnelEndpoint,
+};
 use ambient_net::nft::{self, NodeNft, NodeRules};
 use ambient_net::nl::{self, Netlink};
 use ambient_net::proto::{Attachment, PodInfo, Reply, Request};
@@ -133,8 +135,7 @@ impl Node {
                 node_gateways: gateways,
                 tunnel_port: self.choice().port,
             }),
-            pods_v4: self.state.pods.values().flat_map(|p| p.v4()).collect(),
-            pods_v6: self.state.pods.values().flat_map(|p| v6(&p.ips)).collect(),
+            pods: self.state.pods.values().flat_map(pod_sources).collect(),
         }
     }
 
@@ -362,7 +363,7 @@ impl Node {
             return Ok(());
         }
         let v4: Vec<Ipv4Addr> = p.v4().collect();
-        nft::add_pod_elements(&v4, &v6(&p.ips))?;
+        nft::add_pod_elements(&nft::pod_elements(&pod_sources(p)))?;
         if self.state.ztunnel.is_some() {
             for ip in v4 {
                 let (k, v) = pod_route(ip, p.gateway);
@@ -382,22 +383,31 @@ impl Node {
             && self.state.ztunnel.as_ref().map(|z| z.endpoint.node_ip) != Some(p.gateway)
     }
 
-    /// Removes a pod's set elements and routes, except addresses another record still holds
+    /// Removes a pod's set elements and routes, except those another record still holds
     /// (an address reused by a new pod before the old one's removal was seen).
     async fn unenroll_in_kernel(&self, key: &str, p: &PodRecord) -> anyhow::Result<()> {
-        // A scan per address, no set of every pod's addresses built for each DEL.
-        let held = |ip: IpAddr| {
-            self.state
-                .pods
-                .iter()
-                .any(|(k, r)| k.as_str() != key && r.ips.contains(&ip))
-        };
-        let v4: Vec<Ipv4Addr> = p.v4().filter(|ip| !held((*ip).into())).collect();
-        let v6: Vec<Ipv6Addr> = v6(&p.ips)
-            .into_iter()
-            .filter(|ip| !held((*ip).into()))
+        // One scan for the records sharing an address with this one, no set of every pod's
+        // elements built for each DEL.
+        let sharing: Vec<&PodRecord> = self
+            .state
+            .pods
+            .iter()
+            .filter(|(k, r)| k.as_str() != key && r.ips.iter().any(|ip| p.ips.contains(ip)))
+            .map(|(_, r)| r)
             .collect();
-        nft::delete_pod_elements(&v4, &v6)?;
+        let held: BTreeSet<nft::PodElement> = sharing
+            .iter()
+            .flat_map(|r| nft::pod_elements(&pod_sources(r)))
+            .collect();
+        let gone: Vec<nft::PodElement> = nft::pod_elements(&pod_sources(p))
+            .into_iter()
+            .filter(|e| !held.contains(e))
+            .collect();
+        nft::delete_pod_elements(&gone)?;
+        let v4: Vec<Ipv4Addr> = p
+            .v4()
+            .filter(|ip| !sharing.iter().any(|r| r.ips.contains(&(*ip).into())))
+            .collect();
         for ip in v4 {
             self.nl.del_route(&pod_route(ip, p.gateway).0).await?;
         }
@@ -442,13 +452,9 @@ impl Node {
         let Some(rec) = self.state.pods.get(&key) else {
             return Ok(Reply::ok(false, "not enrolled"));
         };
-        for ip in &rec.ips {
-            if !nft::pod_element_present(*ip)? {
-                return Ok(Reply::error(
-                    format!("{ip} is missing from the nft set {}", consts::POD_SET),
-                    false,
-                ));
-            }
+        let missing = nft::missing_pod_elements(&nft::pod_elements(&pod_sources(rec)))?;
+        if let Some(e) = missing.first() {
+            return Ok(Reply::error(format!("{e} is missing"), false));
         }
         Ok(Reply::ok(true, "enrolled"))
     }
@@ -626,11 +632,14 @@ async fn existing_tunnel_port(nl: &Netlink) -> anyhow::Result<Option<u16>> {
         .and_then(|t| t.port))
 }
 
-fn v6(ips: &[IpAddr]) -> Vec<Ipv6Addr> {
-    ips.iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(*v6),
-            _ => None,
+/// Each address of a pod record with the devices its packets may come from (anti-spoofing).
+fn pod_sources(p: &PodRecord) -> Vec<PodSource> {
+    p.ips
+        .iter()
+        .map(|ip| PodSource {
+            ip: *ip,
+            veth: p.host_veth.clone(),
+            bridge: p.host_bridge.clone(),
         })
         .collect()
 }

@@ -55,7 +55,7 @@ fn direct(lab: &Lab, from: &str, ip: Ipv4Addr, client: Ipv4Addr) {
     );
 }
 
-/// What an operator would look at on a node: rules, tables 100–102, tunnels, the nft table.
+/// What an operator would look at on a node: rules, tables 100–102, tunnels, the nft tables.
 fn node_snapshot(lab: &Lab, node: &str) -> String {
     let run = |argv: &[&str]| {
         let out = lab.exec(node, argv).expect("exec");
@@ -67,8 +67,38 @@ fn node_snapshot(lab: &Lab, node: &str) -> String {
     }
     s += &run(&["ip", "-o", "-d", "link", "show", "istioin"]);
     s += &run(&["ip", "-o", "-d", "link", "show", "istioout"]);
-    s += &run(&["nft", "list", "table", "inet", "ambient-node"]);
+    for family in ["inet", "bridge"] {
+        s += &one_element_per_line(&run(&["nft", "list", "table", family, "ambient-node"]));
+    }
     s
+}
+
+/// nft wraps a long element list over several lines, so one element more or less re-wraps its
+/// neighbours' lines: one line per element instead, so a diff names exactly the elements.
+fn one_element_per_line(nft: &str) -> String {
+    let mut out = String::new();
+    let mut in_elements = false;
+    for line in nft.lines() {
+        let t = line.trim();
+        let body = match t.strip_prefix("elements = {") {
+            Some(rest) => rest,
+            None if in_elements => t,
+            None => {
+                out += line;
+                out.push('\n');
+                continue;
+            }
+        };
+        let (body, last) = match body.strip_suffix('}') {
+            Some(b) => (b, true),
+            None => (body, false),
+        };
+        for e in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            out += &format!("\t\telement {e}\n");
+        }
+        in_elements = !last;
+    }
+    out
 }
 
 fn lines_only_in(a: &str, b: &str) -> Vec<String> {
@@ -363,6 +393,10 @@ fn cleanup_and_down_leave_nothing() {
     ] {
         assert!(!s.contains(gone), "{gone} left after cleanup:\n{s}");
     }
+    // The bridge-family table (anti-spoofing on bridge ports) is gone too.
+    let ruleset = lab.exec("nodeA", &["nft", "list", "ruleset"]).unwrap();
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    assert!(!ruleset.contains("ambient-node"), "{ruleset}");
     // Plain routing still works without the mesh.
     direct(
         &lab,

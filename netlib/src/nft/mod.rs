@@ -4,6 +4,10 @@
 //! * Never flush-and-rebuild a table (SPEC §6): a chain whose rules differ is flushed and
 //!   refilled *in the same batch* (one kernel transaction, so no packet sees it empty); set
 //!   elements are added/deleted one by one, the set is never flushed.
+//! * The node has two tables named `ambient-node`: family inet (capture, anti-spoofing by
+//!   input device) and family bridge (anti-spoofing by bridge port). Both are planned from one
+//!   [`NodeNft`] and changed in one transaction; a plan puts new sets and their elements before
+//!   the rules that use them.
 //! * Whether a chain is current is read from its rule comments, which end in
 //!   `[ambient <i>/<n> <fingerprint>]` (see [`RuleTag`], [`ChainSpec::fingerprint`]); nft's
 //!   normalized JSON expressions are never compared.
@@ -31,6 +35,7 @@ mod root_tests;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -47,9 +52,15 @@ pub use nftables::schema::Nftables;
 pub use observe::{
     ObservedChain, ObservedNode, ObservedRule, ObservedSet, ObservedTable, ObservedZtunnel,
 };
-pub use render::{node_chains, rule_comment, ztunnel_chains, ChainSpec, RuleSpec, RuleTag};
+pub use render::{
+    bridge_chains, node_chains, rule_comment, ztunnel_chains, ChainSpec, RuleSpec, RuleTag,
+};
 
-use crate::consts::{NODE_NFT_TABLE, POD_SET, POD_SET_V6, ZTUNNEL_NFT_TABLE};
+use crate::consts::{
+    NODE_NFT_TABLE, POD_IIF_SET, POD_IIF_SET_V6, POD_PORT_SET, POD_PORT_SET_V6, POD_SET,
+    POD_SET_V6, ZTUNNEL_NFT_TABLE,
+};
+use crate::model::PodSource;
 
 /// Chain names (ours; the SPEC names only the hooks).
 pub mod chain {
@@ -73,6 +84,8 @@ pub mod prio {
     pub const SRCNAT: i32 = 100;
     /// Our NAT chains run this much before kube-proxy's.
     pub const NAT_BYPASS_OFFSET: i32 = -10;
+    /// `filter` in the bridge family.
+    pub const BRIDGE_FILTER: i32 = -200;
 }
 
 /// The node's capture rules (everything but the pod set).
@@ -93,13 +106,54 @@ pub struct NodeRules {
     pub tunnel_port: u16,
 }
 
-/// The whole desired node table. `rules: None`: no ztunnel known yet; table, sets and chains
-/// exist (pods stay recorded) but the chains are empty, so nothing is captured.
+/// The whole desired node tables (inet and bridge). `rules: None`: no ztunnel known yet;
+/// tables, sets and chains exist (pods stay recorded) but the chains are empty, so nothing is
+/// captured (or dropped).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeNft {
     pub rules: Option<NodeRules>,
-    pub pods_v4: BTreeSet<Ipv4Addr>,
-    pub pods_v6: BTreeSet<Ipv6Addr>,
+    /// Every enrolled pod address with the devices it may come from: every set of both tables
+    /// is derived from these ([`pod_elements`]).
+    pub pods: BTreeSet<PodSource>,
+}
+
+impl NodeNft {
+    /// The enrolled IPv4 addresses ([`POD_SET`]).
+    pub fn pods_v4(&self) -> BTreeSet<Ipv4Addr> {
+        self.pods
+            .iter()
+            .filter_map(|p| match p.ip {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The enrolled IPv6 addresses ([`POD_SET_V6`]).
+    pub fn pods_v6(&self) -> BTreeSet<Ipv6Addr> {
+        self.pods
+            .iter()
+            .filter_map(|p| match p.ip {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), NftError> {
+        if let Some(r) = &self.rules {
+            r.validate()?;
+        }
+        self.pods.iter().try_for_each(validate_source)
+    }
+}
+
+fn validate_source(p: &PodSource) -> Result<(), NftError> {
+    validate_ifname("pod host veth", &p.veth)?;
+    if let Some(b) = &p.bridge {
+        validate_ifname("pod bridge", b)?;
+    }
+    Ok(())
 }
 
 /// The ztunnel netns rules (SPEC §3).
@@ -183,22 +237,34 @@ fn validate_ifname(what: &str, name: &str) -> Result<(), NftError> {
 
 // ---- tables --------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TableId {
     family: NfFamily,
     family_name: &'static str,
+    /// nf_tables' number of the family (`NFPROTO_*`), for netlink.
+    nfproto: u8,
     name: &'static str,
 }
 
 const NODE: TableId = TableId {
     family: NfFamily::INet,
     family_name: "inet",
+    nfproto: 1,
+    name: NODE_NFT_TABLE,
+};
+
+/// The node's bridge-family table: anti-spoofing on bridge ports.
+const BRIDGE: TableId = TableId {
+    family: NfFamily::Bridge,
+    family_name: "bridge",
+    nfproto: 7,
     name: NODE_NFT_TABLE,
 };
 
 const ZTUNNEL: TableId = TableId {
     family: NfFamily::IP,
     family_name: "ip",
+    nfproto: 2,
     name: ZTUNNEL_NFT_TABLE,
 };
 
@@ -220,47 +286,210 @@ impl TableId {
         }
     }
 
-    fn set(self, name: &'static str, ty: SetType) -> Set<'static> {
+    fn set(self, name: &'static str, ty: SetTypeValue<'static>) -> Set<'static> {
         Set {
             family: self.family,
             table: self.name.into(),
             name: name.into(),
-            set_type: SetTypeValue::Single(ty),
+            set_type: ty,
             ..Set::default()
         }
     }
 
-    fn elements(
+    fn elements<'e>(
         self,
         set: &'static str,
-        ips: impl IntoIterator<Item = IpAddr>,
+        elems: impl IntoIterator<Item = &'e SetElem>,
     ) -> Element<'static> {
         Element {
             family: self.family,
             table: self.name.into(),
             name: set.into(),
-            elem: ips
+            elem: elems
                 .into_iter()
-                .map(|ip| Expression::String(ip.to_string().into()))
+                .map(SetElem::expr)
                 .collect::<Vec<_>>()
                 .into(),
         }
     }
 }
 
-/// The node's two pod sets.
-const POD_SETS: [(&str, SetType); 2] = [
-    (POD_SET, SetType::Ipv4Addr),
-    (POD_SET_V6, SetType::Ipv6Addr),
+// ---- the node's sets -----------------------------------------------------------------------
+
+/// One element of a node set: an address, or `ifname . address`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetElem {
+    Addr(IpAddr),
+    DevAddr(String, IpAddr),
+}
+
+impl SetElem {
+    fn expr(&self) -> Expression<'static> {
+        let addr = |ip: &IpAddr| Expression::String(ip.to_string().into());
+        match self {
+            SetElem::Addr(ip) => addr(ip),
+            SetElem::DevAddr(dev, ip) => {
+                Expression::Named(nftables::expr::NamedExpression::Concat(vec![
+                    Expression::String(dev.clone().into()),
+                    addr(ip),
+                ]))
+            }
+        }
+    }
+
+    /// The nf_tables key bytes; `None` for an invalid interface name.
+    fn key(&self) -> Option<Vec<u8>> {
+        match self {
+            SetElem::Addr(ip) => Some(netlink::addr_key(*ip)),
+            SetElem::DevAddr(dev, ip) => netlink::dev_addr_key(dev, *ip),
+        }
+    }
+}
+
+/// Which device a node set pairs with the address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetKey {
+    /// The address alone.
+    Addr,
+    /// `<input device in the IP layer> . <address>` ([`PodSource::routed_dev`]).
+    RoutedDev,
+    /// `<host veth, i.e. the bridge port> . <address>`.
+    Port,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SetDef {
+    table: TableId,
+    name: &'static str,
+    v6: bool,
+    key: SetKey,
+}
+
+impl SetDef {
+    const fn new(table: TableId, name: &'static str, v6: bool, key: SetKey) -> SetDef {
+        SetDef {
+            table,
+            name,
+            v6,
+            key,
+        }
+    }
+
+    fn set_type(&self) -> SetTypeValue<'static> {
+        let addr = if self.v6 {
+            SetType::Ipv6Addr
+        } else {
+            SetType::Ipv4Addr
+        };
+        match self.key {
+            SetKey::Addr => SetTypeValue::Single(addr),
+            SetKey::RoutedDev | SetKey::Port => {
+                SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ifname, addr]))
+            }
+        }
+    }
+
+    /// This set's element for `p`, if `p` is of its address family.
+    fn elem(&self, p: &PodSource) -> Option<SetElem> {
+        if p.ip.is_ipv6() != self.v6 {
+            return None;
+        }
+        Some(match self.key {
+            SetKey::Addr => SetElem::Addr(p.ip),
+            SetKey::RoutedDev => SetElem::DevAddr(p.routed_dev().to_string(), p.ip),
+            SetKey::Port => SetElem::DevAddr(p.veth.clone(), p.ip),
+        })
+    }
+}
+
+/// Every set of the node tables, in the order a batch creates them.
+const NODE_SETS: [SetDef; 8] = [
+    SetDef::new(NODE, POD_SET, false, SetKey::Addr),
+    SetDef::new(NODE, POD_SET_V6, true, SetKey::Addr),
+    SetDef::new(NODE, POD_IIF_SET, false, SetKey::RoutedDev),
+    SetDef::new(NODE, POD_IIF_SET_V6, true, SetKey::RoutedDev),
+    SetDef::new(BRIDGE, POD_SET, false, SetKey::Addr),
+    SetDef::new(BRIDGE, POD_SET_V6, true, SetKey::Addr),
+    SetDef::new(BRIDGE, POD_PORT_SET, false, SetKey::Port),
+    SetDef::new(BRIDGE, POD_PORT_SET_V6, true, SetKey::Port),
 ];
+
+/// One element of one node set: a pod's share of the node tables.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodElement {
+    /// Index into [`NODE_SETS`].
+    set: usize,
+    pub elem: SetElem,
+}
+
+impl PodElement {
+    fn def(&self) -> &'static SetDef {
+        &NODE_SETS[self.set]
+    }
+
+    /// The nft family of its table (`inet`, `bridge`).
+    pub fn family(&self) -> &'static str {
+        self.def().table.family_name
+    }
+
+    /// Its set's name.
+    pub fn set_name(&self) -> &'static str {
+        self.def().name
+    }
+}
+
+impl std::fmt::Display for PodElement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.elem {
+            SetElem::Addr(ip) => ip.to_string(),
+            SetElem::DevAddr(dev, ip) => format!("\"{dev}\" . {ip}"),
+        };
+        write!(
+            f,
+            "{what} in {} {} {}",
+            self.family(),
+            NODE_NFT_TABLE,
+            self.set_name()
+        )
+    }
+}
+
+/// Every element the node tables hold for these pod sources (sorted, without duplicates): the
+/// address in each table's address set, `routed device . address` in the inet table's
+/// [`POD_IIF_SET`], `host veth . address` in the bridge table's [`POD_PORT_SET`] (v6 twins
+/// alike).
+pub fn pod_elements<'a>(pods: impl IntoIterator<Item = &'a PodSource>) -> Vec<PodElement> {
+    let mut out = BTreeSet::new();
+    for p in pods {
+        for (set, def) in NODE_SETS.iter().enumerate() {
+            if let Some(elem) = def.elem(p) {
+                out.insert(PodElement { set, elem });
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The elements of an observed set, addresses and `ifname . address` pairs alike.
+fn observed_elems(s: &ObservedSet) -> BTreeSet<SetElem> {
+    s.elems
+        .iter()
+        .map(|ip| SetElem::Addr(*ip))
+        .chain(
+            s.dev_elems
+                .iter()
+                .map(|(d, ip)| SetElem::DevAddr(d.clone(), *ip)),
+        )
+        .collect()
+}
 
 // ---- planning (pure) -----------------------------------------------------------------------
 
 /// A desired named set and its elements.
 struct DesiredSet {
     name: &'static str,
-    ty: SetType,
-    elems: BTreeSet<IpAddr>,
+    ty: SetTypeValue<'static>,
+    elems: BTreeSet<SetElem>,
 }
 
 fn plan_table(
@@ -276,12 +505,11 @@ fn plan_table(
     for s in sets {
         let have = observed.and_then(|o| o.sets.get(s.name));
         if have.is_none() {
-            b.add(NfListObject::Set(Box::new(t.set(s.name, s.ty))));
+            b.add(NfListObject::Set(Box::new(t.set(s.name, s.ty.clone()))));
         }
-        let empty = BTreeSet::new();
-        let current = have.map(|h| &h.elems).unwrap_or(&empty);
-        let missing: Vec<IpAddr> = s.elems.difference(current).copied().collect();
-        let extra: Vec<IpAddr> = current.difference(&s.elems).copied().collect();
+        let current = have.map(observed_elems).unwrap_or_default();
+        let missing: Vec<&SetElem> = s.elems.difference(&current).collect();
+        let extra: Vec<&SetElem> = current.difference(&s.elems).collect();
         if !missing.is_empty() {
             b.add(NfListObject::Element(t.elements(s.name, missing)));
         }
@@ -329,21 +557,30 @@ fn plan_table(
     b.to_nftables()
 }
 
-/// The batch that turns `observed` (`None`: no table) into `desired`; empty when they match.
+/// The desired sets of node table `t`, with their elements.
+fn node_sets(t: TableId, desired: &NodeNft) -> Vec<DesiredSet> {
+    NODE_SETS
+        .iter()
+        .filter(|d| d.table == t)
+        .map(|d| DesiredSet {
+            name: d.name,
+            ty: d.set_type(),
+            elems: desired.pods.iter().filter_map(|p| d.elem(p)).collect(),
+        })
+        .collect()
+}
+
+/// The batch that turns `observed` (`None`: no table) into the inet node table of `desired`;
+/// empty when they match.
 pub fn plan_node(desired: &NodeNft, observed: Option<&ObservedNode>) -> Nftables<'static> {
-    let sets = [
-        DesiredSet {
-            name: POD_SETS[0].0,
-            ty: POD_SETS[0].1,
-            elems: desired.pods_v4.iter().map(|a| IpAddr::V4(*a)).collect(),
-        },
-        DesiredSet {
-            name: POD_SETS[1].0,
-            ty: POD_SETS[1].1,
-            elems: desired.pods_v6.iter().map(|a| IpAddr::V6(*a)).collect(),
-        },
-    ];
-    plan_table(NODE, &sets, &node_chains(desired.rules.as_ref()), observed)
+    let chains = node_chains(desired.rules.as_ref());
+    plan_table(NODE, &node_sets(NODE, desired), &chains, observed)
+}
+
+/// The same for the node's bridge table (anti-spoofing on bridge ports).
+pub fn plan_node_bridge(desired: &NodeNft, observed: Option<&ObservedTable>) -> Nftables<'static> {
+    let chains = bridge_chains(desired.rules.as_ref());
+    plan_table(BRIDGE, &node_sets(BRIDGE, desired), &chains, observed)
 }
 
 /// The batch that turns `observed` into the ztunnel netns table; empty when they match.
@@ -391,6 +628,11 @@ pub fn observe_node() -> Result<Option<ObservedNode>, NftError> {
     observe(NODE)
 }
 
+/// Reads the node's bridge table (`None` when it does not exist).
+pub fn observe_node_bridge() -> Result<Option<ObservedTable>, NftError> {
+    observe(BRIDGE)
+}
+
 /// Reads the ztunnel netns table (`None` when it does not exist).
 pub fn observe_ztunnel() -> Result<Option<ObservedZtunnel>, NftError> {
     observe(ZTUNNEL)
@@ -400,14 +642,24 @@ pub fn observe_ztunnel() -> Result<Option<ObservedZtunnel>, NftError> {
 /// deletes too) fails the whole transaction; observe and plan again.
 const ATTEMPTS: usize = 3;
 
-fn reconcile(
-    t: TableId,
-    plan: impl Fn(Option<&ObservedTable>) -> Nftables<'static>,
-) -> Result<bool, NftError> {
+/// A table and how to plan it from what is observed.
+type TablePlan<'a> = (
+    TableId,
+    &'a dyn Fn(Option<&ObservedTable>) -> Nftables<'static>,
+);
+
+/// Observes every table, plans each and applies all the changes as one transaction.
+fn reconcile(tables: &[TablePlan<'_>]) -> Result<bool, NftError> {
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        let observed = observe(t)?;
-        let batch = plan(observed.as_ref());
+        let mut objects = Vec::new();
+        for (t, plan) in tables {
+            let observed = observe(*t)?;
+            objects.extend(plan(observed.as_ref()).objects.iter().cloned());
+        }
+        let batch = Nftables {
+            objects: Cow::Owned(objects),
+        };
         if is_empty(&batch) {
             // (After a failed attempt, someone else made it current; a failed transaction
             // changed nothing.)
@@ -416,7 +668,7 @@ fn reconcile(
         match apply(&batch) {
             Ok(()) => return Ok(true),
             Err(e @ NftError::Failed { .. }) => {
-                tracing::debug!(table = t.name, error = %e, "nft reconcile raced, retrying");
+                tracing::debug!(table = tables[0].0.name, error = %e, "nft reconcile raced, retrying");
                 last = Some(e);
             }
             Err(e) => return Err(e),
@@ -425,46 +677,75 @@ fn reconcile(
     Err(last.unwrap_or_else(|| NftError::Invalid("reconcile gave up".into())))
 }
 
-/// Brings the node table to `desired` in place; `Ok(true)` when something changed.
+/// Brings both node tables (inet and bridge) to `desired` in place, in one transaction;
+/// `Ok(true)` when something changed.
 pub fn reconcile_node(desired: &NodeNft) -> Result<bool, NftError> {
-    if let Some(r) = &desired.rules {
-        r.validate()?;
-    }
-    reconcile(NODE, |o| plan_node(desired, o))
+    desired.validate()?;
+    reconcile(&[
+        (NODE, &|o| plan_node(desired, o)),
+        (BRIDGE, &|o| plan_node_bridge(desired, o)),
+    ])
 }
 
 /// Brings the ztunnel netns table to `desired` in place; `Ok(true)` when something changed.
 pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, NftError> {
     desired.validate()?;
-    reconcile(ZTUNNEL, |o| plan_ztunnel(desired, o))
+    reconcile(&[(ZTUNNEL, &|o| plan_ztunnel(desired, o))])
 }
 
-fn pod_element_batches(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Vec<(&'static str, Vec<IpAddr>)> {
-    let v4: Vec<IpAddr> = v4.iter().map(|a| IpAddr::V4(*a)).collect();
-    let v6: Vec<IpAddr> = v6.iter().map(|a| IpAddr::V6(*a)).collect();
-    [(POD_SET, v4), (POD_SET_V6, v6)]
-        .into_iter()
-        .filter(|(_, ips)| !ips.is_empty())
-        .collect()
+/// The elements grouped by set, in [`NODE_SETS`] order, each set's elements sorted.
+fn by_set(elems: &[PodElement]) -> Vec<(usize, Vec<&SetElem>)> {
+    let mut out: Vec<(usize, Vec<&SetElem>)> = Vec::new();
+    let mut sorted: Vec<&PodElement> = elems.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    for e in sorted {
+        match out.last_mut() {
+            Some((set, v)) if *set == e.set => v.push(&e.elem),
+            _ => out.push((e.set, vec![&e.elem])),
+        }
+    }
+    out
 }
 
-/// nf_tables' family number of the node table (`NFPROTO_INET`).
-const NFPROTO_INET: u8 = 1;
+fn validate_elements(elems: &[PodElement]) -> Result<(), NftError> {
+    for e in elems {
+        if let SetElem::DevAddr(dev, _) = &e.elem {
+            validate_ifname("pod device", dev)?;
+        }
+    }
+    Ok(())
+}
 
 /// The pod-set changes as one netlink transaction (no `nft` process); `false` when it could not
-/// be applied that way (table or set missing, or netlink refused), so the caller uses `nft`.
-fn elements_by_netlink(todo: &[(&'static str, Vec<IpAddr>)], ops: &[netlink::ElemOp]) -> bool {
-    let changes: Vec<netlink::ElemChange<'_>> = todo
+/// be applied that way (a table or set missing, or netlink refused), so the caller uses `nft`.
+fn elements_by_netlink(groups: &[(usize, Vec<&SetElem>)], ops: &[netlink::ElemOp]) -> bool {
+    let keys: Option<Vec<(usize, Vec<Vec<u8>>)>> = groups
         .iter()
-        .flat_map(|(set, ips)| {
-            ops.iter().map(move |op| netlink::ElemChange {
-                op: *op,
-                set,
-                addrs: ips,
+        .map(|(set, elems)| {
+            let keys = elems.iter().map(|e| e.key()).collect::<Option<Vec<_>>>()?;
+            Some((*set, keys))
+        })
+        .collect();
+    let Some(keys) = keys else {
+        return false;
+    };
+    let changes: Vec<netlink::ElemChange<'_>> = ops
+        .iter()
+        .flat_map(|op| {
+            keys.iter().map(move |(set, keys)| {
+                let def = &NODE_SETS[*set];
+                netlink::ElemChange {
+                    op: *op,
+                    family: def.table.nfproto,
+                    table: def.table.name,
+                    set: def.name,
+                    keys,
+                }
             })
         })
         .collect();
-    match netlink::apply(NFPROTO_INET, NODE.name, &changes) {
+    match netlink::apply(&changes) {
         Ok(()) => true,
         Err(e) => {
             tracing::debug!(error = %e, "pod set change over netlink failed; using nft");
@@ -473,63 +754,75 @@ fn elements_by_netlink(todo: &[(&'static str, Vec<IpAddr>)], ops: &[netlink::Ele
     }
 }
 
-/// CNI ADD fast path: records pod addresses, one transaction touching only the pod sets
-/// (over netlink; with `nft` when the table or a set is missing, which creates the table and
-/// sets — chains stay to the agent's reconcile).
-pub fn add_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftError> {
-    let todo = pod_element_batches(v4, v6);
-    if todo.is_empty() {
+/// CNI ADD fast path: records a pod's elements ([`pod_elements`]) in one transaction touching
+/// only the pod sets of both node tables (over netlink; with `nft` when a table or a set is
+/// missing, which creates the tables and sets — chains stay to the agent's reconcile).
+pub fn add_pod_elements(elems: &[PodElement]) -> Result<(), NftError> {
+    validate_elements(elems)?;
+    let groups = by_set(elems);
+    if groups.is_empty() {
         return Ok(());
     }
-    if elements_by_netlink(&todo, &[netlink::ElemOp::Add]) {
+    if elements_by_netlink(&groups, &[netlink::ElemOp::Add]) {
         return Ok(());
     }
     let mut b = Batch::new();
-    b.add(NfListObject::Table(NODE.table()));
-    for (name, ty) in POD_SETS {
-        b.add(NfListObject::Set(Box::new(NODE.set(name, ty))));
+    for t in [NODE, BRIDGE] {
+        b.add(NfListObject::Table(t.table()));
     }
-    for (set, ips) in todo {
-        b.add(NfListObject::Element(NODE.elements(set, ips)));
+    for def in &NODE_SETS {
+        b.add(NfListObject::Set(Box::new(
+            def.table.set(def.name, def.set_type()),
+        )));
+    }
+    for (set, elems) in groups {
+        let def = &NODE_SETS[set];
+        b.add(NfListObject::Element(def.table.elements(def.name, elems)));
     }
     apply(&b.to_nftables())
 }
 
-/// CNI DEL fast path: removes pod addresses; absent addresses, sets or table are fine.
+/// CNI DEL fast path: removes a pod's elements; absent elements, sets or tables are fine.
 ///
 /// nft 1.0.6 has no `destroy`; each element is added then deleted in the same transaction,
 /// which succeeds whether or not it was there and never shows it to a packet. Over netlink
-/// first; with `nft` when the table or a set is missing.
-pub fn delete_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftError> {
-    let todo = pod_element_batches(v4, v6);
-    if todo.is_empty() {
+/// first; with `nft` when a table or a set is missing.
+pub fn delete_pod_elements(elems: &[PodElement]) -> Result<(), NftError> {
+    validate_elements(elems)?;
+    let groups = by_set(elems);
+    if groups.is_empty() {
         return Ok(());
     }
-    if elements_by_netlink(&todo, &[netlink::ElemOp::Add, netlink::ElemOp::Delete]) {
+    if elements_by_netlink(&groups, &[netlink::ElemOp::Add, netlink::ElemOp::Delete]) {
         return Ok(());
     }
-    let batch = |sets: &[(&'static str, Vec<IpAddr>)]| {
+    let batch = |groups: &[(usize, Vec<&SetElem>)]| {
         let mut b = Batch::new();
-        for (set, ips) in sets {
+        for (set, elems) in groups {
+            let def = &NODE_SETS[*set];
             b.add(NfListObject::Element(
-                NODE.elements(set, ips.iter().copied()),
+                def.table.elements(def.name, elems.iter().copied()),
             ));
             b.delete(NfListObject::Element(
-                NODE.elements(set, ips.iter().copied()),
+                def.table.elements(def.name, elems.iter().copied()),
             ));
         }
         b.to_nftables()
     };
-    match apply(&batch(&todo)) {
+    match apply(&batch(&groups)) {
         Ok(()) => Ok(()),
         Err(first @ NftError::Failed { .. }) => {
-            // The table or one of the sets is missing: only touch the sets that exist.
-            let Some(observed) = observe_node()? else {
-                return Ok(());
-            };
-            let present: Vec<_> = todo
+            // A table or one of the sets is missing: only touch the sets that exist.
+            let observed = [observe(NODE)?, observe(BRIDGE)?];
+            let present: Vec<_> = groups
                 .into_iter()
-                .filter(|(set, _)| observed.sets.contains_key(*set))
+                .filter(|(set, _)| {
+                    let def = &NODE_SETS[*set];
+                    let i = usize::from(def.table == BRIDGE);
+                    observed[i]
+                        .as_ref()
+                        .is_some_and(|o| o.sets.contains_key(def.name))
+                })
                 .collect();
             if present.is_empty() {
                 return Ok(());
@@ -543,38 +836,56 @@ pub fn delete_pod_elements(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), NftEr
     }
 }
 
-/// CNI CHECK: is `ip` recorded in the pod set of its family?
-pub fn pod_element_present(ip: IpAddr) -> Result<bool, NftError> {
-    let set = match ip {
-        IpAddr::V4(_) => POD_SET,
-        IpAddr::V6(_) => POD_SET_V6,
-    };
-    let out = exec::run(
-        &["-j", "list", "set", NODE.family_name, NODE.name, set],
-        None,
-    )?;
-    if out.is_absent() {
-        return Ok(false);
+/// CNI CHECK: which of these elements the kernel does not hold (a missing table or set
+/// counts as missing elements).
+pub fn missing_pod_elements(elems: &[PodElement]) -> Result<Vec<PodElement>, NftError> {
+    let mut missing = Vec::new();
+    for (set, want) in by_set(elems) {
+        let def = &NODE_SETS[set];
+        let t = def.table;
+        let out = exec::run(
+            &["-j", "list", "set", t.family_name, t.name, def.name],
+            None,
+        )?;
+        let have = if out.is_absent() {
+            BTreeSet::new()
+        } else {
+            let json = out.into_result(&format!("list set {} {}", t.family_name, def.name))?;
+            let parsed = observe::parse_table(&json, t.name)?;
+            parsed
+                .sets
+                .get(def.name)
+                .map(observed_elems)
+                .unwrap_or_default()
+        };
+        missing.extend(
+            want.into_iter()
+                .filter(|e| !have.contains(*e))
+                .map(|e| PodElement {
+                    set,
+                    elem: e.clone(),
+                }),
+        );
     }
-    let json = out.into_result(&format!("list set {set}"))?;
-    let t = observe::parse_table(&json, NODE.name)?;
-    Ok(t.sets.get(set).is_some_and(|s| s.elems.contains(&ip)))
+    Ok(missing)
 }
 
-/// Deletes a whole table if present (`add table; delete table` in one transaction).
-fn delete_table(t: TableId) -> Result<(), NftError> {
+/// Deletes whole tables if present (`add table; delete table` in one transaction).
+fn delete_tables(ts: &[TableId]) -> Result<(), NftError> {
     let mut b = Batch::new();
-    b.add(NfListObject::Table(t.table()));
-    b.delete(NfListObject::Table(t.table()));
+    for t in ts {
+        b.add(NfListObject::Table(t.table()));
+        b.delete(NfListObject::Table(t.table()));
+    }
     apply(&b.to_nftables())
 }
 
-/// Cleanup: removes the node table; absent is fine.
+/// Cleanup: removes both node tables (inet and bridge); absent is fine.
 pub fn delete_node_table() -> Result<(), NftError> {
-    delete_table(NODE)
+    delete_tables(&[NODE, BRIDGE])
 }
 
 /// Cleanup: removes the ztunnel netns table; absent is fine.
 pub fn delete_ztunnel_table() -> Result<(), NftError> {
-    delete_table(ZTUNNEL)
+    delete_tables(&[ZTUNNEL])
 }

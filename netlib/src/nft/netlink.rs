@@ -9,7 +9,12 @@
 //!
 //! Only elements: tables, sets and chains stay with `nft` (see the parent module). A batch that
 //! fails because the table or a set is missing is reported as such, and the caller falls back to
-//! `nft`, which creates or inspects them.
+//! `nft`, which creates or inspects them. One batch may change sets of several tables (the node's
+//! inet and bridge tables): each message names its own family and table.
+//!
+//! Keys are the set's key bytes: an address (4 or 16 bytes, network order), or for a
+//! concatenation `ifname . addr` the interface name zero-padded to `IFNAMSIZ` (16) followed by
+//! the address, each part a multiple of 4 bytes as nf_tables lays out registers.
 //!
 //! Message layout (linux/netfilter/nfnetlink.h, nf_tables.h): each message is a netlink
 //! header, a `nfgenmsg` (family, version 0, resource id) and attributes. A batch is
@@ -44,12 +49,37 @@ pub enum ElemOp {
     Delete,
 }
 
-/// One change of a batch: `op` these addresses in `set`.
+/// One change of a batch: `op` these keys in `set` of `table` (nf_tables family `family`,
+/// e.g. `NFPROTO_INET`).
 #[derive(Debug, Clone)]
 pub struct ElemChange<'a> {
     pub op: ElemOp,
+    pub family: u8,
+    pub table: &'a str,
     pub set: &'a str,
-    pub addrs: &'a [IpAddr],
+    pub keys: &'a [Vec<u8>],
+}
+
+/// `IFNAMSIZ`: an `ifname` key part is the name zero-padded to this length.
+pub const IFNAMSIZ: usize = 16;
+
+/// The key of an address element.
+pub fn addr_key(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// The key of an `ifname . address` element; `None` for a name that is not 1..=15 bytes.
+pub fn dev_addr_key(dev: &str, ip: IpAddr) -> Option<Vec<u8>> {
+    if dev.is_empty() || dev.len() >= IFNAMSIZ || dev.as_bytes().contains(&0) {
+        return None;
+    }
+    let mut key = dev.as_bytes().to_vec();
+    key.resize(IFNAMSIZ, 0);
+    key.extend_from_slice(&addr_key(ip));
+    Some(key)
 }
 
 /// Why a batch failed.
@@ -134,12 +164,7 @@ impl Msg {
 }
 
 /// The bytes of one batch and how many ACKs it asks for, numbered from `seq`.
-pub fn encode_batch(
-    family: u8,
-    table: &str,
-    changes: &[ElemChange<'_>],
-    seq: u32,
-) -> (Vec<u8>, u32) {
+pub fn encode_batch(changes: &[ElemChange<'_>], seq: u32) -> (Vec<u8>, u32) {
     let req = libc::NLM_F_REQUEST as u16;
     let ack = libc::NLM_F_ACK as u16;
     let create = libc::NLM_F_CREATE as u16;
@@ -152,7 +177,7 @@ pub fn encode_batch(
     )
     .finish();
     let mut acks = 0;
-    for (i, c) in changes.iter().filter(|c| !c.addrs.is_empty()).enumerate() {
+    for (i, c) in changes.iter().filter(|c| !c.keys.is_empty()).enumerate() {
         let (ty, flags) = match c.op {
             ElemOp::Add => (NFT_MSG_NEWSETELEM, req | ack | create),
             ElemOp::Delete => (NFT_MSG_DELSETELEM, req | ack),
@@ -161,19 +186,16 @@ pub fn encode_batch(
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
             flags,
             seq + 1 + i as u32,
-            family,
+            c.family,
             0,
         );
-        m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        m.attr_str(NFTA_SET_ELEM_LIST_TABLE, c.table);
         m.attr_str(NFTA_SET_ELEM_LIST_SET, c.set);
         m.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
-        for a in c.addrs {
+        for key in c.keys {
             m.nest_start(NFTA_LIST_ELEM);
             m.nest_start(NFTA_SET_ELEM_KEY);
-            match a {
-                IpAddr::V4(v4) => m.attr(NFTA_DATA_VALUE, &v4.octets()),
-                IpAddr::V6(v6) => m.attr(NFTA_DATA_VALUE, &v6.octets()),
-            }
+            m.attr(NFTA_DATA_VALUE, key);
             m.nest_end();
             m.nest_end();
         }
@@ -268,10 +290,9 @@ fn current_netns() -> io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-/// Applies `changes` to `table` (of nf_tables family `family`, e.g. `NFPROTO_INET`) as one
-/// transaction in the calling thread's network namespace.
-pub fn apply(family: u8, table: &str, changes: &[ElemChange<'_>]) -> Result<(), BatchError> {
-    if changes.iter().all(|c| c.addrs.is_empty()) {
+/// Applies `changes` as one transaction in the calling thread's network namespace.
+pub fn apply(changes: &[ElemChange<'_>]) -> Result<(), BatchError> {
+    if changes.iter().all(|c| c.keys.is_empty()) {
         return Ok(());
     }
     let netns = current_netns().map_err(BatchError::Io)?;
@@ -287,7 +308,7 @@ pub fn apply(family: u8, table: &str, changes: &[ElemChange<'_>]) -> Result<(), 
     // Sequence numbers keep growing, so replies left over from an earlier failed batch are
     // never taken for this one's.
     let seq = c.seq.wrapping_add(1);
-    let (msg, acks) = encode_batch(family, table, changes, seq);
+    let (msg, acks) = encode_batch(changes, seq);
     c.seq = seq.wrapping_add(acks + 1);
     let r = transact(
         &c.fd,
@@ -350,20 +371,22 @@ mod tests {
 
     #[test]
     fn batch_layout() {
-        let v4 = [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))];
+        let v4 = [addr_key(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)))];
         let (b, acks) = encode_batch(
-            1,
-            "t",
             &[
                 ElemChange {
                     op: ElemOp::Add,
+                    family: 1,
+                    table: "t",
                     set: "s",
-                    addrs: &v4,
+                    keys: &v4,
                 },
                 ElemChange {
                     op: ElemOp::Delete,
+                    family: 1,
+                    table: "t",
                     set: "s6",
-                    addrs: &[],
+                    keys: &[],
                 },
             ],
             7,
@@ -388,6 +411,51 @@ mod tests {
         let end = &m[len..];
         assert_eq!(u16::from_ne_bytes(end[4..6].try_into().unwrap()), 0x11);
         assert_eq!(end.len(), 20);
+    }
+
+    #[test]
+    fn concatenated_keys_and_families_per_message() {
+        let ip: IpAddr = Ipv4Addr::new(10, 1, 2, 3).into();
+        let key = dev_addr_key("veth1", ip).unwrap();
+        // "veth1" zero-padded to 16 bytes, then the address: nft's `ifname . ipv4_addr`.
+        assert_eq!(key.len(), 20);
+        assert_eq!(&key[..6], b"veth1\0");
+        assert!(key[5..16].iter().all(|b| *b == 0));
+        assert_eq!(&key[16..], &[10, 1, 2, 3]);
+        let v6 = dev_addr_key("veth1", "fd00::1".parse().unwrap()).unwrap();
+        assert_eq!(v6.len(), 32);
+        for bad in ["", "sixteen-chars-xx", "a\0b"] {
+            assert_eq!(dev_addr_key(bad, ip), None, "{bad:?}");
+        }
+        assert!(dev_addr_key("fifteen-chars-x", ip).is_some());
+        let keys = [key];
+        let (b, acks) = encode_batch(
+            &[
+                ElemChange {
+                    op: ElemOp::Add,
+                    family: 1,
+                    table: "t",
+                    set: "s",
+                    keys: &keys,
+                },
+                ElemChange {
+                    op: ElemOp::Add,
+                    family: 7,
+                    table: "t",
+                    set: "s",
+                    keys: &keys,
+                },
+            ],
+            1,
+        );
+        assert_eq!(acks, 2);
+        let first = &b[20..];
+        let len = u32::from_ne_bytes(first[0..4].try_into().unwrap()) as usize;
+        // header 16 + nfgenmsg 4 + "t\0" 8 + "s\0" 8 + elements 4 + elem 4 + key 4 + value 24
+        assert_eq!(len, 72);
+        assert_eq!(first[16], 1, "inet");
+        assert_eq!(&first[len - 20..len], &keys[0][..]);
+        assert_eq!(first[len + 16], 7, "bridge");
     }
 
     #[test]

@@ -53,7 +53,9 @@ pub struct ObservedSet {
     /// `ipv4_addr`, `ipv6_addr`, ... (concatenations joined with " . ").
     pub set_type: String,
     pub elems: BTreeSet<IpAddr>,
-    /// Elements that are not plain addresses (ranges, prefixes, ...), as nft printed them.
+    /// `ifname . address` elements (the anti-spoofing sets).
+    pub dev_elems: BTreeSet<(String, IpAddr)>,
+    /// Elements that are neither (ranges, prefixes, ...), as nft printed them.
     pub other_elems: Vec<String>,
 }
 
@@ -131,6 +133,14 @@ impl ObservedTable {
                     })
                     .collect()
             })
+            .unwrap_or_default()
+    }
+
+    /// The `ifname . address` elements of the set `name` (empty when the set is missing).
+    pub fn set_dev_addrs(&self, name: &str) -> BTreeSet<(String, IpAddr)> {
+        self.sets
+            .get(name)
+            .map(|s| s.dev_elems.clone())
             .unwrap_or_default()
     }
 
@@ -263,12 +273,21 @@ fn parse_set(body: &Value) -> Result<(String, ObservedSet), NftError> {
     for e in elems {
         // A plain element is a string; one with a comment/counter/timeout is {"elem": {"val": ..}}.
         let val = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
-        match val.as_str().map(str::parse::<IpAddr>) {
-            Some(Ok(ip)) => {
-                set.elems.insert(ip);
-            }
-            _ => set.other_elems.push(val.to_string()),
+        if let Some(ip) = val.as_str().and_then(|v| v.parse::<IpAddr>().ok()) {
+            set.elems.insert(ip);
+        } else if let Some(pair) = dev_addr(val) {
+            set.dev_elems.insert(pair);
+        } else {
+            set.other_elems.push(val.to_string());
         }
     }
     Ok((name, set))
+}
+
+/// `{"concat": ["veth1", "10.0.0.1"]}` (an `ifname . address` element).
+fn dev_addr(val: &Value) -> Option<(String, IpAddr)> {
+    match val.get("concat")?.as_array()?.as_slice() {
+        [Value::String(dev), Value::String(ip)] => Some((dev.clone(), ip.parse().ok()?)),
+        _ => None,
+    }
 }

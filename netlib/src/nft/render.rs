@@ -12,7 +12,9 @@ use nftables::expr::{
     BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, CT,
 };
 use nftables::schema::{Chain, Rule};
-use nftables::stmt::{Mangle, Match, NATFamily, Operator, Statement, TProxy, NAT};
+use nftables::stmt::{
+    Counter, Limit, Log, LogLevel, Mangle, Match, NATFamily, Operator, Statement, TProxy, NAT,
+};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{chain, prio, NodeRules, ZtunnelRules};
@@ -254,6 +256,54 @@ fn accept() -> Statement<'static> {
     Statement::Accept(None)
 }
 
+fn set_ref(name: &str) -> Expression<'static> {
+    text(format!("@{name}"))
+}
+
+/// `iifname . ip saddr`
+fn iif_saddr() -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        meta(MetaKey::Iifname),
+        payload("ip", "saddr"),
+    ]))
+}
+
+/// The two rules that drop a packet claiming an enrolled address (`addrs`) from a device that
+/// is not that pod's own (`iif . saddr` not in `own`): the first logs (rate-limited), the
+/// second counts and drops.
+fn spoof_drop(addrs: &'static str, own: &'static str) -> [RuleSpec; 2] {
+    let matches = || {
+        vec![
+            eq(payload("ip", "saddr"), set_ref(addrs)),
+            ne(iif_saddr(), set_ref(own)),
+        ]
+    };
+    let mut log = matches();
+    log.push(Statement::Limit(Limit {
+        rate: consts::SPOOF_LOG_PER_MINUTE,
+        rate_unit: None,
+        per: Some(Cow::Borrowed("minute")),
+        burst: Some(consts::SPOOF_LOG_PER_MINUTE),
+        burst_unit: None,
+        inv: None,
+    }));
+    log.push(Statement::Log(Some(Log {
+        prefix: Some(Cow::Borrowed(consts::SPOOF_LOG_PREFIX)),
+        level: Some(LogLevel::Warn),
+        ..Log::new(None)
+    })));
+    let mut drop = matches();
+    drop.push(Statement::Counter(Counter::Anonymous(None)));
+    drop.push(Statement::Drop(None));
+    [
+        rule(
+            "pod address from a device not its own: spoofed, log (rate-limited)",
+            log,
+        ),
+        rule("pod address from a device not its own: spoofed, drop", drop),
+    ]
+}
+
 fn rule(text: &'static str, expr: Vec<Statement<'static>>) -> RuleSpec {
     RuleSpec { text, expr }
 }
@@ -306,6 +356,7 @@ pub fn node_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
 }
 
 fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
+    let [spoof_log, spoof] = spoof_drop(consts::POD_SET, consts::POD_IIF_SET);
     let tunnels = Expression::Named(NamedExpression::Set(vec![
         SetItem::Element(text(consts::ISTIOIN.name)),
         SetItem::Element(text(consts::ISTIOOUT.name)),
@@ -347,6 +398,12 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             "from ztunnel itself: skip, own",
             from_zt(r, vec![mark_or(mark::OWN), ret()]),
         ),
+        // Anti-spoofing: after the rules for packets from ztunnel (which sends with pod
+        // sources) and the tunnels, an enrolled address must come from its pod's device;
+        // before the ztunnel-flow and capture rules, so a spoofed packet is never captured
+        // (nor returned to ztunnel) as that pod.
+        spoof_log,
+        spoof,
         rule(
             "rest of a ztunnel-spoofed flow: back to ztunnel",
             vec![ct_mark_has(mark::SPOOFED), mark_or(mark::RETURN), ret()],
@@ -356,17 +413,42 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             vec![l4proto("udp"), mark_or(mark::OWN), ret()],
         ),
         rule(
-            "TCP from an ambient pod: capture outbound",
+            "TCP from an ambient pod's own device: capture outbound",
             vec![
                 l4proto("tcp"),
-                eq(
-                    payload("ip", "saddr"),
-                    text(format!("@{}", consts::POD_SET)),
-                ),
+                eq(iif_saddr(), set_ref(consts::POD_IIF_SET)),
                 mark_or(mark::CAPTURE),
             ],
         ),
     ]
+}
+
+/// The node's bridge table (anti-spoofing on bridge ports); `None` gives the chain without
+/// rules. With a bridge-type primary every pod's packets reach routing with the bridge as
+/// input device, so the inet table cannot tell two pods of one bridge apart; here `iifname` is
+/// the bridge port, the pod's host veth. Only IPv4 packets claiming an enrolled address are
+/// looked at: ARP, IPv6 (ND), other pods' traffic and frames the node sends pass untouched.
+pub fn bridge_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
+    let rules = rules
+        .map(|r| {
+            let [log, drop] = spoof_drop(consts::POD_SET, consts::POD_PORT_SET);
+            vec![
+                rule(
+                    "from the ztunnel's port: pod sources are ztunnel's, not spoofed",
+                    vec![iifname(r.ztunnel_veth.clone()), ret()],
+                ),
+                log,
+                drop,
+            ]
+        })
+        .unwrap_or_default();
+    vec![ChainSpec {
+        name: chain::PREROUTING,
+        kind: NfChainType::Filter,
+        hook: NfHook::Prerouting,
+        prio: prio::BRIDGE_FILTER,
+        rules,
+    }]
 }
 
 /// Prefixes `rest` with the match for "arrived from the ztunnel pod": its veth, or, when the

@@ -85,6 +85,26 @@ fn can_run() -> bool {
     true
 }
 
+/// A pod address attached through `veth` (no bridge).
+fn src(ip: &str, veth: &str) -> crate::model::PodSource {
+    crate::model::PodSource {
+        ip: ip.parse().unwrap(),
+        veth: veth.into(),
+        bridge: None,
+    }
+}
+
+/// The node-table elements of these sources.
+fn elems(pods: &[crate::model::PodSource]) -> Vec<PodElement> {
+    pod_elements(pods)
+}
+
+/// Whether the kernel holds every element of `pods`.
+fn present(ns: &TestNs, pods: &[crate::model::PodSource]) -> bool {
+    let e = elems(pods);
+    ns.run(|| missing_pod_elements(&e)).unwrap().is_empty()
+}
+
 fn node_desired(zt: [u8; 4]) -> NodeNft {
     NodeNft {
         rules: Some(NodeRules {
@@ -95,8 +115,7 @@ fn node_desired(zt: [u8; 4]) -> NodeNft {
             node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
             tunnel_port: consts::TUNNEL_PORT,
         }),
-        pods_v4: [Ipv4Addr::new(10, 4, 4, 19)].into(),
-        pods_v6: ["fd00::19".parse().unwrap()].into(),
+        pods: [src("10.4.4.19", "veth-a"), src("fd00::19", "veth-a")].into(),
     }
 }
 
@@ -132,7 +151,14 @@ fn node_table_in_a_fresh_netns() {
         "iifname \"veth-zt\" ip saddr != 10.4.4.18 meta mark set meta mark | 0x00000210 return",
         "iifname \"veth-zt\" meta mark set meta mark | 0x00000220 return",
         "meta l4proto udp meta mark set meta mark | 0x00000220 return",
-        "meta l4proto tcp ip saddr @ztunnel-pods-ips meta mark set meta mark | 0x00000100",
+        "set ztunnel-pods-iifs {",
+        "type ifname . ipv4_addr",
+        "elements = { \"veth-a\" . 10.4.4.19 }",
+        "type ifname . ipv6_addr",
+        "elements = { \"veth-a\" . fd00::19 }",
+        "ip saddr @ztunnel-pods-ips iifname . ip saddr != @ztunnel-pods-iifs limit rate 10/minute burst 10 packets log prefix \"ambient-node spoofed pod source: \"",
+        "ip saddr @ztunnel-pods-ips iifname . ip saddr != @ztunnel-pods-iifs counter packets 0 bytes 0 drop",
+        "meta l4proto tcp iifname . ip saddr @ztunnel-pods-iifs meta mark set meta mark | 0x00000100",
         "type filter hook forward priority mangle; policy accept;",
         "type filter hook input priority mangle; policy accept;",
         "meta mark & 0x00000220 == 0x00000220 ct mark set ct mark | 0x00000220",
@@ -143,41 +169,55 @@ fn node_table_in_a_fresh_netns() {
         "dnat ip to ip daddr",
         "type nat hook postrouting priority srcnat - 10; policy accept;",
         "snat ip to ip saddr",
-        "comment \"TCP from an ambient pod: capture outbound [ambient 8/8 ",
+        "comment \"TCP from an ambient pod's own device: capture outbound [ambient 10/10 ",
+        "table bridge ambient-node",
+        "set ztunnel-pods-ports {",
+        "type filter hook prerouting priority filter; policy accept;",
+        "iifname \"veth-zt\" return",
+        "ip saddr @ztunnel-pods-ips iifname . ip saddr != @ztunnel-pods-ports counter packets 0 bytes 0 drop",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
 
     let obs = ns.run(observe_node).unwrap().unwrap();
     assert_eq!(obs.chains.len(), 6);
-    assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 8);
-    assert_eq!(obs.pods_v4(), d.pods_v4);
-    assert_eq!(obs.pods_v6(), d.pods_v6);
+    assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 10);
+    assert_eq!(obs.pods_v4(), d.pods_v4());
+    assert_eq!(obs.pods_v6(), d.pods_v6());
+    assert_eq!(
+        obs.set_dev_addrs(consts::POD_IIF_SET),
+        [("veth-a".to_string(), "10.4.4.19".parse().unwrap())].into()
+    );
+    let bridge = ns.run(observe_node_bridge).unwrap().unwrap();
+    assert_eq!(bridge.chains[chain::PREROUTING].rule_count(), 3);
+    assert_eq!(bridge.pods_v4(), d.pods_v4());
+    assert_eq!(
+        bridge.set_dev_addrs(consts::POD_PORT_SET_V6),
+        [("veth-a".to_string(), "fd00::19".parse().unwrap())].into()
+    );
 
     // Fast path: add, present, delete twice, delete absent.
-    let (a, b) = (
-        Ipv4Addr::new(10, 4, 4, 40),
-        "fd00::40".parse::<Ipv6Addr>().unwrap(),
-    );
-    ns.run(|| add_pod_elements(&[a], &[b])).unwrap();
-    ns.run(|| add_pod_elements(&[a], &[b])).unwrap();
-    assert!(ns.run(|| pod_element_present(a.into())).unwrap());
-    assert!(ns.run(|| pod_element_present(b.into())).unwrap());
-    ns.run(|| delete_pod_elements(&[a], &[b])).unwrap();
-    ns.run(|| delete_pod_elements(&[a], &[b])).unwrap();
-    assert!(!ns.run(|| pod_element_present(a.into())).unwrap());
-    assert!(!ns.run(|| pod_element_present(b.into())).unwrap());
-    assert!(ns
-        .run(|| pod_element_present(Ipv4Addr::new(10, 4, 4, 19).into()))
-        .unwrap());
-    ns.run(|| delete_pod_elements(&[], &[])).unwrap();
+    let ab = [src("10.4.4.40", "veth-b"), src("fd00::40", "veth-b")];
+    let a = [ab[0].clone()];
+    ns.run(|| add_pod_elements(&elems(&ab))).unwrap();
+    ns.run(|| add_pod_elements(&elems(&ab))).unwrap();
+    assert!(present(&ns, &ab));
+    // The same address on another device is not this pod's element.
+    assert!(!present(&ns, &[src("10.4.4.40", "veth-c")]));
+    ns.run(|| delete_pod_elements(&elems(&ab))).unwrap();
+    ns.run(|| delete_pod_elements(&elems(&ab))).unwrap();
+    let gone = elems(&ab);
+    assert_eq!(ns.run(|| missing_pod_elements(&gone)).unwrap(), gone);
+    assert!(present(&ns, &[src("10.4.4.19", "veth-a")]));
+    ns.run(|| delete_pod_elements(&[])).unwrap();
     // Elements added behind the agent's back are removed by reconcile, without touching chains.
-    ns.run(|| add_pod_elements(&[a], &[])).unwrap();
+    ns.run(|| add_pod_elements(&elems(&a))).unwrap();
     let before = ns.run(observe_node).unwrap().unwrap();
     assert!(ns.run(|| reconcile_node(&d)).unwrap());
     let after = ns.run(observe_node).unwrap().unwrap();
-    assert_eq!(after.pods_v4(), d.pods_v4);
+    assert_eq!(after.pods_v4(), d.pods_v4());
     assert_eq!(after.chains, before.chains);
+    assert!(!present(&ns, &a));
 
     // A different ztunnel IP rewrites the prerouting chain and nothing else.
     let d2 = node_desired([10, 4, 4, 30]);
@@ -215,7 +255,7 @@ fn node_table_in_a_fresh_netns() {
     let empty = ns.run(observe_node).unwrap().unwrap();
     assert_eq!(empty.chains.len(), 6);
     assert!(empty.chains.values().all(|c| c.rules.is_empty()));
-    assert_eq!(empty.pods_v4(), d2.pods_v4);
+    assert_eq!(empty.pods_v4(), d2.pods_v4());
     assert!(!ns.run(|| reconcile_node(&none)).unwrap());
 
     // Damage repaired in place: a foreign rule, a chain at the wrong priority, a stray chain.
@@ -240,13 +280,14 @@ fn node_table_in_a_fresh_netns() {
     assert_eq!(ns.nft(&["list", "ruleset"]).trim(), "");
     assert_eq!(ns.run(observe_node).unwrap(), None);
     // Deleting from a missing table is fine; CHECK says absent.
-    ns.run(|| delete_pod_elements(&[a], &[b])).unwrap();
-    assert!(!ns.run(|| pod_element_present(a.into())).unwrap());
-    // Adding without a table creates table and sets only.
-    ns.run(|| add_pod_elements(&[a], &[])).unwrap();
+    ns.run(|| delete_pod_elements(&elems(&ab))).unwrap();
+    assert!(!present(&ns, &a));
+    // Adding without a table creates tables and sets only.
+    ns.run(|| add_pod_elements(&elems(&a))).unwrap();
     let bare = ns.run(observe_node).unwrap().unwrap();
     assert!(bare.chains.is_empty());
-    assert_eq!(bare.pods_v4(), [a].into());
+    assert_eq!(bare.pods_v4(), [Ipv4Addr::new(10, 4, 4, 40)].into());
+    assert!(present(&ns, &a));
     // A later reconcile completes it.
     assert!(ns.run(|| reconcile_node(&d2)).unwrap());
     assert!(!ns.run(|| reconcile_node(&d2)).unwrap());
@@ -410,9 +451,9 @@ fn captured_traffic_skips_kube_proxy_nat() {
             node_gateways: vec![Ipv4Addr::new(10, 244, 1, 1)],
             tunnel_port: consts::TUNNEL_PORT,
         }),
-        pods_v4: [pod_ip].into(),
-        pods_v6: BTreeSet::new(),
+        pods: [src(&pod_ip.to_string(), "vp0")].into(),
     };
+    let pod_elems = elems(&[src(&pod_ip.to_string(), "vp0")]);
     assert!(node.run(|| reconcile_node(&desired)).unwrap());
 
     let (l80, l9080) = srv.run(|| {
@@ -449,7 +490,7 @@ fn captured_traffic_skips_kube_proxy_nat() {
     drop(c);
 
     // Not captured: kube-proxy's NAT as usual.
-    node.run(|| delete_pod_elements(&[pod_ip], &[])).unwrap();
+    node.run(|| delete_pod_elements(&pod_elems)).unwrap();
     let mut c = connect();
     let (port, local, peer) = accept_either(&[&l80, &l9080]);
     assert_eq!(
@@ -463,7 +504,7 @@ fn captured_traffic_skips_kube_proxy_nat() {
 
     // Control: captured again but without our NAT chains' rules, kube-proxy wins; so it is
     // the identity NAT that made the difference above.
-    node.run(|| add_pod_elements(&[pod_ip], &[])).unwrap();
+    node.run(|| add_pod_elements(&pod_elems)).unwrap();
     for name in [chain::NAT_PREROUTING, chain::NAT_POSTROUTING] {
         node.nft(&["flush", "chain", "inet", consts::NODE_NFT_TABLE, name]);
     }
@@ -512,13 +553,12 @@ fn delete_elements_when_one_set_is_missing() {
         t = consts::NODE_NFT_TABLE,
         s = consts::POD_SET,
     ));
-    let v6: Ipv6Addr = "fd00::1".parse().unwrap();
-    ns.run(|| delete_pod_elements(&[Ipv4Addr::new(10, 0, 0, 1)], &[v6]))
-        .unwrap();
+    let gone = elems(&[src("10.0.0.1", "veth-a"), src("fd00::1", "veth-a")]);
+    ns.run(|| delete_pod_elements(&gone)).unwrap();
     let obs = ns.run(observe_node).unwrap().unwrap();
     assert_eq!(obs.pods_v4(), [Ipv4Addr::new(10, 0, 0, 2)].into());
     assert!(!obs.sets.contains_key(consts::POD_SET_V6));
-    assert!(!ns.run(|| pod_element_present(v6.into())).unwrap());
+    assert!(!present(&ns, &[src("fd00::1", "veth-a")]));
 }
 
 #[test]
@@ -531,19 +571,21 @@ fn pod_elements_over_netlink_without_nft() {
     let a: IpAddr = Ipv4Addr::new(10, 9, 0, 1).into();
     let b: IpAddr = Ipv4Addr::new(10, 9, 0, 2).into();
     let c: IpAddr = "fd00::9".parse::<Ipv6Addr>().unwrap().into();
+    let keys = |addrs: &[IpAddr]| -> Vec<Vec<u8>> {
+        addrs.iter().map(|a| netlink::addr_key(*a)).collect()
+    };
+    fn elem<'a>(op: netlink::ElemOp, set: &'a str, keys: &'a [Vec<u8>]) -> netlink::ElemChange<'a> {
+        netlink::ElemChange {
+            op,
+            family: NODE.nfproto,
+            table: consts::NODE_NFT_TABLE,
+            set,
+            keys,
+        }
+    }
     let change = |op, set, addrs: &[IpAddr]| {
-        let addrs = addrs.to_vec();
-        ns.run(move || {
-            netlink::apply(
-                NFPROTO_INET,
-                t,
-                &[netlink::ElemChange {
-                    op,
-                    set,
-                    addrs: &addrs,
-                }],
-            )
-        })
+        let k = keys(addrs);
+        ns.run(move || netlink::apply(&[elem(op, set, &k)]))
     };
     // No table: the kernel says ENOENT, nothing is created.
     assert!(matches!(
@@ -565,24 +607,12 @@ fn pod_elements_over_netlink_without_nft() {
     assert_eq!(obs.pods_v6().len(), 1);
     change(netlink::ElemOp::Delete, s4, &[a]).unwrap();
     // Deleting an absent element fails and rolls back the whole batch.
-    let both = [b, a];
+    let both = keys(&[b, a]);
     let r = ns.run(|| {
-        netlink::apply(
-            NFPROTO_INET,
-            t,
-            &[
-                netlink::ElemChange {
-                    op: netlink::ElemOp::Delete,
-                    set: s4,
-                    addrs: &both[..1],
-                },
-                netlink::ElemChange {
-                    op: netlink::ElemOp::Delete,
-                    set: s4,
-                    addrs: &both[1..],
-                },
-            ],
-        )
+        netlink::apply(&[
+            elem(netlink::ElemOp::Delete, s4, &both[..1]),
+            elem(netlink::ElemOp::Delete, s4, &both[1..]),
+        ])
     });
     assert!(
         matches!(r, Err(netlink::BatchError::Kernel(libc::ENOENT))),
@@ -593,34 +623,89 @@ fn pod_elements_over_netlink_without_nft() {
     // Add then delete in one transaction (the DEL fast path): fine whether or not it was there.
     for _ in 0..2 {
         ns.run(|| {
-            netlink::apply(
-                NFPROTO_INET,
-                t,
-                &[
-                    netlink::ElemChange {
-                        op: netlink::ElemOp::Add,
-                        set: s4,
-                        addrs: &both[..1],
-                    },
-                    netlink::ElemChange {
-                        op: netlink::ElemOp::Delete,
-                        set: s4,
-                        addrs: &both[..1],
-                    },
-                ],
-            )
+            netlink::apply(&[
+                elem(netlink::ElemOp::Add, s4, &both[..1]),
+                elem(netlink::ElemOp::Delete, s4, &both[..1]),
+            ])
         })
         .unwrap();
     }
-    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 2)], &[]))
-        .unwrap();
-    // The fast paths themselves: add and delete (twice) without falling back.
-    ns.run(|| add_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
-        .unwrap();
-    ns.run(|| delete_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
-        .unwrap();
-    ns.run(|| delete_pod_elements(&[Ipv4Addr::new(10, 9, 0, 3)], &[]))
-        .unwrap();
+    // The inet sets alone are not enough for a pod's elements (the anti-spoofing sets and the
+    // bridge table are missing): netlink refuses, the nft fallback creates them.
+    let p2 = elems(&[src("10.9.0.2", "veth-2")]);
+    ns.run(|| add_pod_elements(&p2)).unwrap();
+    assert!(ns.run(observe_node_bridge).unwrap().is_some());
+    // Now netlink alone does it, across both tables in one transaction.
+    let p3 = elems(&[src("10.9.0.3", "veth-3"), src("fd00::3", "veth-3")]);
+    let by_netlink = |ops: &[netlink::ElemOp]| {
+        let groups = by_set(&p3);
+        ns.run(|| elements_by_netlink(&groups, ops))
+    };
+    assert!(by_netlink(&[netlink::ElemOp::Add]));
+    assert!(present(&ns, &[src("10.9.0.3", "veth-3")]));
+    let obs = ns.run(observe_node_bridge).unwrap().unwrap();
+    assert!(obs
+        .set_dev_addrs(consts::POD_PORT_SET)
+        .contains(&("veth-3".to_string(), "10.9.0.3".parse().unwrap())));
+    let del = [netlink::ElemOp::Add, netlink::ElemOp::Delete];
+    assert!(by_netlink(&del));
+    assert!(by_netlink(&del), "deleting twice is fine");
+    // The fast paths themselves: add and delete (twice).
+    ns.run(|| add_pod_elements(&p3)).unwrap();
+    ns.run(|| delete_pod_elements(&p3)).unwrap();
+    ns.run(|| delete_pod_elements(&p3)).unwrap();
     let obs = ns.run(observe_node).unwrap().unwrap();
     assert_eq!(obs.pods_v4(), [Ipv4Addr::new(10, 9, 0, 2)].into());
+    assert_eq!(
+        obs.set_dev_addrs(consts::POD_IIF_SET),
+        [("veth-2".to_string(), "10.9.0.2".parse().unwrap())].into()
+    );
+    ns.run(delete_node_table).unwrap();
+    assert_eq!(ns.nft(&["list", "ruleset"]).trim(), "");
+}
+
+/// A node running the ruleset from before anti-spoofing (capture by `ip saddr
+/// @ztunnel-pods-ips` alone, no `ztunnel-pods-iifs` set, no bridge table) converges in one
+/// reconcile: the new sets are created and filled in the transaction that rewrites the chain.
+#[test]
+fn upgrade_from_the_address_only_ruleset() {
+    if !can_run() {
+        return;
+    }
+    let ns = TestNs::new();
+    ns.nft_stdin(&format!(
+        "table inet {t} {{\n\
+         set {s} {{ type ipv4_addr; elements = {{ 10.4.4.19 }} }}\n\
+         set {s6} {{ type ipv6_addr; elements = {{ fd00::19 }} }}\n\
+         chain prerouting {{ type filter hook prerouting priority mangle; policy accept;\n\
+           meta l4proto tcp ip saddr @{s} meta mark set meta mark | 0x100 comment \"TCP from an ambient pod: capture outbound [ambient 1/1 0123456789abcdef]\"\n\
+         }}\n}}\n",
+        t = consts::NODE_NFT_TABLE,
+        s = consts::POD_SET,
+        s6 = consts::POD_SET_V6,
+    ));
+    let d = node_desired([10, 4, 4, 18]);
+    let old = ns.run(observe_node).unwrap().unwrap();
+    let batch = plan_node(&d, Some(&old));
+    let text = to_json(&batch).unwrap();
+    let set_at = text
+        .find(&format!("\"name\":\"{}\"", consts::POD_IIF_SET))
+        .unwrap();
+    let flush_at = text.find("\"flush\"").unwrap();
+    assert!(
+        set_at < flush_at,
+        "the new set comes before the chain rewrite"
+    );
+    assert!(ns.run(|| reconcile_node(&d)).unwrap());
+    let now = ns.run(observe_node).unwrap().unwrap();
+    assert_eq!(now.chains[chain::PREROUTING].rule_count(), 10);
+    assert_eq!(now.pods_v4(), d.pods_v4());
+    assert_eq!(
+        now.set_dev_addrs(consts::POD_IIF_SET),
+        [("veth-a".to_string(), "10.4.4.19".parse().unwrap())].into()
+    );
+    assert!(ns.run(observe_node_bridge).unwrap().is_some());
+    assert!(!ns.run(|| reconcile_node(&d)).unwrap(), "converged");
+    ns.run(delete_node_table).unwrap();
+    assert_eq!(ns.nft(&["list", "ruleset"]).trim(), "");
 }

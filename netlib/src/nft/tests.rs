@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::consts::{self, mark, port, zt_mark};
+use crate::model::PodSource;
 use nftables::stmt::Statement;
 use nftables::types::{NfChainType, NfHook};
 use serde_json::{json, Value};
@@ -17,11 +18,23 @@ fn rules(zt: [u8; 4]) -> NodeRules {
     }
 }
 
+fn src(ip: &str, veth: &str, bridge: Option<&str>) -> PodSource {
+    PodSource {
+        ip: ip.parse().unwrap(),
+        veth: veth.into(),
+        bridge: bridge.map(Into::into),
+    }
+}
+
 fn desired() -> NodeNft {
     NodeNft {
         rules: Some(rules([10, 4, 4, 18])),
-        pods_v4: [Ipv4Addr::new(10, 4, 4, 19), Ipv4Addr::new(10, 4, 4, 21)].into(),
-        pods_v6: ["fd00::19".parse().unwrap()].into(),
+        pods: [
+            src("10.4.4.19", "veth-19", None),
+            src("fd00::19", "veth-19", None),
+            src("10.4.4.21", "veth-21", Some("cni0")),
+        ]
+        .into(),
     }
 }
 
@@ -56,7 +69,7 @@ fn node_prerouting_reads_like_the_spec() {
         (pre.kind, pre.hook, pre.prio),
         (NfChainType::Filter, NfHook::Prerouting, -150)
     );
-    assert_eq!(pre.rules.len(), 8);
+    assert_eq!(pre.rules.len(), 10);
     let marks: Vec<_> = pre.rules.iter().map(|r| or_bits(r, "meta")).collect();
     let want = [
         Some(mark::SKIP),
@@ -64,15 +77,22 @@ fn node_prerouting_reads_like_the_spec() {
         Some(mark::SKIP),
         Some(mark::SPOOFED),
         Some(mark::OWN),
+        None,
+        None,
         Some(mark::RETURN),
         Some(mark::OWN),
         Some(mark::CAPTURE),
     ];
     assert_eq!(marks, want.map(|m| m.map(u64::from)));
-    for r in &pre.rules[..7] {
-        assert!(last_is(r, "return"), "{r:?}");
+    for (i, r) in pre.rules[..9].iter().enumerate() {
+        let verdict = match i {
+            5 => "log",
+            6 => "drop",
+            _ => "return",
+        };
+        assert!(last_is(r, verdict), "{i}: {r:?}");
     }
-    assert!(!last_is(&pre.rules[7], "return"));
+    assert!(!last_is(&pre.rules[9], "return"));
 
     let text =
         serde_json::to_string(&pre.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
@@ -104,12 +124,16 @@ fn node_prerouting_reads_like_the_spec() {
     assert_eq!(js(&pre.rules[4].expr)[0]["match"]["right"], "veth-zt");
     // 6: the rest of a spoofed flow (ct mark has 0x210) goes back to ztunnel; every packet
     // from ztunnel already returned above, so no "not from ztunnel" match is needed.
-    let r6 = js(&pre.rules[5].expr);
-    assert_eq!(r6[0]["match"]["right"], json!(0x210));
-    // 8: tcp from the pod set
     let r8 = js(&pre.rules[7].expr);
-    assert_eq!(r8[0]["match"]["right"], "tcp");
-    assert_eq!(r8[1]["match"]["right"], format!("@{}", consts::POD_SET));
+    assert_eq!(r8[0]["match"]["right"], json!(0x210));
+    // 10: tcp from an enrolled address on its own device
+    let r10 = js(&pre.rules[9].expr);
+    assert_eq!(r10[0]["match"]["right"], "tcp");
+    assert_eq!(
+        r10[1]["match"],
+        json!({"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "saddr"}}]},
+               "right": format!("@{}", consts::POD_IIF_SET)})
+    );
     // OR, never overwrite: every mark set reads the mark it ORs into.
     assert!(!text.contains("\"mangle\":{\"key\":{\"meta\":{\"key\":\"mark\"}},\"value\":5"));
     for r in &pre.rules {
@@ -119,6 +143,137 @@ fn node_prerouting_reads_like_the_spec() {
             }
         }
     }
+}
+
+/// The anti-spoofing rules: an enrolled address (`@ztunnel-pods-ips`) whose `iifname . ip
+/// saddr` is not in `@ztunnel-pods-iifs` is logged (rate-limited) and dropped, after the rules
+/// for ztunnel's and the tunnels' packets and before anything that captures or returns to
+/// ztunnel.
+#[test]
+fn spoofed_pod_sources_are_dropped_before_capture() {
+    let chains = node_chains(desired().rules.as_ref());
+    let pre = chain(&chains, chain::PREROUTING);
+    let spoofed = json!([
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": format!("@{}", consts::POD_SET)}},
+        {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "saddr"}}]},
+                   "right": format!("@{}", consts::POD_IIF_SET)}},
+    ]);
+    let log = js(&pre.rules[5].expr);
+    assert_eq!(
+        log.as_array().unwrap()[..2],
+        spoofed.as_array().unwrap()[..]
+    );
+    assert_eq!(
+        log[2],
+        json!({"limit": {"rate": consts::SPOOF_LOG_PER_MINUTE, "per": "minute", "burst": consts::SPOOF_LOG_PER_MINUTE}})
+    );
+    assert_eq!(
+        log[3],
+        json!({"log": {"prefix": consts::SPOOF_LOG_PREFIX, "level": "warn"}})
+    );
+    let drop = js(&pre.rules[6].expr);
+    assert_eq!(
+        drop.as_array().unwrap()[..2],
+        spoofed.as_array().unwrap()[..]
+    );
+    assert_eq!(drop[2], json!({"counter": null}));
+    assert_eq!(drop[3], json!({"drop": null}));
+    // Order: every rule for packets from ztunnel or the tunnels comes first (they carry pod
+    // sources legitimately); every rule that captures or hands to ztunnel after.
+    let texts: Vec<_> = pre.rules.iter().map(|r| r.text).collect();
+    let at = |needle: &str| texts.iter().position(|t| t.contains(needle)).unwrap();
+    for before in ["tunnels", "from ztunnel with", "from ztunnel itself"] {
+        assert!(at(before) < 5, "{before}");
+    }
+    for after in ["ztunnel-spoofed flow", "capture outbound"] {
+        assert!(at(after) > 6, "{after}");
+    }
+    // No other rule of the node table drops anything.
+    for c in &chains {
+        for (i, r) in c.rules.iter().enumerate() {
+            let dropping = r.expr.iter().any(|s| matches!(s, Statement::Drop(_)));
+            assert_eq!(
+                dropping,
+                c.name == chain::PREROUTING && i == 6,
+                "{}",
+                r.text
+            );
+        }
+    }
+}
+
+/// The bridge table: from the ztunnel's port anything goes (it sends with pod sources); from
+/// any other port an enrolled address must be that port's pod's.
+#[test]
+fn bridge_table_checks_the_port() {
+    let mut r = rules([10, 4, 4, 18]);
+    r.ztunnel_bridge = Some("cni0".into());
+    r.ztunnel_mac = "0a:58:0a:f4:01:02".into();
+    let chains = bridge_chains(Some(&r));
+    assert_eq!(chains.len(), 1);
+    let c = &chains[0];
+    assert_eq!(
+        (c.name, c.kind, c.hook, c.prio),
+        (
+            chain::PREROUTING,
+            NfChainType::Filter,
+            NfHook::Prerouting,
+            -200
+        )
+    );
+    assert_eq!(c.rules.len(), 3);
+    assert_eq!(
+        js(&c.rules[0].expr),
+        json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "veth-zt"}}, {"return": null}])
+    );
+    for (i, verdict) in [(1, "log"), (2, "drop")] {
+        let e = js(&c.rules[i].expr);
+        assert_eq!(e[0]["match"]["right"], format!("@{}", consts::POD_SET));
+        assert_eq!(e[1]["match"]["op"], "!=");
+        assert_eq!(e[1]["match"]["right"], format!("@{}", consts::POD_PORT_SET));
+        assert!(last_is(&c.rules[i], verdict));
+    }
+    // Only IPv4 payload matches: ARP, IPv6/ND and other ethertypes never match a rule.
+    let text = serde_json::to_string(&c.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
+    assert!(!text.contains("arp") && !text.contains("ip6"), "{text}");
+    assert!(bridge_chains(None)[0].rules.is_empty());
+    // The fingerprint follows the ztunnel's port.
+    let mut other = r.clone();
+    other.ztunnel_veth = "veth-zt2".into();
+    assert_ne!(
+        bridge_chains(Some(&other))[0].fingerprint(),
+        c.fingerprint()
+    );
+}
+
+#[test]
+fn pod_elements_per_table_and_family() {
+    let d = desired();
+    let all = pod_elements(&d.pods);
+    let show: Vec<String> = all.iter().map(ToString::to_string).collect();
+    let want = [
+        "10.4.4.19 in inet ambient-node ztunnel-pods-ips",
+        "10.4.4.21 in inet ambient-node ztunnel-pods-ips",
+        "fd00::19 in inet ambient-node ztunnel-pods-ips6",
+        // With a bridge, routing sees the bridge as input device.
+        "\"cni0\" . 10.4.4.21 in inet ambient-node ztunnel-pods-iifs",
+        "\"veth-19\" . 10.4.4.19 in inet ambient-node ztunnel-pods-iifs",
+        "\"veth-19\" . fd00::19 in inet ambient-node ztunnel-pods-iifs6",
+        "10.4.4.19 in bridge ambient-node ztunnel-pods-ips",
+        "10.4.4.21 in bridge ambient-node ztunnel-pods-ips",
+        "fd00::19 in bridge ambient-node ztunnel-pods-ips6",
+        // The bridge table sees the port.
+        "\"veth-19\" . 10.4.4.19 in bridge ambient-node ztunnel-pods-ports",
+        "\"veth-21\" . 10.4.4.21 in bridge ambient-node ztunnel-pods-ports",
+        "\"veth-19\" . fd00::19 in bridge ambient-node ztunnel-pods-ports6",
+    ];
+    assert_eq!(show, want);
+    // One pod's share.
+    let one = pod_elements(&[src("10.4.4.21", "veth-21", Some("cni0"))]);
+    assert_eq!(one.len(), 4);
+    assert!(one.iter().all(|e| e.elem
+        != SetElem::DevAddr("veth-21".into(), "10.4.4.21".parse().unwrap())
+        || e.family() == "bridge"));
 }
 
 #[test]
@@ -393,7 +548,14 @@ fn model_apply(obs: Option<ObservedTable>, batch: &Nftables<'_>) -> Option<Obser
                     .sets
                     .entry(name)
                     .or_insert_with(|| ObservedSet {
-                        set_type: obj["type"].as_str().unwrap().into(),
+                        set_type: match &obj["type"] {
+                            Value::Array(parts) => parts
+                                .iter()
+                                .map(|p| p.as_str().unwrap())
+                                .collect::<Vec<_>>()
+                                .join(" . "),
+                            t => t.as_str().unwrap().into(),
+                        },
                         ..ObservedSet::default()
                     });
             }
@@ -405,6 +567,24 @@ fn model_apply(obs: Option<ObservedTable>, batch: &Nftables<'_>) -> Option<Obser
                     .get_mut(obj["name"].as_str().unwrap())
                     .expect("set");
                 for e in obj["elem"].as_array().unwrap() {
+                    let ty_pair = set.set_type.contains(" . ");
+                    if let Some(pair) = e.get("concat") {
+                        assert!(ty_pair, "pair into {}", set.set_type);
+                        let elem = (
+                            pair[0].as_str().unwrap().to_string(),
+                            pair[1].as_str().unwrap().parse::<IpAddr>().unwrap(),
+                        );
+                        if op == "add" {
+                            set.dev_elems.insert(elem);
+                        } else {
+                            assert!(
+                                set.dev_elems.remove(&elem),
+                                "delete of absent element fails in nft"
+                            );
+                        }
+                        continue;
+                    }
+                    assert!(!ty_pair, "address into {}", set.set_type);
                     let ip: IpAddr = e.as_str().unwrap().parse().unwrap();
                     if op == "add" {
                         set.elems.insert(ip);
@@ -505,10 +685,10 @@ fn plan_from_nothing_creates_everything() {
         cmds[0],
         ("add".into(), "table".into(), consts::NODE_NFT_TABLE.into())
     );
-    assert_eq!(count(&cmds, "add", "set"), 2);
+    assert_eq!(count(&cmds, "add", "set"), 4);
     assert_eq!(count(&cmds, "add", "chain"), 6);
-    assert_eq!(count(&cmds, "add", "rule"), 8 + 2 + 2 + 1 + 1 + 1);
-    assert_eq!(count(&cmds, "add", "element"), 2);
+    assert_eq!(count(&cmds, "add", "rule"), 10 + 2 + 2 + 1 + 1 + 1);
+    assert_eq!(count(&cmds, "add", "element"), 4);
     assert_eq!(
         count(&cmds, "flush", "chain") + count(&cmds, "delete", "element"),
         0
@@ -526,14 +706,29 @@ fn plan_from_nothing_creates_everything() {
     assert_eq!(sets[0]["family"], "inet");
     assert_eq!(sets[1]["name"], consts::POD_SET_V6);
     assert_eq!(sets[1]["type"], "ipv6_addr");
+    assert_eq!(sets[2]["name"], consts::POD_IIF_SET);
+    assert_eq!(sets[2]["type"], json!(["ifname", "ipv4_addr"]));
+    assert_eq!(sets[3]["name"], consts::POD_IIF_SET_V6);
+    assert_eq!(sets[3]["type"], json!(["ifname", "ipv6_addr"]));
+    let elems: Vec<_> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["add"].get("element"))
+        .collect();
+    assert_eq!(
+        elems[2]["elem"],
+        json!([{"concat": ["cni0", "10.4.4.21"]}, {"concat": ["veth-19", "10.4.4.19"]}])
+    );
     // Sets come before the rule that references one.
     let first_rule = cmds.iter().position(|c| c.1 == "rule").unwrap();
     let last_set = cmds.iter().rposition(|c| c.1 == "set").unwrap();
     assert!(last_set < first_rule);
 
     let applied = model_apply(None, &b).unwrap();
-    assert_eq!(applied.pods_v4(), d.pods_v4);
-    assert_eq!(applied.pods_v6(), d.pods_v6);
+    assert_eq!(applied.pods_v4(), d.pods_v4());
+    assert_eq!(applied.pods_v6(), d.pods_v6());
+    assert_eq!(applied.set_dev_addrs(consts::POD_IIF_SET).len(), 2);
     assert!(
         is_empty(&plan_node(&d, Some(&applied))),
         "plan on a matching table is empty"
@@ -572,7 +767,7 @@ fn changed_ztunnel_ip_refills_only_prerouting() {
         cmds[0],
         ("flush".into(), "chain".into(), chain::PREROUTING.into())
     );
-    assert_eq!(cmds.len(), 1 + 8);
+    assert_eq!(cmds.len(), 1 + 10);
     assert!(cmds[1..]
         .iter()
         .all(|c| c.0 == "add" && c.1 == "rule" && c.2 == chain::PREROUTING));
@@ -607,7 +802,7 @@ fn losing_the_ztunnel_empties_the_chains_and_keeps_the_pods() {
     assert_eq!(cmds.len(), 6);
     let after = model_apply(Some(obs), &b).unwrap();
     assert!(after.chains.values().all(|c| c.rules.is_empty()));
-    assert_eq!(after.pods_v4(), d.pods_v4);
+    assert_eq!(after.pods_v4(), d.pods_v4());
     assert!(is_empty(&plan_node(&none, Some(&after))));
     // And back.
     let again = plan_node(&d, Some(&after));
@@ -645,7 +840,7 @@ fn tampered_rules_are_detected() {
             cmds[0],
             ("flush".into(), "chain".into(), chain::PREROUTING.into())
         );
-        assert_eq!(cmds.len(), 9);
+        assert_eq!(cmds.len(), 11);
     }
 }
 
@@ -834,4 +1029,92 @@ fn bridge_port_ztunnel_is_matched_by_bridge_and_mac() {
     }
     r.ztunnel_mac = "nope".into();
     assert!(r.validate().is_err());
+}
+
+/// A node upgraded from the ruleset before anti-spoofing (no `ztunnel-pods-iifs*` sets, a
+/// prerouting chain with other rules): one batch creates and fills the new sets and only then
+/// rewrites the prerouting chain, so no packet sees the new capture rule with an empty set.
+#[test]
+fn upgrade_from_the_address_only_ruleset_fills_the_new_sets_first() {
+    let d = desired();
+    let mut old = model_apply(None, &plan_node(&d, None)).unwrap();
+    old.sets.remove(consts::POD_IIF_SET);
+    old.sets.remove(consts::POD_IIF_SET_V6);
+    let pre = old.chains.get_mut(chain::PREROUTING).unwrap();
+    pre.rules.truncate(8);
+    for (i, r) in pre.rules.iter_mut().enumerate() {
+        r.tag = Some(RuleTag {
+            index: i + 1,
+            count: 8,
+            fingerprint: 0x0123_4567_89ab_cdef,
+        });
+    }
+    let b = plan_node(&d, Some(&old));
+    let cmds = commands(&b);
+    let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    let pos = |c: (String, String, String)| cmds.iter().position(|x| *x == c).unwrap();
+    let flush = pos(s("flush", "chain", chain::PREROUTING));
+    assert!(pos(s("add", "set", consts::POD_IIF_SET)) < flush);
+    assert!(pos(s("add", "element", consts::POD_IIF_SET)) < flush);
+    assert!(pos(s("add", "set", consts::POD_IIF_SET_V6)) < flush);
+    // Nothing else changes: the address sets and the other chains are current.
+    assert_eq!(count(&cmds, "add", "rule"), 10);
+    assert_eq!(count(&cmds, "flush", "chain"), 1);
+    assert_eq!(count(&cmds, "delete", "element"), 0);
+    let after = model_apply(Some(old), &b).unwrap();
+    assert!(is_empty(&plan_node(&d, Some(&after))));
+    // The bridge table did not exist before: created whole.
+    let bb = plan_node_bridge(&d, None);
+    let bcmds = commands(&bb);
+    assert_eq!(count(&bcmds, "add", "table"), 1);
+    assert_eq!(count(&bcmds, "add", "set"), 4);
+    assert_eq!(count(&bcmds, "add", "rule"), 3);
+    let bridge = model_apply(None, &bb).unwrap();
+    assert_eq!(
+        bridge.set_dev_addrs(consts::POD_PORT_SET),
+        [
+            ("veth-19".to_string(), "10.4.4.19".parse().unwrap()),
+            ("veth-21".to_string(), "10.4.4.21".parse().unwrap())
+        ]
+        .into()
+    );
+    assert!(is_empty(&plan_node_bridge(&d, Some(&bridge))));
+    let js_b = js(&bb);
+    assert_eq!(
+        js_b["nftables"][0],
+        json!({"add": {"table": {"family": "bridge", "name": consts::NODE_NFT_TABLE}}})
+    );
+}
+
+#[test]
+fn parses_concatenated_elements() {
+    let out = json!({"nftables": [
+        {"set": {"family": "inet", "name": "ztunnel-pods-iifs", "table": "ambient-node", "type": ["ifname", "ipv4_addr"], "handle": 3,
+                 "elem": [{"concat": ["veth1", "10.0.0.1"]}, {"elem": {"val": {"concat": ["cni0", "10.0.0.2"]}, "comment": "x"}},
+                          {"concat": ["veth1", 80]}]}}
+    ]});
+    let t = observe::parse_table(&out.to_string(), consts::NODE_NFT_TABLE).unwrap();
+    assert_eq!(
+        t.set_dev_addrs(consts::POD_IIF_SET),
+        [
+            ("cni0".to_string(), "10.0.0.2".parse().unwrap()),
+            ("veth1".to_string(), "10.0.0.1".parse().unwrap())
+        ]
+        .into()
+    );
+    assert_eq!(t.sets[consts::POD_IIF_SET].other_elems.len(), 1);
+    assert_eq!(t.sets[consts::POD_IIF_SET].set_type, "ifname . ipv4_addr");
+}
+
+#[test]
+fn bad_pod_device_names_are_refused() {
+    let mut d = desired();
+    d.pods.insert(src("10.4.4.30", "sixteen-chars-xx", None));
+    assert!(matches!(d.validate(), Err(NftError::Invalid(_))));
+    let mut d = desired();
+    d.pods.insert(src("10.4.4.30", "veth-30", Some("a/b")));
+    assert!(d.validate().is_err());
+    assert!(desired().validate().is_ok());
+    let bad = pod_elements(&[src("10.4.4.30", "", None)]);
+    assert!(matches!(add_pod_elements(&bad), Err(NftError::Invalid(_))));
 }
