@@ -101,6 +101,25 @@ async fn http_server(addr: IpAddr, name: &'static str) -> SocketAddr {
     local
 }
 
+/// A TCP echo server.
+async fn echo_server(addr: IpAddr) -> SocketAddr {
+    let l = TcpListener::bind(SocketAddr::new(addr, 0)).await.unwrap();
+    let local = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+        }
+    });
+    local
+}
+
 struct Lab {
     _dir: tempfile::TempDir,
     ca: Ca,
@@ -109,9 +128,10 @@ struct Lab {
     _ztunnels: Vec<ztunnel::app::Running>,
     v1: SocketAddr,
     v2: SocketAddr,
+    echo: SocketAddr,
 }
 
-fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+fn mesh_yaml(v1: SocketAddr, v2: SocketAddr, echo: SocketAddr) -> String {
     format!(
         r#"
 workloads:
@@ -124,7 +144,8 @@ workloads:
   protocol: HBONE
   node: node-b1
   waypoint: {{address: {w}}}
-  services: {{demo/reviews.demo.svc.cluster.local: {{80: {p1}}}, demo/reviews-v1.demo.svc.cluster.local: {{80: {p1}}}}}
+  services: {{demo/reviews.demo.svc.cluster.local: {{80: {p1}}}, demo/reviews-v1.demo.svc.cluster.local: {{80: {p1}}}, demo/db.demo.svc.cluster.local: {{5432: {pe}}}, demo/raw.demo.svc.cluster.local: {{7: {pe}}}, demo/flaky.demo.svc.cluster.local: {{80: {p1}}}}}
+- {{name: gone, namespace: demo, serviceAccount: reviews, workloadIps: [{dead}], protocol: HBONE, node: node-gone, services: {{demo/flaky.demo.svc.cluster.local: {{80: 8080}}}}}}
 - name: reviews-v2
   namespace: demo
   serviceAccount: reviews
@@ -137,6 +158,9 @@ services:
 - {{name: reviews, namespace: demo, hostname: reviews.demo.svc.cluster.local, vips: [{vip}], ports: {{80: 8080}}, waypoint: {{address: {w}}}}}
 - {{name: reviews-v1, namespace: demo, hostname: reviews-v1.demo.svc.cluster.local, vips: [{vip1}], ports: {{80: 8080}}, waypoint: {{address: {w}}}}}
 - {{name: reviews-v2, namespace: demo, hostname: reviews-v2.demo.svc.cluster.local, vips: [{vip2}], ports: {{80: 8080}}, waypoint: {{address: {w}}}}}
+- {{name: db, namespace: demo, hostname: db.demo.svc.cluster.local, vips: [{vip3}], ports: {{5432: 5432}}, appProtocols: {{5432: tcp}}, waypoint: {{address: {w}}}}}
+- {{name: raw, namespace: demo, hostname: raw.demo.svc.cluster.local, vips: [{vip4}], ports: {{7: 7}}, waypoint: {{address: {w}}}}}
+- {{name: flaky, namespace: demo, hostname: flaky.demo.svc.cluster.local, vips: [{vip5}], ports: {{80: 8080}}, waypoint: {{address: {w}}}}}
 "#,
         w = ip(9),
         c = ip(11),
@@ -147,6 +171,11 @@ services:
         vip = ip(100),
         vip1 = ip(101),
         vip2 = ip(102),
+        vip3 = ip(103),
+        vip4 = ip(104),
+        vip5 = ip(105),
+        pe = echo.port(),
+        dead = ip(29),
     )
 }
 
@@ -158,7 +187,8 @@ impl Lab {
         let (ca, _) = Ca::load_or_create(&ca_dir, "cluster.local").unwrap();
         let v1 = http_server(ip(21), "reviews-v1").await;
         let v2 = http_server(ip(22), "reviews-v2").await;
-        let mesh = mesh_yaml(v1, v2);
+        let echo = echo_server(ip(21)).await;
+        let mesh = mesh_yaml(v1, v2, echo);
         let zfile = dir.path().join("ztunnel.yaml");
         std::fs::write(&zfile, &mesh).unwrap();
         let mut ztunnels = Vec::new();
@@ -196,6 +226,7 @@ impl Lab {
             _ztunnels: ztunnels,
             v1,
             v2,
+            echo,
         }
     }
 
@@ -255,7 +286,7 @@ impl Lab {
     fn write(&self, routes: &str, policies: &str) {
         let text = format!(
             "waypoint: {{name: waypoint, namespace: demo}}\n{}\n{routes}\n{policies}\n",
-            mesh_yaml(self.v1, self.v2)
+            mesh_yaml(self.v1, self.v2, self.echo)
         );
         let tmp = self.file.with_extension("tmp");
         std::fs::write(&tmp, text).unwrap();
@@ -484,4 +515,94 @@ async fn http2_clients_and_refusals() {
         )
         .await
         .is_ok());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tcp_relays_retries_and_empty_bodies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = Lab::new(
+        3,
+        "",
+        r#"
+policies:
+- name: l7-deny-on-raw
+  namespace: demo
+  targetRefs: [{kind: Service, name: raw}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/secret*"]}}], from: [{source: {principals: ["cluster.local/ns/demo/sa/blocked"]}}]}]
+"#,
+    )
+    .await;
+    // A port declared `tcp`: relayed at L4 to the endpoint, whatever the bytes.
+    let mut io = lab
+        .tunnel(
+            "sleep",
+            "waypoint",
+            lab.waypoint.addrs.hbone,
+            SocketAddr::new(ip(103), 5432),
+        )
+        .await
+        .unwrap();
+    io.write_all(b"GET / HTTP/1.1\r\n\r\nnot parsed")
+        .await
+        .unwrap();
+    io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    io.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"GET / HTTP/1.1\r\n\r\nnot parsed");
+    // Bytes that are not HTTP on an undeclared port: detected, relayed at L4.
+    let mut io = lab
+        .tunnel(
+            "sleep",
+            "waypoint",
+            lab.waypoint.addrs.hbone,
+            SocketAddr::new(ip(104), 7),
+        )
+        .await
+        .unwrap();
+    io.write_all(b"\x00\x01binary").await.unwrap();
+    io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    io.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"\x00\x01binary");
+    // At L4 a DENY that needs a path is judged without it: `blocked` is refused outright.
+    let mut io = lab
+        .tunnel(
+            "blocked",
+            "waypoint",
+            lab.waypoint.addrs.hbone,
+            SocketAddr::new(ip(104), 7),
+        )
+        .await
+        .unwrap();
+    io.write_all(b"\x00\x01binary").await.unwrap();
+    let _ = io.shutdown().await;
+    let mut back = Vec::new();
+    let r = io.read_to_end(&mut back).await;
+    assert!(r.is_err() || back.is_empty(), "{r:?} {back:?}");
+    let text = lab.waypoint.metrics.encode();
+    assert!(
+        text.contains("istio_tcp_connections_opened_total{reporter=\"waypoint\""),
+        "{text}"
+    );
+
+    // One endpoint of `flaky` is down (nothing at its 15008): connect failures are retried on
+    // the other, so every request succeeds.
+    let mut c = lab.h1(105).await;
+    for _ in 0..20 {
+        let a = get(&mut c, "GET", "/f", &[]).await;
+        assert_eq!(a.status, 200, "{}", a.json);
+        assert_eq!(a.json["pod"], "reviews-v1");
+    }
+    // Bodies that are empty from the start (HEAD) end cleanly: the upstream connection is
+    // reused and nothing is flagged as cut.
+    let mut c = lab.h1(101).await;
+    let first = get(&mut c, "GET", "/a", &[]).await.json["peer"].clone();
+    for _ in 0..5 {
+        assert_eq!(get(&mut c, "HEAD", "/h", &[]).await.status, 200);
+    }
+    assert_eq!(get(&mut c, "GET", "/b", &[]).await.json["peer"], first);
+    let text = lab.waypoint.metrics.encode();
+    assert!(!text.contains("response_flags=\"DC\""), "{text}");
+    assert!(text.contains("response_flags=\"-\""), "{text}");
 }

@@ -40,17 +40,24 @@ pub struct Tracked<B> {
     inner: B,
     count: Arc<AtomicU64>,
     on_end: Option<OnEnd>,
+    /// Nothing to read: a body that is empty from the start (204, 304, HEAD,
+    /// `content-length: 0`) may never be polled, so dropping it is its complete end.
+    empty: bool,
 }
 
-impl<B> Tracked<B> {
+impl<B: HttpBody> Tracked<B> {
     pub fn new(inner: B, count: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Self {
+        let empty = inner.is_end_stream();
         Tracked {
             inner,
             count,
             on_end,
+            empty,
         }
     }
+}
 
+impl<B> Tracked<B> {
     fn end(&mut self, complete: bool) {
         if let Some(f) = self.on_end.take() {
             f(complete);
@@ -60,7 +67,8 @@ impl<B> Tracked<B> {
 
 impl<B> Drop for Tracked<B> {
     fn drop(&mut self) {
-        self.end(false);
+        let complete = self.empty;
+        self.end(complete);
     }
 }
 
@@ -137,5 +145,13 @@ mod tests {
             Some(Box::new(move |c| tx.send(c).unwrap())),
         ));
         assert!(!rx.recv().unwrap());
+        // Empty from the start and never polled: complete.
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(Tracked::new(
+            Empty::<Bytes>::new(),
+            Arc::new(AtomicU64::new(0)),
+            Some(Box::new(move |c| tx.send(c).unwrap())),
+        ));
+        assert!(rx.recv().unwrap());
     }
 }

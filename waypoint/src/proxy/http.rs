@@ -186,6 +186,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for n in listed {
         h.remove(n);
     }
+    // `te: trailers` is end to end in practice (gRPC needs it); any other TE is not.
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in [
         "keep-alive",
         "proxy-connection",
@@ -194,6 +198,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         "trailer",
     ] {
         h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -755,8 +762,10 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-app", "kept".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get("x-app").unwrap(), "kept");
         let mut h = HeaderMap::new();
