@@ -10,10 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use ambient_lab::state::LabState;
 use ambient_lab::{unique_prefix, ztunnel as labzt, Lab, LabOptions};
-use bytes::Bytes;
 use rustls::RootCertStore;
 use ztunnel::identity::{Ca, Identity};
-use ztunnel::proxy::h2::{client_builder, ConnectRequest};
+use ztunnel::proxy::h2::ConnectRequest;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 const HOUR: Duration = Duration::from_secs(3600);
@@ -39,40 +38,27 @@ fn connect(
             .map_err(|e| e.to_string())?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.root_der().clone()).unwrap();
-        let cfg = ztunnel::tls::client_config(
+        let send = ztunnel::client::connect(
             Arc::new(roots),
+            cert.certified.clone(),
             vec![server.clone()],
-            Arc::new(ztunnel::tls::FixedCert(cert.certified.clone())),
+            addr,
         )
-        .map_err(|e| e.to_string())?;
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        let (send, conn) = client_builder()
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| format!("h2: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut ready = send.ready().await.map_err(|e| format!("h2: {e}"))?;
+        .await?;
         let req = ConnectRequest {
             authority,
             headers: http::HeaderMap::new(),
         };
-        let (resp, _stream) = ready
-            .send_request(req.build(), false)
-            .map_err(|e| format!("h2: {e}"))?;
-        let resp = tokio::time::timeout(Duration::from_secs(3), resp)
-            .await
-            .map_err(|_| "no response".to_string())?
-            .map_err(|e| format!("h2: {e}"))?;
-        Ok(resp.status().as_u16())
+        let opened =
+            tokio::time::timeout(Duration::from_secs(3), ztunnel::client::open(&send, &req))
+                .await
+                .map_err(|_| "no response".to_string())?;
+        let resp = match opened {
+            Ok(_) => http::StatusCode::OK,
+            Err(Ok(status)) => status,
+            Err(Err(e)) => return Err(e),
+        };
+        Ok(resp.as_u16())
     })
 }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use ztunnel::admin;
-use ztunnel::drain::Drain;
+use ztunnel::drain::{Drain, Stopper};
 use ztunnel::identity::SecretManager;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::pool::{Pool, PoolConfig};
@@ -39,25 +39,14 @@ pub struct Running {
     pub state: StateHandle,
     pub metrics: Arc<Metrics>,
     pub hbone: Arc<Pool>,
-    drain: Drain,
-    background: CancellationToken,
-    drain_timeout: Duration,
+    stopper: Stopper,
 }
 
 impl Running {
     /// Stops accepting, fails readiness, lets open tunnels finish (up to the drain timeout).
     /// True if nothing was cut.
     pub async fn shutdown(self) -> bool {
-        tracing::info!(active = self.drain.active(), "draining");
-        let clean = self.drain.drain(self.drain_timeout).await;
-        if !clean {
-            tracing::warn!(
-                left = self.drain.active(),
-                "drain timeout: closing the rest"
-            );
-        }
-        self.background.cancel();
-        clean
+        self.stopper.stop().await
     }
 }
 
@@ -183,9 +172,11 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         state,
         metrics,
         hbone,
-        drain,
-        background,
-        drain_timeout: cfg.drain_timeout,
+        stopper: Stopper {
+            drain,
+            background,
+            timeout: cfg.drain_timeout,
+        },
     })
 }
 

@@ -145,14 +145,7 @@ pub struct Attrs<'a> {
     pub http: Option<HttpAttrs<'a>>,
 }
 
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    #[error("denied by policy {0}")]
-    DenyPolicy(String),
-    #[error("no allow policy matched ({0} apply)")]
-    NoAllowMatch(usize),
-}
+pub use ztunnel::rbac::Denied;
 
 impl Policy {
     pub fn key(&self) -> String {
@@ -494,27 +487,18 @@ impl Rule {
     }
 }
 
-/// Decides one request against the policies that apply to its destination.
+/// Decides one request against the policies that apply to its destination (the decision
+/// procedure is ztunnel's, [`ztunnel::rbac::decide`]).
 pub fn authorize<'p>(
     policies: impl IntoIterator<Item = &'p Policy>,
     a: &Attrs,
 ) -> Result<(), Denied> {
-    let mut allows = 0usize;
-    let mut allowed = false;
-    for p in policies {
-        match p.action {
-            Action::Deny if p.matches(a) => return Err(Denied::DenyPolicy(p.key())),
-            Action::Deny => {}
-            Action::Allow => {
-                allows += 1;
-                allowed = allowed || p.matches(a);
-            }
-        }
-    }
-    if allows > 0 && !allowed {
-        return Err(Denied::NoAllowMatch(allows));
-    }
-    Ok(())
+    ztunnel::rbac::decide(
+        policies,
+        |p| p.action == Action::Deny,
+        |p| p.matches(a),
+        |p| p.key(),
+    )
 }
 
 #[cfg(test)]

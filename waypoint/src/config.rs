@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambient_net::consts::port;
-use clap::{Args, Parser};
+use clap::Parser;
 use serde::{Deserialize, Deserializer, Serialize};
 use ztunnel::config::{
-    parse_duration, parse_yaml, CertSource, ConfigError, LocalService, LocalWorkload,
+    parse_duration, parse_yaml, CertSource, ConfigError, IdentityArgs, LocalService, LocalWorkload,
 };
 
 /// `waypoint` command line.
@@ -68,19 +68,6 @@ pub struct Cli {
     /// Log format.
     #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
-}
-
-#[derive(Debug, Clone, Args)]
-#[group(required = false, multiple = false)]
-pub struct IdentityArgs {
-    /// Embedded CA: root-cert.pem and root-key.pem in this directory (the mesh's CA, shared
-    /// with the ztunnels).
-    #[arg(long, default_value = "/var/run/ztunnel/ca")]
-    pub ca_dir: PathBuf,
-    /// Ready-made certificates instead of the CA: <dir>/root-cert.pem and
-    /// <dir>/<namespace>/<serviceaccount>/{cert-chain.pem,key.pem}.
-    #[arg(long)]
-    pub cert_dir: Option<PathBuf>,
 }
 
 /// The resolved runtime configuration.

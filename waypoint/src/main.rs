@@ -1,7 +1,6 @@
 //! `waypoint`: see the crate docs and README.md.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use waypoint::config::{Cli, Config};
@@ -11,26 +10,13 @@ fn main() -> ExitCode {
     ztunnel::proxy::h2::tune_allocator();
     let cli = Cli::parse();
     process::init_logging(&cli.log_format);
-    match run(Config::from(cli)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(2),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("waypoint: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(cfg: Config) -> anyhow::Result<bool> {
-    let (side, dataplane) = process::runtimes("waypoint", cfg.worker_threads)?;
-    let side_handle = side.handle().clone();
-    let clean = dataplane.block_on(async move {
-        let running = waypoint::app::start(cfg, side_handle).await?;
-        process::wait_for_signal().await?;
-        anyhow::Ok(running.shutdown().await)
-    })?;
-    dataplane.shutdown_timeout(Duration::from_millis(100));
-    side.shutdown_timeout(Duration::from_millis(100));
-    Ok(clean)
+    let cfg = Config::from(cli);
+    let workers = cfg.worker_threads;
+    let r = process::run_until_signal(
+        "waypoint",
+        workers,
+        |side| waypoint::app::start(cfg, side),
+        |running| running.shutdown(),
+    );
+    process::exit_code("waypoint", r)
 }

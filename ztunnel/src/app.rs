@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminInputs};
 use crate::config::Config;
-use crate::drain::Drain;
+use crate::drain::{Drain, Stopper};
 use crate::identity::SecretManager;
 use crate::metrics::Metrics;
 use crate::proxy::pool::{Pool, PoolConfig};
@@ -42,32 +42,19 @@ pub struct Running {
     pub manager: Arc<SecretManager>,
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
-    drain: Drain,
-    background: CancellationToken,
-    drain_timeout: Duration,
+    stopper: Stopper,
 }
 
 impl Running {
     /// Stops accepting, fails readiness, lets open connections finish (up to the drain
     /// timeout), then stops the background tasks and side ports. True if nothing was cut.
     pub async fn shutdown(self) -> bool {
-        tracing::info!(active = self.drain.active(), timeout = ?self.drain_timeout, "draining");
-        let clean = self.drain.drain(self.drain_timeout).await;
-        if clean {
-            tracing::info!("drained");
-        } else {
-            tracing::warn!(
-                left = self.drain.active(),
-                "drain timeout: closing the remaining connections"
-            );
-        }
-        self.background.cancel();
-        clean
+        self.stopper.stop().await
     }
 
     /// Connection tasks still running.
     pub fn active_connections(&self) -> usize {
-        self.drain.active()
+        self.stopper.drain.active()
     }
 }
 
@@ -264,9 +251,11 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         manager,
         metrics,
         pool,
-        drain,
-        background,
-        drain_timeout: cfg.drain_timeout,
+        stopper: Stopper {
+            drain,
+            background,
+            timeout: cfg.drain_timeout,
+        },
     })
 }
 

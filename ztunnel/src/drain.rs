@@ -48,3 +48,30 @@ impl Drain {
             .is_ok()
     }
 }
+
+/// How a proxy stops: drain the connections (up to `timeout`), then cancel the background
+/// tasks and side ports.
+pub struct Stopper {
+    pub drain: Drain,
+    pub background: CancellationToken,
+    pub timeout: Duration,
+}
+
+impl Stopper {
+    /// Stops accepting, fails readiness, lets open connections finish (up to the timeout),
+    /// then stops the background work. True if nothing was cut.
+    pub async fn stop(self) -> bool {
+        tracing::info!(active = self.drain.active(), timeout = ?self.timeout, "draining");
+        let clean = self.drain.drain(self.timeout).await;
+        if clean {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(
+                left = self.drain.active(),
+                "drain timeout: closing the remaining connections"
+            );
+        }
+        self.background.cancel();
+        clean
+    }
+}

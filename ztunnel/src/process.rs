@@ -1,7 +1,12 @@
 //! Process plumbing shared by the proxies of the system (ztunnel, the waypoint): logging, the
-//! two runtimes, signals.
+//! two runtimes, signals, the exit status.
 
+use std::future::Future;
 use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
 
 use tracing_subscriber::EnvFilter;
 
@@ -52,4 +57,44 @@ pub async fn wait_for_signal() -> std::io::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
     Ok(())
+}
+
+/// Runs a proxy: `start` on the data-plane runtime (given the side runtime's handle), then at
+/// SIGTERM/SIGINT `stop` (its drain). True when the drain cut nothing.
+pub fn run_until_signal<R, S, SF, D, DF>(
+    name: &str,
+    workers: usize,
+    start: S,
+    stop: D,
+) -> anyhow::Result<bool>
+where
+    S: FnOnce(Handle) -> SF,
+    SF: Future<Output = anyhow::Result<R>>,
+    D: FnOnce(R) -> DF,
+    DF: Future<Output = bool>,
+{
+    let (side, dataplane) = runtimes(name, workers)?;
+    let side_handle = side.handle().clone();
+    let clean = dataplane.block_on(async move {
+        let running = start(side_handle).await?;
+        wait_for_signal().await?;
+        anyhow::Ok(stop(running).await)
+    })?;
+    dataplane.shutdown_timeout(Duration::from_millis(100));
+    side.shutdown_timeout(Duration::from_millis(100));
+    Ok(clean)
+}
+
+/// The exit status: 0 after a clean drain, 2 when the drain cut connections, 1 on an error
+/// (logged and printed).
+pub fn exit_code(name: &str, r: anyhow::Result<bool>) -> ExitCode {
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -246,16 +246,33 @@ pub fn authorize<'p>(
     policies: impl IntoIterator<Item = &'p Policy>,
     c: &Connection,
 ) -> Result<(), Denied> {
+    decide(
+        policies,
+        |p| p.action == PolicyAction::Deny,
+        |p| p.matches(c),
+        |p| p.key(),
+    )
+}
+
+/// Istio's decision over the policies that apply, shared by ztunnel (L4) and the waypoint
+/// (L7): a matching DENY refuses (naming it by `key`); then, if any ALLOW applies, one must
+/// match.
+pub fn decide<P>(
+    policies: impl IntoIterator<Item = P>,
+    is_deny: impl Fn(&P) -> bool,
+    matches: impl Fn(&P) -> bool,
+    key: impl Fn(&P) -> String,
+) -> Result<(), Denied> {
     let mut allows = 0usize;
     let mut allowed = false;
     for p in policies {
-        match p.action {
-            PolicyAction::Deny if p.matches(c) => return Err(Denied::DenyPolicy(p.key())),
-            PolicyAction::Deny => {}
-            PolicyAction::Allow => {
-                allows += 1;
-                allowed = allowed || p.matches(c);
+        if is_deny(&p) {
+            if matches(&p) {
+                return Err(Denied::DenyPolicy(key(&p)));
             }
+        } else {
+            allows += 1;
+            allowed = allowed || matches(&p);
         }
     }
     if allows > 0 && !allowed {

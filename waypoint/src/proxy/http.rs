@@ -34,7 +34,7 @@ use ztunnel::state::{Service, Workload};
 use super::body::{self, Body, Tracked};
 use super::upstream::{Endpoint, Proto, UpstreamError};
 use super::{Downstream, Inputs};
-use crate::authz::{self, Attrs, HttpAttrs};
+use crate::authz::{self, HttpAttrs};
 use crate::metrics::{RequestFacts, RequestLabels};
 use crate::route::{
     host_without_port, Chosen, RedirectSpec, RequestView, RetryPolicy, RouteFilter,
@@ -398,23 +398,13 @@ async fn handle(
     };
 
     // 1. Authorization.
-    let (ns, name) = match &requested {
-        Target::Service(s, _) => (s.namespace.as_str(), s.name.as_str()),
-        Target::Workload(w, _) => (w.namespace.as_str(), ""),
-    };
-    let attrs = Attrs {
-        principal: Some(&down.identity),
-        source_ip: down.src.ip(),
-        remote_ip: down.peer.ip(),
-        destination_ip: down.authority.ip(),
-        destination_port: down.authority.port(),
-        http: Some(HttpAttrs {
-            host: &host,
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            headers: &parts.headers,
-        }),
-    };
+    let (ns, name) = down.target_names();
+    let attrs = down.attrs(Some(HttpAttrs {
+        host: &host,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    }));
     if let Err(denied) = authz::authorize(st.policies_for(ns, name), &attrs) {
         return ex.local(
             StatusCode::FORBIDDEN,

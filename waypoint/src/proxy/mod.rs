@@ -52,3 +52,29 @@ pub struct Downstream {
     pub authority: SocketAddr,
     pub dest: Destination,
 }
+
+impl Downstream {
+    /// What authorization looks at for this tunnel (`http`: the request, None at L4).
+    pub fn attrs<'a>(
+        &'a self,
+        http: Option<crate::authz::HttpAttrs<'a>>,
+    ) -> crate::authz::Attrs<'a> {
+        crate::authz::Attrs {
+            principal: Some(&self.identity),
+            source_ip: self.src.ip(),
+            remote_ip: self.peer.ip(),
+            destination_ip: self.authority.ip(),
+            destination_port: self.authority.port(),
+            http,
+        }
+    }
+
+    /// The namespace and name of what was asked for, as policies name it (a workload has no
+    /// service name).
+    pub fn target_names(&self) -> (&str, &str) {
+        match &self.dest {
+            Destination::Service(s, _) => (&s.namespace, &s.name),
+            Destination::Workload(w, _) => (&w.namespace, ""),
+        }
+    }
+}

@@ -14,10 +14,10 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use ztunnel::config::AppProtocol;
 use ztunnel::identity::Identity;
-use ztunnel::proxy::h2::{server_builder, H2Io, H2Stream};
+use ztunnel::proxy::accept::{accept_hbone, accept_loop};
+use ztunnel::proxy::h2::{H2Io, H2Stream};
 use ztunnel::proxy::{forwarded_for, inbound::original_source, Error};
 
 use super::upstream::Proto;
@@ -25,27 +25,22 @@ use super::{Downstream, Inputs};
 use crate::state::Destination;
 
 pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
-    let stop = pi.drain.signal();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HBONE accept");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+    let p = pi.clone();
+    accept_loop(
+        listener,
+        pi.drain.clone(),
+        "HBONE",
+        |tcp| tcp.local_addr().ok(),
+        move |tcp, peer, _| {
+            let pi = p.clone();
+            async move {
+                if let Err(e) = serve_connection(pi, tcp, peer).await {
+                    tracing::warn!(%peer, error = %e, "HBONE connection refused");
                 }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let pi2 = pi.clone();
-        pi.drain.spawn(async move {
-            if let Err(e) = serve_connection(pi2, tcp, peer).await {
-                tracing::warn!(%peer, error = %e, "HBONE connection refused");
             }
-        });
-    }
+        },
+    )
+    .await
 }
 
 async fn serve_connection(
@@ -58,44 +53,15 @@ async fn serve_connection(
         .tls
         .server_config(&me)
         .map_err(|e| Error::Tls(std::io::Error::other(e)))?;
-    let tls = tokio::time::timeout(
-        pi.cfg.connect_timeout,
-        TlsAcceptor::from(cfg).accept(ztunnel::socket::BufIo::new(tcp)),
-    )
-    .await
-    .map_err(|_| Error::Timeout("TLS handshake"))?
-    .map_err(Error::Tls)?;
-    let (_, conn) = tls.get_ref();
-    if conn.alpn_protocol() != Some(ztunnel::tls::ALPN_H2) {
-        return Err(Error::BadRequest("ALPN h2 not negotiated".into()));
-    }
-    let identity = ztunnel::tls::peer_identity(conn)
-        .ok_or_else(|| Error::Tls(std::io::Error::other("no peer identity")))?;
-    let mut h2 = server_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(Error::H2)?;
-    let stop = pi.drain.signal();
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            next = h2.accept() => match next {
-                Some(Ok((req, respond))) => {
-                    let (pi, identity) = (pi.clone(), identity.clone());
-                    pi.drain.clone().spawn(async move { serve_stream(pi, peer, identity, req, respond).await });
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "HBONE connection ended");
-                    return Ok(());
-                }
-                None => return Ok(()),
-            },
-            _ = stop.cancelled(), if !draining => {
-                draining = true;
-                h2.graceful_shutdown();
-            }
-        }
-    }
+    let hbone = accept_hbone(tcp, cfg, pi.cfg.connect_timeout).await?;
+    let identity = hbone.peer_identity.clone();
+    let drain = pi.drain.clone();
+    hbone
+        .serve_streams(&drain, peer, move |req, respond| {
+            serve_stream(pi.clone(), peer, identity.clone(), req, respond)
+        })
+        .await;
+    Ok(())
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {

@@ -9,7 +9,7 @@ use ztunnel::proxy::ConnLog;
 
 use super::upstream::Endpoint;
 use super::{Downstream, Inputs};
-use crate::authz::{self, Attrs};
+use crate::authz;
 use crate::state::Destination;
 
 pub async fn relay(pi: Arc<Inputs>, down: Arc<Downstream>, mut io: H2Io) {
@@ -20,19 +20,9 @@ pub async fn relay(pi: Arc<Inputs>, down: Arc<Downstream>, mut io: H2Io) {
     log.mtls = true;
     log.src_identity = Some(down.identity.clone());
     log.src_workload = st.mesh.workload_by_ip(down.src.ip()).cloned();
-    let (ns, name) = match &down.dest {
-        Destination::Service(s, _) => (s.namespace.clone(), s.name.clone()),
-        Destination::Workload(w, _) => (w.namespace.clone(), String::new()),
-    };
-    let attrs = Attrs {
-        principal: Some(&down.identity),
-        source_ip: down.src.ip(),
-        remote_ip: down.peer.ip(),
-        destination_ip: down.authority.ip(),
-        destination_port: down.authority.port(),
-        http: None,
-    };
-    if let Err(denied) = authz::authorize(st.policies_for(&ns, &name), &attrs) {
+    let (ns, name) = down.target_names();
+    let attrs = down.attrs(None);
+    if let Err(denied) = authz::authorize(st.policies_for(ns, name), &attrs) {
         io.reset();
         log.finish(&pi.metrics, 0, 0, Err(denied.to_string()));
         return;

@@ -14,9 +14,8 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
-use super::h2::{relay_h2, server_builder, H2Stream, Sent};
+use super::h2::{relay_h2, H2Stream, Sent};
 use super::{forwarded_for, ConnLog, Error, Inputs};
 use crate::identity::Identity;
 use crate::rbac;
@@ -24,27 +23,15 @@ use crate::socket;
 use crate::state::{State, Workload};
 
 pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
-    let stop = pi.drain.signal();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let Ok(dialed) = tcp.local_addr() else {
-            continue;
-        };
-        let pi2 = pi.clone();
-        pi.drain
-            .spawn(async move { serve_dialed(pi2, tcp, peer, dialed).await });
-    }
+    let p = pi.clone();
+    super::accept::accept_loop(
+        listener,
+        pi.drain.clone(),
+        "inbound",
+        |tcp| tcp.local_addr().ok(),
+        move |tcp, peer, dialed| serve_dialed(p.clone(), tcp, peer, dialed),
+    )
+    .await
 }
 
 /// One connection to `dialed` (under TPROXY: the pod's `ip:15008`). A waypoint terminates
@@ -118,49 +105,19 @@ async fn serve_connection(
         .tls
         .server_config(&served)
         .map_err(|e| Error::Tls(std::io::Error::other(e)))?;
-    let tls = tokio::time::timeout(
-        pi.cfg.connect_timeout,
-        TlsAcceptor::from(cfg).accept(socket::BufIo::new(tcp)),
-    )
-    .await
-    .map_err(|_| Error::Timeout("TLS handshake"))?
-    .map_err(Error::Tls)?;
-    let (_, conn) = tls.get_ref();
-    if conn.alpn_protocol() != Some(crate::tls::ALPN_H2) {
-        return Err(Error::BadRequest("ALPN h2 not negotiated".into()));
-    }
-    let peer_identity = crate::tls::peer_identity(conn)
-        .ok_or_else(|| Error::Tls(std::io::Error::other("no peer identity")))?;
+    let hbone = super::accept::accept_hbone(tcp, cfg, pi.cfg.connect_timeout).await?;
     let tunnel = Arc::new(Tunnel {
         peer,
-        peer_identity,
+        peer_identity: hbone.peer_identity.clone(),
         served,
     });
-    let mut h2 = server_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(Error::H2)?;
-    let stop = pi.drain.signal();
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            next = h2.accept() => match next {
-                Some(Ok((req, respond))) => {
-                    let (pi, tunnel) = (pi.clone(), tunnel.clone());
-                    pi.drain.clone().spawn(async move { serve_stream(pi, tunnel, req, respond).await });
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "inbound HBONE connection ended");
-                    return Ok(());
-                }
-                None => return Ok(()),
-            },
-            _ = stop.cancelled(), if !draining => {
-                draining = true;
-                h2.graceful_shutdown();
-            }
-        }
-    }
+    let drain = pi.drain.clone();
+    hbone
+        .serve_streams(&drain, peer, move |req, respond| {
+            serve_stream(pi.clone(), tunnel.clone(), req, respond)
+        })
+        .await;
+    Ok(())
 }
 
 fn respond_error(respond: &mut SendResponse<Bytes>, status: StatusCode) {

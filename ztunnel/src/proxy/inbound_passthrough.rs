@@ -13,31 +13,16 @@ use crate::rbac;
 use crate::socket;
 
 pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
-    let stop = pi.drain.signal();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound plaintext accept");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let dst = match pi.cfg.inbound_plaintext_orig_dst {
-            Some(d) => d,
-            None => match socket::orig_dst(&tcp) {
-                Ok(d) => d,
-                Err(_) => continue,
-            },
-        };
-        let pi2 = pi.clone();
-        pi.drain
-            .spawn(async move { handle(pi2, tcp, peer, dst).await });
-    }
+    let (p, fixed) = (pi.clone(), pi.cfg.inbound_plaintext_orig_dst);
+    super::accept::accept_loop(
+        listener,
+        pi.drain.clone(),
+        "inbound plaintext",
+        // Under TPROXY the original destination is the socket's local address.
+        move |tcp| fixed.or_else(|| socket::orig_dst(tcp).ok()),
+        move |tcp, peer, dst| handle(p.clone(), tcp, peer, dst),
+    )
+    .await
 }
 
 pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {

@@ -8,6 +8,7 @@
 //!
 //! Every connection ends in one access-log line (target `access`) and the Istio TCP metrics.
 
+pub mod accept;
 pub mod h2;
 pub mod inbound;
 pub mod inbound_passthrough;

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use ztunnel::app::{start, Running};
 use ztunnel::config::{CertSource, Config};
 use ztunnel::identity::{Ca, Identity};
-use ztunnel::proxy::h2::{client_builder, ConnectRequest, H2Stream};
+use ztunnel::proxy::h2::{ConnectRequest, H2Stream};
 
 pub fn init_log() {
     let _ = tracing_subscriber::fmt()
@@ -245,25 +245,8 @@ pub async fn hbone_client(
     let cert = ca
         .mint_workload_cert(client, start, life)
         .map_err(|e| e.to_string())?;
-    let cfg = ztunnel::tls::client_config(
-        roots,
-        vec![server.clone()],
-        Arc::new(ztunnel::tls::FixedCert(cert.certified.clone())),
-    )
-    .map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (send, conn) = client_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .map_err(|e| format!("h2: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let send =
+        ztunnel::client::connect(roots, cert.certified.clone(), vec![server.clone()], addr).await?;
     // The server may refuse our certificate only after the handshake completes on our side
     // (TLS 1.3 client auth): make a round trip (a CONNECT to nowhere: 400) before calling this
     // a success.
