@@ -45,6 +45,20 @@ impl PrevResult {
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad("prevResult.ips", "must be a list")),
         };
+        // An index must name an entry of `interfaces`: checked before anything is contacted.
+        for (i, ip) in ips.iter().enumerate() {
+            if let Some(n) = ip.interface {
+                if n >= interface_names.len() as u64 {
+                    return Err(bad(
+                        &format!("prevResult.ips[{i}].interface"),
+                        &format!(
+                            "index {n} is past the end of prevResult.interfaces ({} entries)",
+                            interface_names.len()
+                        ),
+                    ));
+                }
+            }
+        }
         decode_routes(obj)?;
         if let Some(dns) = field(obj, "dns") {
             if !dns.is_object() {
@@ -280,6 +294,7 @@ mod tests {
     fn decodes_1_0_shape_and_dedups() {
         let v = json!({
             "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p"}],
             "ips": [
                 {"address": "10.244.7.9/32", "gateway": "10.244.7.1", "interface": 0},
                 {"address": "10.244.7.9/32", "gateway": "10.244.7.1"}
@@ -325,6 +340,10 @@ mod tests {
             (
                 json!({"ips": [{"address": "10.0.0.1/24", "interface": -1}]}),
                 "prevResult.ips[0].interface",
+            ),
+            (
+                json!({"interfaces": [{"name": "eth0"}], "ips": [{"address": "10.0.0.1/24", "interface": 0}, {"address": "10.0.0.2/24", "interface": 1}]}),
+                "prevResult.ips[1].interface",
             ),
             (json!({"interfaces": {}}), "prevResult.interfaces"),
             (

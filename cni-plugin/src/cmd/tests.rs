@@ -342,6 +342,10 @@ fn add_with_wrong_prev_result_is_code_6() {
         json!({"ips": "10.0.0.1/24"}),
         json!({"ips": [{"address": "10.0.0.300/24"}]}),
         json!({"ips": [{"address": "10.0.0.3"}]}),
+        // An interface index past the end of `interfaces`: a decode error, not "agent
+        // unavailable" (no agent runs in this fixture: the input is judged first).
+        json!({"interfaces": [{"name": "eth0"}], "ips": [{"address": "10.0.0.3/24", "interface": 3}]}),
+        json!({"ips": [{"address": "10.0.0.3/24", "interface": 0}]}),
     ] {
         let out = execute(
             &env("ADD", &[]),
