@@ -3,7 +3,7 @@
 //! snapshot, swapped as a whole when the file changes (a bad file keeps the last good one).
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
@@ -59,8 +59,9 @@ impl WaypointState {
         &self.me.identity
     }
 
-    fn is_me(&self, addr: IpAddr) -> bool {
-        self.me.workload_ips.contains(&addr)
+    /// Is `wp` this waypoint (its address, or a waypoint service it is an endpoint of)?
+    fn is_me(&self, wp: &ztunnel::config::WaypointRef) -> bool {
+        self.mesh.is_waypoint_of(&self.me, wp)
     }
 
     /// Validates and indexes a parsed file. Errors name the field.
@@ -92,11 +93,14 @@ impl WaypointState {
                     ),
                 )
             })?;
-        let mine = |a: IpAddr| me.workload_ips.contains(&a);
         let served: BTreeSet<String> = mesh
             .services
             .iter()
-            .filter(|s| s.waypoint.as_ref().is_some_and(|w| mine(w.address)))
+            .filter(|s| {
+                s.waypoint
+                    .as_ref()
+                    .is_some_and(|w| mesh.is_waypoint_of(&me, w))
+            })
             .map(|s| s.key())
             .collect();
         let gateway = GatewayName {
@@ -143,7 +147,7 @@ impl WaypointState {
             return Ok(Destination::Service(svc.clone(), authority.port()));
         }
         match self.mesh.workload_by_ip(authority.ip()) {
-            Some(w) if w.waypoint.as_ref().is_some_and(|wp| self.is_me(wp.address)) => {
+            Some(w) if w.waypoint.as_ref().is_some_and(|wp| self.is_me(wp)) => {
                 Ok(Destination::Workload(w.clone(), authority.port()))
             }
             _ => Err(NotServed::Unknown(authority)),
@@ -167,7 +171,7 @@ impl WaypointState {
             "workload": self.me,
             "servedServices": self.served,
             "workloadsServed": self.mesh.workloads.iter()
-                .filter(|w| w.waypoint.as_ref().is_some_and(|wp| self.is_me(wp.address)))
+                .filter(|w| w.waypoint.as_ref().is_some_and(|wp| self.is_me(wp)))
                 .map(|w| w.uid.clone()).collect::<Vec<_>>(),
             "routes": self.routes,
             "policies": self.policies,

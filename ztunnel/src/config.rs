@@ -332,8 +332,9 @@ pub enum HealthStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WaypointRef {
-    /// The waypoint's workload IP (the waypoint must be a workload of this file: its identity is
-    /// what the tunnel verifies).
+    /// The waypoint's workload IP, or the VIP of the waypoint's service (a Gateway's Service:
+    /// a healthy endpoint of it is picked per connection). Either must be in the state: the
+    /// identity verified is the waypoint workload's (the picked endpoint's).
     pub address: IpAddr,
     #[serde(default = "default_hbone_port")]
     pub hbone_mtls_port: u16,

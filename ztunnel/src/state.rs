@@ -274,35 +274,89 @@ impl State {
                     ));
                 }
             }
+            st.by_key.insert(key, svc.clone());
+        }
+        // Waypoints: a workload address, or the VIP of a service whose endpoints are the
+        // waypoint's pods (a Gateway's Service: stable across waypoint pod restarts).
+        let mut waypoints = HashSet::new();
+        for (i, svc) in st.services.iter().enumerate() {
             if let Some(wp) = &svc.waypoint {
-                if !st.by_ip.contains_key(&wp.address) {
+                let field = format!("services[{i}].waypoint.address");
+                if svc.vips.contains(&wp.address) {
                     return Err(ConfigError::invalid(
-                        format!("services[{i}].waypoint.address"),
-                        format!("{} is not a workload address", wp.address),
+                        field,
+                        "a service cannot be its own waypoint",
                     ));
                 }
-                st.waypoints.insert(wp.address);
+                waypoints.extend(st.waypoint_addresses(wp, &field)?);
             }
-            st.by_key.insert(key, svc.clone());
         }
         for (i, w) in st.workloads.iter().enumerate() {
             if let Some(wp) = &w.waypoint {
-                if !st.by_ip.contains_key(&wp.address) {
+                let field = format!("workloads[{i}].waypoint.address");
+                let addrs = st.waypoint_addresses(wp, &field)?;
+                if w.workload_ips.iter().any(|ip| addrs.contains(ip)) {
                     return Err(ConfigError::invalid(
-                        format!("workloads[{i}].waypoint.address"),
-                        format!("{} is not a workload address", wp.address),
-                    ));
-                }
-                if w.workload_ips.contains(&wp.address) {
-                    return Err(ConfigError::invalid(
-                        format!("workloads[{i}].waypoint.address"),
+                        field,
                         "a waypoint cannot be its own waypoint",
                     ));
                 }
-                st.waypoints.insert(wp.address);
+                waypoints.extend(addrs);
             }
         }
+        st.waypoints = waypoints;
         Ok(st)
+    }
+
+    /// The addresses that terminate a waypoint's HBONE: the workload's IPs, or those of every
+    /// endpoint of the waypoint's service. Neither a workload nor a VIP: an error for `field`.
+    fn waypoint_addresses(
+        &self,
+        wp: &WaypointRef,
+        field: &str,
+    ) -> Result<Vec<IpAddr>, ConfigError> {
+        if self.by_ip.contains_key(&wp.address) {
+            return Ok(vec![wp.address]);
+        }
+        match self.by_vip.get(&wp.address) {
+            Some(svc) => Ok(self
+                .endpoints(svc)
+                .iter()
+                .flat_map(|w| w.workload_ips.iter().copied())
+                .collect()),
+            None => Err(ConfigError::invalid(
+                field,
+                format!(
+                    "{} is neither a workload address nor a service VIP",
+                    wp.address
+                ),
+            )),
+        }
+    }
+
+    /// The workloads that are `wp`: the workload at its address, or the endpoints of the
+    /// service whose VIP it is (healthy or not).
+    pub fn waypoint_workloads(&self, wp: &WaypointRef) -> &[Arc<Workload>] {
+        if let Some(w) = self.by_ip.get(&wp.address) {
+            return std::slice::from_ref(w);
+        }
+        match self.by_vip.get(&wp.address) {
+            Some(svc) => self.endpoints(svc),
+            None => &[],
+        }
+    }
+
+    /// The service whose VIP `wp` names, when it is a service waypoint.
+    pub fn waypoint_service(&self, wp: &WaypointRef) -> Option<&Arc<Service>> {
+        self.by_vip.get(&wp.address)
+    }
+
+    /// Is `w` (one of) the waypoint `wp`?
+    pub fn is_waypoint_of(&self, w: &Workload, wp: &WaypointRef) -> bool {
+        w.workload_ips.contains(&wp.address)
+            || self
+                .waypoint_service(wp)
+                .is_some_and(|_| self.waypoint_workloads(wp).iter().any(|e| e.uid == w.uid))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -323,18 +377,20 @@ impl State {
         self.by_key.get(key)
     }
 
-    /// Is `ip` a waypoint's address (a workload that terminates HBONE itself)?
+    /// Is `ip` a waypoint's address (a workload that terminates HBONE itself: a waypoint
+    /// workload, or an endpoint of a waypoint service)?
     pub fn is_waypoint(&self, ip: IpAddr) -> bool {
         self.waypoints.contains(&ip)
     }
 
     /// The identities a connection to `wl` for `target_port` must come from when it is
     /// behind a waypoint: its own waypoint's, and those of the waypoints of its services whose
-    /// target port this is. Empty: not behind a waypoint.
+    /// target port this is (for a waypoint service: every endpoint's). Empty: not behind a
+    /// waypoint.
     pub fn required_waypoints(&self, wl: &Workload, target_port: u16) -> Vec<Identity> {
         let mut ids = Vec::new();
         let mut add = |wp: &WaypointRef| {
-            if let Some(w) = self.by_ip.get(&wp.address) {
+            for w in self.waypoint_workloads(wp) {
                 if !ids.contains(&w.identity) {
                     ids.push(w.identity.clone());
                 }

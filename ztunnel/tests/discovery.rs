@@ -619,3 +619,117 @@ async fn a_policy_file_with_workloads_is_refused_under_kube() {
         "{full}"
     );
 }
+
+/// The waypoint `demo/waypoint`: its Gateway's Service (label `gateway-name`) and one pod.
+fn waypoint_objects(f: &FakeApiServer, name: &str, vip: &str, pod_ip: &str) {
+    let labels = json!({"metadata": {"labels": {"gateway.networking.k8s.io/gateway-name": name}}});
+    f.put(pod(
+        "demo",
+        &format!("{name}-0"),
+        "node-b",
+        pod_ip,
+        json!({"metadata": {"labels": {"gateway.networking.k8s.io/gateway-name": name}},
+               "spec": {"serviceAccountName": name}}),
+    ));
+    let mut svc = service("demo", name, vip, &[("mesh", 15008, json!(15008))]);
+    fake_apiserver::merge_patch(&mut svc, &labels);
+    f.put(svc);
+    f.put(endpoint_slice(
+        "demo",
+        &format!("{name}-x"),
+        name,
+        &[("mesh", 15008)],
+        &[(pod_ip, true, Some(&format!("{name}-0")))],
+    ));
+}
+
+fn waypoint_address(st: &State, what: &str) -> Option<String> {
+    let wp = match st.service_by_vip(ip(what)) {
+        Some(s) => s.waypoint.clone(),
+        None => workload(st, what)?.waypoint.clone(),
+    };
+    wp.map(|w| w.address.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_waypoint_labels_bind_services_and_pods() {
+    let h = Harness::start().await;
+    let f = &h.fake;
+    waypoint_objects(f, "waypoint", "10.96.0.90", "10.1.1.9");
+    waypoint_objects(f, "other", "10.96.0.91", "10.1.1.8");
+    // The namespace binds every service and pod of it (not the waypoints themselves).
+    f.label_namespace("demo", "istio.io/use-waypoint", Some("waypoint"));
+    h.until("namespace bound", |st| {
+        waypoint_address(st, "10.96.0.10").as_deref() == Some("10.96.0.90")
+            && waypoint_address(st, "10.1.1.1").as_deref() == Some("10.96.0.90")
+    })
+    .await;
+    let st = h.get();
+    assert_eq!(waypoint_address(&st, "10.1.1.9"), None, "the waypoint pod");
+    assert_eq!(
+        waypoint_address(&st, "10.96.0.90"),
+        None,
+        "the waypoint's Service"
+    );
+    assert!(st.is_waypoint(ip("10.1.1.9")));
+    // ztunnel sends the VIP's traffic to the waypoint's pod, with the VIP as authority.
+    match route_from_sleep(&st, "10.96.0.10:80").unwrap() {
+        Route::Hbone {
+            tunnel,
+            authority,
+            waypoint: true,
+            identities,
+            ..
+        } => {
+            assert_eq!(tunnel, "10.1.1.9:15008".parse::<SocketAddr>().unwrap());
+            assert_eq!(authority, "10.96.0.10:80".parse::<SocketAddr>().unwrap());
+            assert_eq!(
+                identities[0].to_string(),
+                "spiffe://cluster.local/ns/demo/sa/waypoint"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A service label (another waypoint) and a pod's `none` override the namespace.
+    f.update(Kind::Service, "demo", "echo", |o| {
+        o["metadata"]["labels"] = json!({"istio.io/use-waypoint": "other"});
+    });
+    f.update(Kind::Pod, "demo", "echo-0", |o| {
+        o["metadata"]["labels"]["istio.io/use-waypoint"] = json!("none");
+    });
+    h.until("overrides", |st| {
+        waypoint_address(st, "10.96.0.10").as_deref() == Some("10.96.0.91")
+            && waypoint_address(st, "10.1.1.1").is_none()
+            && waypoint_address(st, "10.1.1.2").as_deref() == Some("10.96.0.90")
+    })
+    .await;
+    // The other waypoint's Service goes away: its binding is unresolved (a note), the echo
+    // service has no waypoint rather than a broken one.
+    f.delete(Kind::Service, "demo", "other");
+    h.until("unresolved", |st| {
+        waypoint_address(st, "10.96.0.10").is_none()
+    })
+    .await;
+    let notes = h.status()["notes"].to_string();
+    assert!(
+        notes.contains("waypoint demo/other (istio.io/use-waypoint of service demo/echo)"),
+        "{notes}"
+    );
+    // `none` on the service opts out of the namespace's waypoint too; unlabelling the
+    // namespace releases the rest.
+    f.update(Kind::Service, "demo", "echo", |o| {
+        o["metadata"]["labels"] = json!({"istio.io/use-waypoint": "none"});
+    });
+    f.label_namespace("demo", "istio.io/use-waypoint", None);
+    h.until("released", |st| {
+        waypoint_address(st, "10.96.0.10").is_none() && waypoint_address(st, "10.1.1.2").is_none()
+    })
+    .await;
+    assert!(matches!(
+        route_from_sleep(&h.get(), "10.96.0.10:80").unwrap(),
+        Route::Hbone {
+            waypoint: false,
+            ..
+        }
+    ));
+}

@@ -25,13 +25,20 @@
 //!   workload (a selector-less service such as `default/kubernetes`, or a pod not seen yet) is
 //!   left out entirely: its VIP stays unknown to ztunnel, so connections to it pass through to
 //!   kube-proxy instead of being balanced over part of its endpoints.
+//! * **Waypoints**: `istio.io/use-waypoint: <name>` (and `istio.io/use-waypoint-namespace`) on a
+//!   Service or a pod, else on its namespace, names the waypoint's Service `<namespace>/<name>`
+//!   (the Service of the waypoint's Gateway); its ClusterIP becomes `waypoint.address`, so
+//!   ztunnel sends the traffic to a ready waypoint pod. `none` on the Service or pod opts out of
+//!   the namespace's. The waypoint's own pods and Service (label
+//!   `gateway.networking.k8s.io/gateway-name`) never use one. A waypoint that is no built
+//!   service with a VIP binds nothing (a note says so): traffic goes as without it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::config::{HealthStatus, LocalService, LocalWorkload, Protocol};
+use crate::config::{HealthStatus, LocalService, LocalWorkload, Protocol, WaypointRef};
 
-use super::facts::{Key, NsFacts, PodFacts, Store, TargetPort};
+use super::facts::{Key, NsFacts, PodFacts, Store, TargetPort, UseWaypoint};
 
 /// The settings the rules above read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,7 +238,118 @@ pub fn build(store: &Store, params: &Params) -> Discovered {
             app_protocols: Default::default(),
         });
     }
+    bind_waypoints(store, &by_pod, &mut out);
     out
+}
+
+/// The waypoint a pod or service uses: its own label, else its namespace's; `none` at the
+/// more specific level opts out. A waypoint's own pods and Service use none.
+fn binding<'a>(
+    own: Option<&'a UseWaypoint>,
+    ns: Option<&'a NsFacts>,
+) -> Option<(&'a str, &'a str)> {
+    match own.or(ns.and_then(|n| n.use_waypoint.as_ref()))? {
+        UseWaypoint::OptOut => None,
+        UseWaypoint::Gateway { namespace, name } => Some((namespace, name)),
+    }
+}
+
+/// Sets `waypoint` on the bound services and workloads: `istio.io/use-waypoint: <name>` (+
+/// `istio.io/use-waypoint-namespace`) names the waypoint's Service `<namespace>/<name>` (the
+/// Service of its Gateway), whose ClusterIP becomes the address; ztunnel picks a healthy
+/// endpoint of it per connection. A waypoint that resolves to no built service with a VIP, or
+/// that would be its own waypoint, binds nothing: a note says so.
+fn bind_waypoints(store: &Store, by_pod: &HashMap<&Key, usize>, out: &mut Discovered) {
+    let ns_facts = |ns: &str| store.namespaces.get(&(String::new(), ns.to_string()));
+    let hbone = ambient_net::consts::port::INBOUND_HBONE;
+    // The waypoint services: (namespace, name) → (index, VIP).
+    let by_name: HashMap<(String, String), (usize, IpAddr)> = out
+        .services
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let vip = s.vips.first()?.parse().ok()?;
+            Some(((s.namespace.clone(), s.name.clone()), (i, vip)))
+        })
+        .collect();
+    let lookup = |ns: &str, name: &str| by_name.get(&(ns.to_string(), name.to_string())).copied();
+    let mut unresolved: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut bound_services: Vec<(usize, WaypointRef)> = Vec::new();
+    for (i, svc) in out.services.iter().enumerate() {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        let Some(facts) = store.services.get(&key) else {
+            continue;
+        };
+        if facts.waypoint {
+            continue;
+        }
+        let Some((wns, wname)) = binding(facts.use_waypoint.as_ref(), ns_facts(&svc.namespace))
+        else {
+            continue;
+        };
+        match lookup(wns, wname) {
+            Some((wi, vip)) if wi != i => bound_services.push((
+                i,
+                WaypointRef {
+                    address: vip,
+                    hbone_mtls_port: hbone,
+                },
+            )),
+            _ => unresolved
+                .entry(format!("{wns}/{wname}"))
+                .or_default()
+                .push(format!("service {}/{}", svc.namespace, svc.name)),
+        }
+    }
+    for (i, wp) in bound_services {
+        out.services[i].waypoint = Some(wp);
+    }
+    let mut pods: Vec<(&Key, usize)> = by_pod.iter().map(|(k, i)| (*k, *i)).collect();
+    pods.sort();
+    for (k, w) in pods {
+        let Some(facts) = store.pods.get(k) else {
+            continue;
+        };
+        if facts.waypoint {
+            continue;
+        }
+        let Some((wns, wname)) = binding(facts.use_waypoint.as_ref(), ns_facts(&k.0)) else {
+            continue;
+        };
+        let Some((wi, vip)) = lookup(wns, wname) else {
+            unresolved
+                .entry(format!("{wns}/{wname}"))
+                .or_default()
+                .push(format!("pod {}/{}", k.0, k.1));
+            continue;
+        };
+        // A pod that is itself an endpoint of that waypoint service is no client of it.
+        let wkey = format!(
+            "{}/{}",
+            out.services[wi].namespace, out.services[wi].hostname
+        );
+        if out.workloads[w].services.contains_key(&wkey) {
+            out.notes.push(format!(
+                "pod {}/{}: an endpoint of its own waypoint {wns}/{wname}; no waypoint",
+                k.0, k.1
+            ));
+            continue;
+        }
+        out.workloads[w].waypoint = Some(WaypointRef {
+            address: vip,
+            hbone_mtls_port: hbone,
+        });
+    }
+    for (wp, users) in unresolved {
+        let more = users.len().saturating_sub(3);
+        let mut list = users[..users.len().min(3)].join(", ");
+        if more > 0 {
+            list.push_str(&format!(" and {more} more"));
+        }
+        out.notes.push(format!(
+            "waypoint {wp} (istio.io/use-waypoint of {list}) is no Service with a ClusterIP and ready waypoint pods; those use no waypoint"
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +384,8 @@ mod tests {
             sidecar: false,
             finished: false,
             terminating: false,
+            use_waypoint: None,
+            waypoint: false,
         }
     }
 
@@ -273,6 +393,7 @@ mod tests {
         NsFacts {
             ambient,
             sidecar_injection: false,
+            use_waypoint: None,
         }
     }
 
@@ -288,6 +409,8 @@ mod tests {
                 })
                 .collect(),
             external_name: false,
+            use_waypoint: None,
+            waypoint: false,
         }
     }
 
@@ -525,6 +648,7 @@ mod tests {
             NsFacts {
                 ambient: true,
                 sidecar_injection: true,
+                use_waypoint: None,
             },
         );
         put(&mut s.pods, "injected", "p", pod("node-a", "10.0.0.21"));
@@ -534,5 +658,193 @@ mod tests {
         for uid in ["demo/sidecar", "injected/p", "unseen/p"] {
             assert_eq!(workload(&d, uid).protocol, Protocol::Tcp, "{uid}");
         }
+    }
+
+    fn uses(ns: &str, name: &str) -> Option<UseWaypoint> {
+        Some(UseWaypoint::Gateway {
+            namespace: ns.into(),
+            name: name.into(),
+        })
+    }
+
+    /// The store plus a waypoint `demo/waypoint` (pod wp-0 behind Service `waypoint`).
+    fn with_waypoint() -> Store {
+        let mut s = store();
+        let mut wp = pod("node-b", "10.0.1.9");
+        wp.service_account = "waypoint".into();
+        wp.waypoint = true;
+        put(&mut s.pods, "demo", "wp-0", wp);
+        let mut svc = svc("10.96.0.99", &[("mesh", 15008, TargetPort::Number(15008))]);
+        svc.waypoint = true;
+        put(&mut s.services, "demo", "waypoint", svc);
+        put(
+            &mut s.slices,
+            "demo",
+            "waypoint-1",
+            slice(
+                "waypoint",
+                &[("mesh", 15008)],
+                &[("10.0.1.9", true, Some("wp-0"))],
+            ),
+        );
+        s
+    }
+
+    fn waypoint_of(d: &Discovered, uid: &str) -> Option<String> {
+        workload(d, uid)
+            .waypoint
+            .as_ref()
+            .map(|w| w.address.to_string())
+    }
+
+    fn service_waypoint(d: &Discovered, name: &str) -> Option<String> {
+        d.services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+            .waypoint
+            .as_ref()
+            .map(|w| w.address.to_string())
+    }
+
+    fn state_accepts(d: Discovered) -> crate::state::State {
+        let cfg = crate::config::LocalConfig {
+            workloads: d.workloads,
+            services: d.services,
+            policies: vec![],
+        };
+        crate::state::State::build(&cfg, "cluster.local", "node-a").unwrap()
+    }
+
+    #[test]
+    fn a_namespace_label_binds_its_services_and_pods_to_the_waypoint_service() {
+        let mut s = with_waypoint();
+        s.namespaces
+            .items
+            .get_mut(&key("", "demo"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("demo", "waypoint");
+        let d = build(&s, &params());
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        assert_eq!(service_waypoint(&d, "echo").as_deref(), Some("10.96.0.99"));
+        assert_eq!(
+            waypoint_of(&d, "demo/echo-0").as_deref(),
+            Some("10.96.0.99")
+        );
+        assert_eq!(waypoint_of(&d, "demo/sleep").as_deref(), Some("10.96.0.99"));
+        // The waypoint itself and its Service: never; other namespaces: not bound.
+        assert_eq!(waypoint_of(&d, "demo/wp-0"), None);
+        assert_eq!(service_waypoint(&d, "waypoint"), None);
+        assert_eq!(waypoint_of(&d, "legacy/old"), None);
+        let st = state_accepts(d);
+        assert!(st.is_waypoint("10.0.1.9".parse().unwrap()));
+        let echo = st.workload_by_ip("10.0.1.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            st.required_waypoints(echo, 8080)[0].to_string(),
+            "spiffe://cluster.local/ns/demo/sa/waypoint"
+        );
+    }
+
+    #[test]
+    fn service_and_pod_labels_override_the_namespace_and_none_opts_out() {
+        let mut s = with_waypoint();
+        // Another waypoint in another namespace.
+        let mut wp = pod("node-a", "10.0.0.99");
+        wp.waypoint = true;
+        put(&mut s.pods, "infra", "other-0", wp);
+        let mut osvc = svc("10.96.1.99", &[("mesh", 15008, TargetPort::Number(15008))]);
+        osvc.waypoint = true;
+        put(&mut s.services, "infra", "other", osvc);
+        put(
+            &mut s.slices,
+            "infra",
+            "other-1",
+            slice("other", &[], &[("10.0.0.99", true, None)]),
+        );
+        s.namespaces
+            .items
+            .get_mut(&key("", "demo"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("demo", "waypoint");
+        // The service names the other waypoint (use-waypoint-namespace), a pod opts out.
+        s.services
+            .items
+            .get_mut(&key("demo", "echo"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("infra", "other");
+        s.pods
+            .items
+            .get_mut(&key("demo", "echo-0"))
+            .unwrap()
+            .1
+            .use_waypoint = Some(UseWaypoint::OptOut);
+        // A pod of a namespace without the label binds itself.
+        s.pods
+            .items
+            .get_mut(&key("legacy", "old"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("demo", "waypoint");
+        let d = build(&s, &params());
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        assert_eq!(service_waypoint(&d, "echo").as_deref(), Some("10.96.1.99"));
+        assert_eq!(waypoint_of(&d, "demo/echo-0"), None);
+        assert_eq!(
+            waypoint_of(&d, "demo/echo-1").as_deref(),
+            Some("10.96.0.99")
+        );
+        assert_eq!(waypoint_of(&d, "legacy/old").as_deref(), Some("10.96.0.99"));
+        // `none` on the service: not even the namespace's.
+        s.services
+            .items
+            .get_mut(&key("demo", "echo"))
+            .unwrap()
+            .1
+            .use_waypoint = Some(UseWaypoint::OptOut);
+        let d = build(&s, &params());
+        assert_eq!(service_waypoint(&d, "echo"), None);
+        state_accepts(d);
+    }
+
+    #[test]
+    fn an_unresolved_waypoint_binds_nothing_and_says_so() {
+        let mut s = store();
+        s.namespaces
+            .items
+            .get_mut(&key("", "demo"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("demo", "missing");
+        let d = build(&s, &params());
+        assert_eq!(service_waypoint(&d, "echo"), None);
+        assert!(d.workloads.iter().all(|w| w.waypoint.is_none()));
+        assert_eq!(d.notes.len(), 1, "{:?}", d.notes);
+        assert!(
+            d.notes[0].starts_with("waypoint demo/missing (istio.io/use-waypoint of service demo/echo, pod demo/echo-0, pod demo/echo-1 and 1 more)"),
+            "{:?}",
+            d.notes
+        );
+        // A waypoint Service whose pods are unknown is left out, so unresolved too.
+        let mut s = with_waypoint();
+        s.pods.items.remove(&key("demo", "wp-0"));
+        s.namespaces
+            .items
+            .get_mut(&key("", "demo"))
+            .unwrap()
+            .1
+            .use_waypoint = uses("demo", "waypoint");
+        let d = build(&s, &params());
+        assert_eq!(service_waypoint(&d, "echo"), None);
+        assert!(
+            d.notes
+                .iter()
+                .any(|n| n.starts_with("waypoint demo/waypoint")),
+            "{:?}",
+            d.notes
+        );
+        state_accepts(d);
     }
 }

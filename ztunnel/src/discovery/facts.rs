@@ -23,6 +23,49 @@ pub const SIDECAR_CONTAINER: &str = "istio-proxy";
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// The label naming an EndpointSlice's service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// On a Service, a namespace or a pod: the waypoint (its Gateway's name) its traffic goes
+/// through; `none` opts out of a less specific binding.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Next to [`USE_WAYPOINT_LABEL`]: the waypoint's namespace (default: the object's own).
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint's pods and Service: the Gateway they implement. Waypoints use no waypoint.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What an object's `istio.io/use-waypoint` labels say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UseWaypoint {
+    /// `istio.io/use-waypoint: none`: no waypoint, whatever a less specific level says.
+    OptOut,
+    /// The waypoint `<namespace>/<name>` (namespace from `istio.io/use-waypoint-namespace`,
+    /// else the object's own).
+    Gateway { namespace: String, name: String },
+}
+
+impl UseWaypoint {
+    /// From the labels of an object in `namespace` (a namespace's own name for namespaces).
+    pub fn from_labels(
+        labels: Option<&BTreeMap<String, String>>,
+        namespace: &str,
+    ) -> Option<UseWaypoint> {
+        let labels = labels?;
+        let name = labels.get(USE_WAYPOINT_LABEL)?.trim();
+        if name.is_empty() {
+            return None;
+        }
+        if name == "none" {
+            return Some(UseWaypoint::OptOut);
+        }
+        let namespace = labels
+            .get(USE_WAYPOINT_NAMESPACE_LABEL)
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(namespace);
+        Some(UseWaypoint::Gateway {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NsFacts {
@@ -30,6 +73,8 @@ pub struct NsFacts {
     pub ambient: bool,
     /// `istio-injection=enabled` or an `istio.io/rev` label.
     pub sidecar_injection: bool,
+    /// `istio.io/use-waypoint` on the namespace: its services and pods.
+    pub use_waypoint: Option<UseWaypoint>,
 }
 
 impl NsFacts {
@@ -40,6 +85,10 @@ impl NsFacts {
             ambient: label(NAMESPACE_LABEL) == Some(NAMESPACE_LABEL_VALUE),
             sidecar_injection: label(INJECTION_LABEL) == Some("enabled")
                 || label(REVISION_LABEL).is_some(),
+            use_waypoint: UseWaypoint::from_labels(
+                labels,
+                ns.metadata.name.as_deref().unwrap_or_default(),
+            ),
         }
     }
 }
@@ -60,6 +109,10 @@ pub struct PodFacts {
     pub finished: bool,
     /// `metadata.deletionTimestamp` is set (still running, shutting down).
     pub terminating: bool,
+    /// `istio.io/use-waypoint` on the pod.
+    pub use_waypoint: Option<UseWaypoint>,
+    /// A waypoint's own pod (`gateway.networking.k8s.io/gateway-name`): never behind one.
+    pub waypoint: bool,
 }
 
 impl PodFacts {
@@ -111,6 +164,14 @@ impl PodFacts {
                     .is_some_and(|l| l.contains_key(REVISION_LABEL)),
             finished: matches!(phase, Some("Succeeded" | "Failed")),
             terminating: m.deletion_timestamp.is_some(),
+            use_waypoint: UseWaypoint::from_labels(
+                m.labels.as_ref(),
+                m.namespace.as_deref().unwrap_or_default(),
+            ),
+            waypoint: m
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL)),
         }
     }
 }
@@ -139,6 +200,10 @@ pub struct ServiceFacts {
     pub ports: Vec<ServicePortFacts>,
     /// `type: ExternalName`: a DNS alias, nothing to balance.
     pub external_name: bool,
+    /// `istio.io/use-waypoint` on the service.
+    pub use_waypoint: Option<UseWaypoint>,
+    /// A waypoint's own Service (`gateway.networking.k8s.io/gateway-name`): never behind one.
+    pub waypoint: bool,
 }
 
 impl ServiceFacts {
@@ -185,6 +250,15 @@ impl ServiceFacts {
             vips,
             ports,
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            use_waypoint: UseWaypoint::from_labels(
+                svc.metadata.labels.as_ref(),
+                svc.metadata.namespace.as_deref().unwrap_or_default(),
+            ),
+            waypoint: svc
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL)),
         }
     }
 }

@@ -84,8 +84,8 @@ pub fn route(
     if let Some(svc) = state.service_by_vip(dst.ip()) {
         let key = svc.key();
         if let Some(wp) = &svc.waypoint {
-            if !is_waypoint(src, wp) {
-                return via_waypoint(state, wp, dst, Some(key));
+            if !state.is_waypoint_of(src, wp) {
+                return via_waypoint(state, wp, dst, Some(key), rng);
             }
         }
         if !svc.ports.is_empty() && !svc.ports.contains_key(&dst.port()) {
@@ -100,10 +100,10 @@ pub fn route(
             .ok_or_else(|| Error::NoHealthyEndpoint(key.clone()))?;
         let target = svc.endpoint_target(ep, dst.port(), dst.is_ipv4());
         let extra = &svc.subject_alt_names;
-        return to_workload(state, src, ep, target, Some(key), extra);
+        return to_workload(state, src, ep, target, Some(key), extra, rng);
     }
     if let Some(wl) = state.workload_by_ip(dst.ip()) {
-        return to_workload(state, src, wl, dst, None, &[]);
+        return to_workload(state, src, wl, dst, None, &[], rng);
     }
     Ok(Route::Passthrough {
         target: dst,
@@ -112,21 +112,36 @@ pub fn route(
     })
 }
 
-fn is_waypoint(src: &Workload, wp: &WaypointRef) -> bool {
-    src.workload_ips.contains(&wp.address)
-}
-
+/// To the waypoint `wp` with the original `authority`: a waypoint workload's address, or a
+/// healthy endpoint of a waypoint service (by capacity, as any service's), each verified by its
+/// own identity.
 fn via_waypoint(
     state: &State,
     wp: &WaypointRef,
     authority: SocketAddr,
     service: Option<String>,
+    rng: &mut fastrand::Rng,
 ) -> Result<Route, Error> {
-    let wl = state
-        .workload_by_ip(wp.address)
-        .ok_or(Error::UnknownWaypoint(wp.address))?;
+    let (wl, ip) = match state.waypoint_service(wp) {
+        Some(svc) => {
+            let ep = pick_endpoint(state.endpoints(svc), rng)
+                .ok_or_else(|| Error::NoHealthyEndpoint(svc.key()))?;
+            let ip = ep
+                .workload_ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == wp.address.is_ipv4())
+                .unwrap_or(&ep.workload_ips[0]);
+            (ep, *ip)
+        }
+        None => (
+            state
+                .workload_by_ip(wp.address)
+                .ok_or(Error::UnknownWaypoint(wp.address))?,
+            wp.address,
+        ),
+    };
     Ok(Route::Hbone {
-        tunnel: SocketAddr::new(wp.address, wp.hbone_mtls_port),
+        tunnel: SocketAddr::new(ip, wp.hbone_mtls_port),
         authority,
         identities: vec![wl.identity.clone()],
         workload: wl.clone(),
@@ -142,10 +157,11 @@ fn to_workload(
     target: SocketAddr,
     service: Option<String>,
     extra_sans: &[Identity],
+    rng: &mut fastrand::Rng,
 ) -> Result<Route, Error> {
     if let Some(wp) = &wl.waypoint {
-        if !is_waypoint(src, wp) {
-            return via_waypoint(state, wp, target, service);
+        if !state.is_waypoint_of(src, wp) {
+            return via_waypoint(state, wp, target, service, rng);
         }
     }
     Ok(match wl.protocol {
@@ -391,7 +407,60 @@ workloads:
   protocol: HBONE
   node: node-b
   waypoint: {address: 10.0.3.1}
+- name: gw-0
+  namespace: demo
+  serviceAccount: gw
+  workloadIps: [10.0.4.1]
+  protocol: HBONE
+  node: node-b
+  services: {demo/gw.demo.svc.cluster.local: {}}
+- name: gw-1
+  namespace: demo
+  serviceAccount: gw
+  workloadIps: [10.0.4.2]
+  protocol: HBONE
+  node: node-b
+  capacity: 3
+  services: {demo/gw.demo.svc.cluster.local: {}}
+- name: gw-sick
+  namespace: demo
+  serviceAccount: gw-old
+  workloadIps: [10.0.4.3]
+  protocol: HBONE
+  node: node-b
+  status: Unhealthy
+  services: {demo/gw.demo.svc.cluster.local: {}}
+- name: api-0
+  namespace: demo
+  serviceAccount: api
+  workloadIps: [10.0.5.1]
+  protocol: HBONE
+  node: node-b
+  waypoint: {address: 10.96.0.40}
+  services: {demo/api.demo.svc.cluster.local: {}}
 services:
+- name: gw
+  namespace: demo
+  hostname: gw.demo.svc.cluster.local
+  vips: [10.96.0.40]
+  ports: {15008: 15008}
+- name: api
+  namespace: demo
+  hostname: api.demo.svc.cluster.local
+  vips: [10.96.0.50]
+  ports: {80: 8080}
+  waypoint: {address: 10.96.0.40}
+- name: dead-gw
+  namespace: demo
+  hostname: dead-gw.demo.svc.cluster.local
+  vips: [10.96.0.60]
+  ports: {15008: 15008}
+- name: orphan
+  namespace: demo
+  hostname: orphan.demo.svc.cluster.local
+  vips: [10.96.0.70]
+  ports: {80: 80}
+  waypoint: {address: 10.96.0.60}
 - name: echo
   namespace: demo
   hostname: echo.demo.svc.cluster.local
@@ -616,5 +685,127 @@ services:
             .unwrap()
             .clone();
         assert!(st.required_waypoints(&echo, 9090).is_empty());
+    }
+
+    #[test]
+    fn a_waypoint_service_vip_picks_a_healthy_waypoint_endpoint() {
+        let (st, src) = setup();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..2000 {
+            // The service's traffic and the workload's own both go to a waypoint pod.
+            for dst in ["10.96.0.50:80", "10.0.5.1:8080"] {
+                let r = route(&st, &src, sa(dst), &mut rng).unwrap();
+                let Route::Hbone {
+                    tunnel,
+                    authority,
+                    identities,
+                    workload,
+                    waypoint: true,
+                    ..
+                } = &r
+                else {
+                    panic!("{r:?}")
+                };
+                assert_eq!(*authority, sa(dst));
+                assert_eq!(tunnel.port(), 15008);
+                assert_eq!(identities, &vec![id("gw")]);
+                assert_eq!(workload.workload_ips[0], tunnel.ip());
+                *seen.entry(tunnel.ip().to_string()).or_insert(0) += 1;
+            }
+        }
+        // Never the unhealthy one; by capacity (1 vs 3).
+        assert!(!seen.contains_key("10.0.4.3"), "{seen:?}");
+        let one = seen["10.0.4.1"] as f64 / 4000.0;
+        assert!((0.2..0.3).contains(&one), "{one}");
+        // A waypoint service without healthy endpoints: an error, not a passthrough.
+        let err = route(&st, &src, sa("10.96.0.70:80"), &mut rng).unwrap_err();
+        assert!(
+            matches!(&err, Error::NoHealthyEndpoint(k) if k == "demo/dead-gw.demo.svc.cluster.local"),
+            "{err}"
+        );
+        // A waypoint pod itself goes straight to the workload.
+        let gw = st
+            .workload_by_ip("10.0.4.2".parse().unwrap())
+            .unwrap()
+            .clone();
+        let r = route(&st, &gw, sa("10.96.0.50:80"), &mut rng).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, waypoint: false, .. } if *tunnel == sa("10.0.5.1:15008")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn endpoints_of_a_waypoint_service_are_waypoints() {
+        let (st, _) = setup();
+        for ip in ["10.0.4.1", "10.0.4.2", "10.0.4.3"] {
+            assert!(st.is_waypoint(ip.parse().unwrap()), "{ip}");
+        }
+        // The VIP itself is no pod, and the dead waypoint service has none.
+        assert!(!st.is_waypoint("10.96.0.40".parse().unwrap()));
+        assert!(!st.is_waypoint("10.0.5.1".parse().unwrap()));
+        // Behind it: every endpoint's identity is accepted, nobody else's.
+        let api = st
+            .workload_by_ip("10.0.5.1".parse().unwrap())
+            .unwrap()
+            .clone();
+        assert_eq!(
+            st.required_waypoints(&api, 8080),
+            vec![id("gw"), id("gw-old")]
+        );
+        assert_eq!(
+            st.required_waypoints(&api, 1),
+            vec![id("gw"), id("gw-old")],
+            "its own waypoint: every port"
+        );
+    }
+
+    #[test]
+    fn waypoint_addresses_are_workloads_or_vips() {
+        let bad = FILE.replace(
+            "waypoint: {address: 10.96.0.40}\n  services: {demo/api",
+            "waypoint: {address: 10.9.9.9}\n  services: {demo/api",
+        );
+        let err = State::build(
+            &parse_local_config(&bad).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(".waypoint.address")
+                && err.contains("neither a workload address nor a service VIP"),
+            "{err}"
+        );
+        // A waypoint pod bound to its own waypoint service, a service to its own VIP.
+        let own = FILE.replace(
+            "  capacity: 3\n  services: {demo/gw.demo.svc.cluster.local: {}}",
+            "  capacity: 3\n  waypoint: {address: 10.96.0.40}\n  services: {demo/gw.demo.svc.cluster.local: {}}",
+        );
+        let err = State::build(
+            &parse_local_config(&own).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot be its own waypoint"), "{err}");
+        let own = FILE.replace(
+            "  vips: [10.96.0.40]\n  ports: {15008: 15008}",
+            "  vips: [10.96.0.40]\n  ports: {15008: 15008}\n  waypoint: {address: 10.96.0.40}",
+        );
+        let err = State::build(
+            &parse_local_config(&own).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a service cannot be its own waypoint"),
+            "{err}"
+        );
     }
 }
