@@ -52,8 +52,13 @@ impl Running {
 
 pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
-    let state = StateHandle::load(&cfg.config_file, &cfg.trust_domain)
-        .with_context(|| format!("config {}", cfg.config_file.display()))?;
+    let background = CancellationToken::new();
+    let state = match (&cfg.kube, &cfg.config_file) {
+        (Some(k), _) => from_kube(k, &cfg.trust_domain, &side, &background).await?,
+        (None, Some(f)) => StateHandle::load(f, &cfg.trust_domain)
+            .with_context(|| format!("config {}", f.display()))?,
+        (None, None) => anyhow::bail!("--config is required (or --kube)"),
+    };
     let manager = Arc::new(SecretManager::from_source(
         &cfg.cert_source,
         &cfg.trust_domain,
@@ -87,7 +92,6 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let (http_metrics, metrics) = HttpMetrics::new();
     let metrics = Arc::new(metrics);
     let drain = Drain::new();
-    let background = CancellationToken::new();
 
     let bind = |addr: SocketAddr, what: &str| {
         ztunnel::socket::listen(addr, false).with_context(|| format!("{what} listener {addr}"))
@@ -126,10 +130,10 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     }
 
     // Background: the config file, the certificate.
-    {
-        let (st, path) = (state.clone(), cfg.config_file.clone());
+    if let Some(path) = cfg.config_file.clone() {
+        let st = state.clone();
         side.spawn(ztunnel::state::poll_file(
-            cfg.config_file.clone(),
+            path.clone(),
             cfg.config_poll,
             background.clone(),
             move || {
@@ -178,6 +182,70 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
             timeout: cfg.drain_timeout,
         },
     })
+}
+
+/// Kubernetes mode: starts the watchers on the side runtime and waits for the first complete
+/// state (the waypoint is not ready, and its listeners are not bound, before it); then keeps
+/// the handle current.
+async fn from_kube(
+    k: &crate::config::KubeConfig,
+    trust_domain: &str,
+    side: &Handle,
+    stop: &CancellationToken,
+) -> anyhow::Result<StateHandle> {
+    let params = ztunnel::discovery::Params {
+        cluster_domain: k.cluster_domain.clone(),
+        excluded_namespaces: k.excluded_namespaces.iter().cloned().collect(),
+    };
+    let (url, who, td, st) = (
+        k.api_url.clone(),
+        k.who.clone(),
+        trust_domain.to_string(),
+        stop.clone(),
+    );
+    let kube = side
+        .spawn(async move {
+            let client = ztunnel::discovery::client(url.as_deref()).await?;
+            anyhow::Ok(crate::kube::start(client, params, who, td, st))
+        })
+        .await
+        .context("Kubernetes watchers")??;
+    tracing::info!(
+        api = k.api_url.as_deref().unwrap_or("in-cluster / KUBECONFIG"),
+        gateway = %format!("{}/{}", k.who.gateway_namespace, k.who.gateway_name),
+        pod = %k.who.pod_name,
+        "Kubernetes mode: waiting for the first complete sync"
+    );
+    let mut states = kube.states;
+    let first = states
+        .wait_for(|s| s.is_some())
+        .await
+        .context("Kubernetes watchers stopped")?
+        .clone()
+        .expect("a state");
+    let handle = StateHandle::from_state(first, trust_domain);
+    let (h, status, stop) = (handle.clone(), kube.status.clone(), stop.clone());
+    h.set_discovery_status(status.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    side.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = states.changed() => {
+                    if r.is_err() { return }
+                    let st = states.borrow_and_update().clone();
+                    if let Some(st) = st {
+                        if let Err(e) = h.set_discovered(st) {
+                            tracing::error!(error = %e, "discovered state refused; keeping the current one");
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            h.set_discovery_status(status.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        }
+    });
+    Ok(handle)
 }
 
 /// Rotates the waypoint's certificate at half-life.

@@ -25,9 +25,16 @@ use ztunnel::config::{
 )]
 pub struct Cli {
     /// Local config file (who the waypoint is, workloads, services, routes, policies); reloaded
-    /// when it changes.
-    #[arg(long, env = "WAYPOINT_CONFIG")]
-    pub config: PathBuf,
+    /// when it changes. Required unless `--kube`.
+    #[arg(
+        long,
+        env = "WAYPOINT_CONFIG",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// The SPIFFE trust domain of every identity.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -70,11 +77,52 @@ pub struct Cli {
     pub log_format: String,
 }
 
+/// Kubernetes mode.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// Kubernetes mode: the waypoint's Gateway, HTTPRoutes and AuthorizationPolicies, and the
+    /// mesh (pods, services, EndpointSlices, namespaces, as ztunnel discovers them) from the
+    /// API server (in-cluster config, or KUBECONFIG); no config file.
+    #[arg(long)]
+    pub kube: bool,
+    /// Talk to the API server at this plain-HTTP URL without credentials (tests and `kubectl
+    /// proxy` only).
+    #[arg(long, requires = "kube")]
+    pub kube_api_url: Option<String>,
+    /// The name of this waypoint's Gateway (gatewayClassName istio-waypoint).
+    #[arg(long, env = "GATEWAY_NAME", required_if_eq("kube", "true"))]
+    pub gateway_name: Option<String>,
+    /// The Gateway's namespace, which is the waypoint pod's.
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("kube", "true"))]
+    pub gateway_namespace: Option<String>,
+    /// This waypoint's pod (its IPs and service account are the waypoint's address and
+    /// identity).
+    #[arg(long, env = "POD_NAME", required_if_eq("kube", "true"))]
+    pub pod_name: Option<String>,
+    /// The cluster's DNS domain: services are named `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Namespaces whose pods are never in the mesh (as ztunnel's and the node agent's flag).
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    pub excluded_namespaces: Vec<String>,
+}
+
+/// Kubernetes mode, resolved.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeConfig {
+    pub api_url: Option<String>,
+    pub who: crate::kube::Who,
+    pub cluster_domain: String,
+    pub excluded_namespaces: Vec<String>,
+}
+
 /// The resolved runtime configuration.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    pub config_file: PathBuf,
+    pub config_file: Option<PathBuf>,
+    pub kube: Option<KubeConfig>,
     pub trust_domain: String,
     pub cert_source: CertSource,
     pub cert_lifetime: Duration,
@@ -92,8 +140,20 @@ pub struct Config {
 
 impl From<Cli> for Config {
     fn from(cli: Cli) -> Config {
+        let k = cli.kube;
+        let kube = k.kube.then(|| KubeConfig {
+            api_url: k.kube_api_url,
+            who: crate::kube::Who {
+                gateway_namespace: k.gateway_namespace.unwrap_or_default(),
+                gateway_name: k.gateway_name.unwrap_or_default(),
+                pod_name: k.pod_name.unwrap_or_default(),
+            },
+            cluster_domain: k.cluster_domain,
+            excluded_namespaces: k.excluded_namespaces,
+        });
         Config {
             config_file: cli.config,
+            kube,
             trust_domain: cli.trust_domain,
             cert_source: match cli.identity.cert_dir {
                 Some(d) => CertSource::Dir(d),
@@ -119,7 +179,7 @@ impl Config {
     pub fn for_tests(config_file: PathBuf, cert_source: CertSource, ip: std::net::IpAddr) -> Self {
         let cli = Cli::parse_from(["waypoint", "--config", "unused"]);
         let mut cfg = Config::from(cli);
-        cfg.config_file = config_file;
+        cfg.config_file = Some(config_file);
         cfg.cert_source = cert_source;
         let any = SocketAddr::new(ip, 0);
         cfg.hbone_addr = any;

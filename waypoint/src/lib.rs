@@ -19,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod kube;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

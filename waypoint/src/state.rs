@@ -188,6 +188,9 @@ pub struct LoadStatus {
     pub loaded_at: Option<String>,
     /// The last reload's error (cleared by a good reload).
     pub last_error: Option<String>,
+    /// Kubernetes mode: what the watchers have seen ([`crate::kube`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<serde_json::Value>,
 }
 
 /// The current snapshot, shared by every connection: each request reads it anew, so a route
@@ -205,16 +208,55 @@ pub fn read(path: &Path, trust_domain: &str) -> Result<WaypointState, ConfigErro
 
 impl StateHandle {
     pub fn load(path: &Path, trust_domain: &str) -> Result<StateHandle, ConfigError> {
-        let st = read(path, trust_domain)?;
-        Ok(StateHandle {
-            current: Arc::new(RwLock::new(Arc::new(st))),
+        Ok(Self::from_state(
+            Arc::new(read(path, trust_domain)?),
+            trust_domain,
+        ))
+    }
+
+    /// Kubernetes mode: the first state built from the API server.
+    pub fn from_state(st: Arc<WaypointState>, trust_domain: &str) -> StateHandle {
+        StateHandle {
+            current: Arc::new(RwLock::new(st)),
             status: Arc::new(Mutex::new(LoadStatus {
                 generation: 1,
                 loaded_at: Some(ztunnel::identity::rfc3339(SystemTime::now())),
                 last_error: None,
+                discovery: None,
             })),
             trust_domain: trust_domain.to_string(),
-        })
+        }
+    }
+
+    /// Kubernetes mode: a new state from the API server. As with a reload, the identity may
+    /// not change under running tunnels (the state stays, the error shows in the dump).
+    pub fn set_discovered(&self, st: Arc<WaypointState>) -> Result<(), ConfigError> {
+        let cur = self.get();
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if st.me.identity != cur.me.identity {
+            let e = ConfigError::invalid(
+                "waypoint",
+                format!(
+                    "the identity changed from {} to {}: restart the waypoint to change who it is",
+                    cur.me.identity, st.me.identity
+                ),
+            );
+            status.last_error = Some(e.to_string());
+            return Err(e);
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = st;
+        status.generation += 1;
+        status.loaded_at = Some(ztunnel::identity::rfc3339(SystemTime::now()));
+        status.last_error = None;
+        Ok(())
+    }
+
+    /// Kubernetes mode: what `/config_dump` shows under `configFile.discovery`.
+    pub fn set_discovery_status(&self, v: serde_json::Value) {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .discovery = Some(v);
     }
 
     pub fn get(&self) -> Arc<WaypointState> {

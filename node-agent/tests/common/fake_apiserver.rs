@@ -18,6 +18,10 @@
 //!   `allowWatchBookmarks` enables [`FakeApiServer::bookmark`].
 //! * `GET`/`PATCH` one object; PATCH takes `application/merge-patch+json` (RFC
 //!   7386) and emits MODIFIED.
+//! * Custom resources too: `Gateway`, `HTTPRoute` (`/apis/gateway.networking.k8s.io/v1`) and
+//!   `AuthorizationPolicy` (`/apis/security.istio.io/v1`), with `metadata.generation` (bumped
+//!   when the spec changes) and the `status` subresource (`PATCH …/<name>/status` changes
+//!   `status` only; the main resource ignores `status`).
 //!
 //! Every request is logged ([`FakeApiServer::requests`]), PATCH bodies too
 //! ([`FakeApiServer::patches`]). Test controls change objects (each change is one
@@ -48,6 +52,11 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    /// gateway.networking.k8s.io/v1 (a custom resource: `metadata.generation`, `/status`).
+    Gateway,
+    HttpRoute,
+    /// security.istio.io/v1.
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -57,12 +66,26 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
+    }
+
+    /// Custom resources: the API server keeps `metadata.generation` (bumped by spec changes)
+    /// and serves the `status` subresource.
+    fn custom(self) -> bool {
+        matches!(
+            self,
+            Kind::Gateway | Kind::HttpRoute | Kind::AuthorizationPolicy
+        )
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Gateway | Kind::HttpRoute => "gateway.networking.k8s.io/v1",
+            Kind::AuthorizationPolicy => "security.istio.io/v1",
             _ => "v1",
         }
     }
@@ -73,13 +96,23 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
+            Kind::Gateway => "gateways",
+            Kind::HttpRoute => "httproutes",
+            Kind::AuthorizationPolicy => "authorizationpolicies",
         }
     }
 
     fn from_plural(p: &str) -> Option<Kind> {
-        [Kind::Pod, Kind::Service, Kind::EndpointSlice]
-            .into_iter()
-            .find(|k| k.plural() == p)
+        [
+            Kind::Pod,
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Gateway,
+            Kind::HttpRoute,
+            Kind::AuthorizationPolicy,
+        ]
+        .into_iter()
+        .find(|k| k.plural() == p)
     }
 }
 
@@ -184,6 +217,9 @@ impl FakeApiServer {
             Some("Pod") => Kind::Pod,
             Some("Service") => Kind::Service,
             Some("EndpointSlice") => Kind::EndpointSlice,
+            Some("Gateway") => Kind::Gateway,
+            Some("HTTPRoute") => Kind::HttpRoute,
+            Some("AuthorizationPolicy") => Kind::AuthorizationPolicy,
             k => panic!("fake API server holds no {k:?}"),
         };
         obj["apiVersion"] = json!(kind.api_version());
@@ -350,7 +386,16 @@ impl FakeApiServer {
         let (group, rest) = match parts.as_slice() {
             ["api", "v1", rest @ ..] => ("v1", rest),
             ["apis", "discovery.k8s.io", "v1", rest @ ..] => ("discovery.k8s.io/v1", rest),
+            ["apis", "gateway.networking.k8s.io", "v1", rest @ ..] => {
+                ("gateway.networking.k8s.io/v1", rest)
+            }
+            ["apis", "security.istio.io", "v1", rest @ ..] => ("security.istio.io/v1", rest),
             _ => (".", &[][..]),
+        };
+        // The status subresource of a custom resource: a PATCH changes `status` only.
+        let (rest, status_only) = match rest {
+            [head @ .., "status"] if head.len() == 4 => (head, true),
+            r => (r, false),
         };
         let found = match rest {
             ["namespaces"] => Some((Kind::Namespace, None, None)),
@@ -363,7 +408,7 @@ impl FakeApiServer {
             _ => None,
         };
         let (kind, namespace, name) = match found {
-            Some(f) if f.0.api_version() == group => f,
+            Some(f) if f.0.api_version() == group && (!status_only || f.0.custom()) => f,
             _ => {
                 return error(
                     404,
@@ -404,8 +449,26 @@ impl FakeApiServer {
                 let Some(mut obj) = st.objects.get(&key).cloned() else {
                     return not_found(kind, n);
                 };
-                merge_patch(&mut obj, &patch);
-                st.patches.push((ns, n.to_string(), patch));
+                if status_only {
+                    // Only `status` is taken; the rest of the patch is ignored, as the API
+                    // server does for the subresource.
+                    let status =
+                        json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)});
+                    merge_patch(&mut obj, &status);
+                } else if kind.custom() && patch.get("status").is_some() {
+                    // The main resource ignores status changes of a resource with /status.
+                    let mut p = patch.clone();
+                    p.as_object_mut().map(|m| m.remove("status"));
+                    merge_patch(&mut obj, &p);
+                } else {
+                    merge_patch(&mut obj, &patch);
+                }
+                let n = if status_only {
+                    format!("{n}/status")
+                } else {
+                    n.to_string()
+                };
+                st.patches.push((ns, n, patch));
                 st.commit(key.clone(), Some(obj));
                 json_response(200, &st.objects[&key])
             }
@@ -578,6 +641,17 @@ impl State {
         let old = self.objects.get(&key).cloned();
         let new = new.map(|mut o| {
             o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if key.0.custom() {
+                // generation: 1, bumped when the spec changes (not the status or metadata).
+                let gen = match &old {
+                    Some(prev) if prev["spec"] == o["spec"] => {
+                        prev["metadata"]["generation"].as_i64().unwrap_or(1)
+                    }
+                    Some(prev) => prev["metadata"]["generation"].as_i64().unwrap_or(1) + 1,
+                    None => 1,
+                };
+                o["metadata"]["generation"] = json!(gen);
+            }
             o
         });
         match &new {

@@ -32,7 +32,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, LocalService, LocalWorkload};
 use crate::state::StateHandle;
 
 pub use self::build::Params;
@@ -72,12 +72,39 @@ pub async fn client(api_url: Option<&str>) -> anyhow::Result<Client> {
     }
 }
 
+/// Where discovery delivers what it built: ztunnel's [`StateHandle`], or another consumer of
+/// the same workloads and services (the waypoint).
+pub trait Sink: Clone + Send + Sync + 'static {
+    /// A new complete set of workloads and services.
+    fn set_discovered(
+        &self,
+        workloads: Vec<LocalWorkload>,
+        services: Vec<LocalService>,
+    ) -> Result<(), ConfigError>;
+    /// What `/config_dump` shows under `configFile.discovery`.
+    fn set_discovery_status(&self, status: serde_json::Value);
+}
+
+impl Sink for StateHandle {
+    fn set_discovered(
+        &self,
+        workloads: Vec<LocalWorkload>,
+        services: Vec<LocalService>,
+    ) -> Result<(), ConfigError> {
+        StateHandle::set_discovered(self, workloads, services)
+    }
+
+    fn set_discovery_status(&self, status: serde_json::Value) {
+        StateHandle::set_discovery_status(self, status)
+    }
+}
+
 /// Starts the watchers and the publisher on the current runtime, until `stop`. The receiver
 /// turns true once the first complete state is in `state`.
-pub fn start(
+pub fn start<S: Sink>(
     client: Client,
     params: Params,
-    state: StateHandle,
+    state: S,
     stop: CancellationToken,
 ) -> tokio::sync::watch::Receiver<bool> {
     let store = Arc::new(Mutex::new(Store::default()));
@@ -145,10 +172,10 @@ fn status(
     })
 }
 
-async fn publish(
+async fn publish<S: Sink>(
     store: Arc<Mutex<Store>>,
     params: Params,
-    state: StateHandle,
+    state: S,
     changed: Arc<Notify>,
     synced: tokio::sync::watch::Sender<bool>,
     stop: CancellationToken,

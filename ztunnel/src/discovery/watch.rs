@@ -28,14 +28,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::facts::{Key, NsFacts, PodFacts, ServiceFacts, SliceFacts, Store, Table};
 
-/// A resource discovery watches.
-pub trait Watched:
+/// A store of [`Table`]s the watchers fill: discovery's [`Store`], or another component's
+/// (the waypoint's routes and policies).
+pub trait Tables: Send + 'static {
+    /// Something changed since the last build.
+    fn mark_dirty(&mut self);
+}
+
+impl Tables for Store {
+    fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+}
+
+/// A resource a watcher keeps in a table of `S` (discovery's [`Store`] by default).
+pub trait Watched<S: Tables = Store>:
     Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
 {
     type Facts: Send + 'static;
     const WHAT: &'static str;
     fn facts(&self) -> Self::Facts;
-    fn table(store: &mut Store) -> &mut Table<Self::Facts>;
+    fn table(store: &mut S) -> &mut Table<Self::Facts>;
 }
 
 impl Watched for Namespace {
@@ -127,7 +140,7 @@ fn watch_request_gone(e: &watcher::Error) -> bool {
     )
 }
 
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+fn lock<S>(store: &Mutex<S>) -> std::sync::MutexGuard<'_, S> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -139,7 +152,18 @@ pub async fn run<K: Watched>(
     changed: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let start = || watcher(api.clone(), watcher::Config::default()).boxed();
+    run_with(api, watcher::Config::default(), store, changed, stop).await
+}
+
+/// [`run`] into any store of tables, with a watcher config (e.g. a field selector).
+pub async fn run_with<S: Tables, K: Watched<S>>(
+    api: Api<K>,
+    config: watcher::Config,
+    store: Arc<Mutex<S>>,
+    changed: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let start = || watcher(api.clone(), config.clone()).boxed();
     let mut stream = start();
     let mut listing: Option<Vec<(Key, String, K::Facts)>> = None;
     let mut backoff = Backoff::new();
@@ -171,7 +195,7 @@ pub async fn run<K: Watched>(
                         t.items = all.into_iter().map(|(k, u, f)| (k, (u, f))).collect();
                         t.listed = true;
                         t.lists += 1;
-                        st.dirty = true;
+                        st.mark_dirty();
                         drop(st);
                         changed.notify_one();
                     }
@@ -179,7 +203,7 @@ pub async fn run<K: Watched>(
                         if let Some((key, uid)) = identify(&obj) {
                             let mut st = lock(&store);
                             K::table(&mut st).items.insert(key, (uid, obj.facts()));
-                            st.dirty = true;
+                            st.mark_dirty();
                             drop(st);
                             changed.notify_one();
                         }
@@ -194,7 +218,7 @@ pub async fn run<K: Watched>(
                                 .is_some_and(|(u, _)| uid.is_empty() || *u == uid)
                             {
                                 t.items.remove(&key);
-                                st.dirty = true;
+                                st.mark_dirty();
                             }
                             drop(st);
                             changed.notify_one();
