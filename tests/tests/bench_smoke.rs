@@ -33,6 +33,12 @@ fn quick_bench_prints_the_table_and_writes_json() {
         "1 KB req/resp p50",
         "new connection + 1 B echo p50",
         "ztunnel RSS idle",
+        "HTTP/1.1 keep-alive GET, 1 KB body",
+        "1 client p50, µs",
+        "16 clients p99, µs",
+        "16 clients requests/s",
+        "waypoint CPU ms per 1000 requests, 16 client(s)",
+        "waypoint RSS, MB: idle (fresh)",
         "CONTROL PLANE",
         "CNI ADD, whole chain, 10 pods enrolled",
         "ambient-cni share of ADD (P6), 10 pods",
@@ -45,7 +51,7 @@ fn quick_bench_prints_the_table_and_writes_json() {
             "no {needle:?} in the table:\n{stdout}"
         );
     }
-    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7"] {
+    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"] {
         assert!(
             stdout.lines().any(|l| l.starts_with(id)
                 && (l.ends_with("met") || l.ends_with("NOT MET") || l.ends_with("n/a"))),
@@ -73,6 +79,20 @@ fn quick_bench_prints_the_table_and_writes_json() {
         "/dataplane/connect/perSecond/unmeshed/median",
         "/dataplane/rss/idleMb/a/median",
         "/dataplane/rss/openMb/b/median",
+        "/dataplane/http1k/levels/0/p50Us/l7/median",
+        "/dataplane/http1k/levels/0/p50Us/l4/median",
+        "/dataplane/http1k/levels/0/p50Us/unmeshed/median",
+        "/dataplane/http1k/levels/0/p99Us/l7/median",
+        "/dataplane/http1k/levels/0/requestsPerSecond/l7/median",
+        "/dataplane/http1k/levels/1/p50Us/l7/median",
+        "/dataplane/http1k/levels/1/p99Us/unmeshed/median",
+        "/dataplane/http1k/levels/1/requestsPerSecond/l7/median",
+        "/dataplane/http1k/levels/1/requestsPerSecond/l4/median",
+        "/dataplane/http1k/levels/1/requestsPerSecond/unmeshed/median",
+        "/dataplane/http1k/levels/1/ztunnelCpuMsPer1000/l7/median",
+        "/dataplane/http1k/waypoint/rssIdleMb/median",
+        "/dataplane/http1k/waypoint/rssLoadMb/median",
+        "/dataplane/http1k/waypoint/cpuMsPer1000/median",
         "/controlplane/levels/0/chainAddMs/p50/median",
         "/controlplane/levels/0/chainDelMs/p99/median",
         "/controlplane/levels/0/pluginAddMs/p99/median",
@@ -84,9 +104,13 @@ fn quick_bench_prints_the_table_and_writes_json() {
         assert!(v.is_finite() && v > 0.0, "{ptr} = {v}");
     }
     assert_eq!(num("/controlplane/levels/0/pods"), 10.0);
+    assert_eq!(num("/dataplane/http1k/levels/0/clients"), 1.0);
+    assert_eq!(num("/dataplane/http1k/levels/1/clients"), 16.0);
+    // A difference of two medians: present, not necessarily positive.
+    assert!(num("/dataplane/http1k/addedP50L7OverL4Us/median").is_finite());
     assert!(report["build"] == "debug" || report["build"] == "release");
     let targets = report["targets"].as_array().expect("targets");
-    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7"] {
+    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"] {
         assert!(
             targets.iter().any(|t| t["id"] == id),
             "no target {id} in the JSON"

@@ -1,7 +1,8 @@
 //! Data-plane figures, each measured on the meshed path (`a-client` → `b-app`: both pods
 //! ambient, so node A's capture, ztunnel A, HBONE over the underlay, ztunnel B, node B's
 //! capture) and on the unmeshed path (`a-plain` → `b-plain`, routed directly) in the same
-//! run, alternating which goes first.
+//! run, alternating which goes first; and the L7 path through the waypoint beside both
+//! ([`super::l7`]).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -11,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::l7::{self, HttpPlan, HttpReport, Watched};
 use super::stats::{paired, Percentiles, Summary};
 use super::sys;
 use super::Progress;
@@ -56,6 +58,8 @@ pub struct DataplanePlan {
     pub rate_per_client: usize,
     /// Connections held open for the RSS figure.
     pub open_connections: usize,
+    /// The HTTP/1.1 measures on the L7, L4 and unmeshed paths.
+    pub http: HttpPlan,
 }
 
 /// Meshed and unmeshed values of one figure.
@@ -145,6 +149,8 @@ pub struct DataplaneReport {
     pub req_resp_1k: ReqResp,
     pub connect: Connect,
     pub rss: Rss,
+    /// HTTP/1.1 keep-alive with a 1 KB body: L7 (waypoint), L4 (ztunnel only), unmeshed.
+    pub http1k: HttpReport,
 }
 
 /// The lab's two ztunnel processes.
@@ -167,12 +173,23 @@ impl Ztunnels {
 pub fn run(
     lab: &Lab,
     zt: Ztunnels,
+    waypoint: i32,
     plan: &DataplanePlan,
     progress: &Progress,
 ) -> Result<DataplaneReport> {
     let ip = |r: &Route| lab.pod_ip(r.server);
     let routes = [MESHED, UNMESHED];
     let (idle_a, idle_b) = zt.rss_mb()?;
+    let waypoint_idle = sys::rss_bytes(waypoint)? / 1e6;
+    progress.say(format!(
+        "idle RSS: ztunnel A {idle_a:.1} MB, B {idle_b:.1} MB, waypoint {waypoint_idle:.1} MB"
+    ));
+    let watched = Watched {
+        waypoint,
+        ztunnel_a: zt.a,
+        ztunnel_b: zt.b,
+    };
+    let mut http = l7::HttpRuns::new(&plan.http, waypoint_idle);
 
     // iperf3 servers in both server pods (recorded in the lab, so `down` stops them too).
     let mut servers: Vec<Spawned> = Vec::new();
@@ -263,6 +280,9 @@ pub fn run(
             conn[i].push(p);
             rate[i].push(cps);
         }
+        l7::run_once(
+            lab, &plan.http, watched, &mut http, run, plan.runs, progress,
+        )?;
         sys::check_interrupted()?;
         let addr = SocketAddr::from((ip(&MESHED), SERVER_PORT));
         let open = open_connections(lab, MESHED.client, addr, plan.open_connections)?;
@@ -282,6 +302,7 @@ pub fn run(
     drop(servers);
     std::thread::sleep(Duration::from_millis(500));
     let (after_a, after_b) = zt.rss_mb()?;
+    let waypoint_after = sys::rss_bytes(waypoint)? / 1e6;
 
     let [one, four] = bulk;
     let four_over_one = paired(&four.meshed, &one.meshed, |f, o| f / o);
@@ -321,6 +342,7 @@ pub fn run(
                 b: Summary::of(&[after_b]),
             },
         },
+        http1k: l7::report(&plan.http, &http, waypoint_after),
     })
 }
 

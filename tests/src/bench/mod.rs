@@ -3,12 +3,14 @@
 //! writes JSON, and tears the lab down (also on failure and on SIGINT/SIGTERM).
 //!
 //! Modules: [`dataplane`] (throughput, request/response, connection setup, ztunnel CPU and
-//! RSS), [`control`] (CNI ADD/DEL, agent cold start, ztunnel IP change), [`report`] (the
+//! RSS), [`l7`] (HTTP/1.1 through the waypoint vs ztunnel only vs unmeshed, the waypoint's
+//! RSS and CPU), [`control`] (CNI ADD/DEL, agent cold start, ztunnel IP change), [`report`] (the
 //! targets, the table, the JSON), [`stats`] (percentiles and medians over runs), [`sys`]
 //! (what is read from /proc, signals, commands in a netns).
 
 pub mod control;
 pub mod dataplane;
+pub mod l7;
 pub mod report;
 pub mod stats;
 pub mod sys;
@@ -23,6 +25,7 @@ use crate::paths;
 use crate::state::LabState;
 use control::ControlPlan;
 use dataplane::{DataplanePlan, Ztunnels};
+use l7::{HttpLevelPlan, HttpPlan};
 pub use report::Report;
 
 /// The default lab prefix of the bench.
@@ -64,6 +67,19 @@ impl BenchOptions {
                 rate_clients: 2,
                 rate_per_client: 25,
                 open_connections: 100,
+                http: HttpPlan {
+                    warmup_per_client: 10,
+                    levels: vec![
+                        HttpLevelPlan {
+                            clients: 1,
+                            requests_per_client: 200,
+                        },
+                        HttpLevelPlan {
+                            clients: 16,
+                            requests_per_client: 50,
+                        },
+                    ],
+                },
             }
         } else {
             DataplanePlan {
@@ -75,6 +91,19 @@ impl BenchOptions {
                 rate_clients: 4,
                 rate_per_client: 500,
                 open_connections: 1000,
+                http: HttpPlan {
+                    warmup_per_client: 100,
+                    levels: vec![
+                        HttpLevelPlan {
+                            clients: 1,
+                            requests_per_client: 10_000,
+                        },
+                        HttpLevelPlan {
+                            clients: 16,
+                            requests_per_client: 1000,
+                        },
+                    ],
+                },
             }
         }
     }
@@ -161,7 +190,12 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         opts.prefix,
         paths::exe_dir()?.display()
     ));
-    let mut lab = Lab::up(&opts.prefix, LabOptions::new(&exe))?;
+    let mut lab_opts = LabOptions::new(&exe);
+    if opts.only != Some(Part::Control) {
+        // The L7 figures go through the waypoint.
+        lab_opts = lab_opts.waypoint();
+    }
+    let mut lab = Lab::up(&opts.prefix, lab_opts)?;
     progress.say("lab up");
     let measured = measure(&lab, opts.only, &dp_plan, &cp_plan, &progress);
     let down = if opts.keep {
@@ -204,7 +238,13 @@ fn measure(
     };
     let dp = match only {
         Some(Part::Control) => None,
-        _ => Some(dataplane::run(lab, zt, dp_plan, progress)?),
+        _ => Some(dataplane::run(
+            lab,
+            zt,
+            pid(crate::waypoint::PROCESS)?,
+            dp_plan,
+            progress,
+        )?),
     };
     sys::check_interrupted()?;
     let cp = match only {

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::control::{ControlReport, Lat, Level};
 use super::dataplane::{DataplaneReport, Pair, ZtPair};
+use super::l7::{HttpReport, Trio};
 use super::stats::Summary;
 use super::sys;
 use crate::paths;
@@ -225,6 +226,34 @@ pub fn dataplane_targets(dp: &DataplaneReport) -> Vec<Target> {
         format!("{} MB", num(open)),
         open <= 40.0,
     ));
+    t.extend(http_targets(&dp.http1k));
+    t
+}
+
+pub fn http_targets(h: &HttpReport) -> Vec<Target> {
+    let mut t = Vec::new();
+    let a = h.added_p50_l7_over_l4_us.median;
+    let (l7, l4, clients) = h
+        .one_client()
+        .map(|l| (l.p50_us.l7.median, l.p50_us.l4.median, l.clients))
+        .unwrap_or((f64::NAN, f64::NAN, 1));
+    t.push(judge(
+        "P8",
+        &format!("HTTP/1.1 1 KB added p50, L7 over L4 mesh path, {clients} client(s)"),
+        "≤ 150 µs",
+        a,
+        format!("{} µs ({} vs {} µs)", num(a), num(l7), num(l4)),
+        a <= 150.0,
+    ));
+    let idle = h.waypoint.rss_idle_mb.median;
+    t.push(judge(
+        "P9",
+        "waypoint RSS idle",
+        "≤ 15 MB",
+        idle,
+        format!("{} MB", num(idle)),
+        idle <= 15.0,
+    ));
     t
 }
 
@@ -354,6 +383,15 @@ fn pair_row(t: &mut Table, what: &str, p: &Pair, scale: f64) {
         what.to_string(),
         summary(&p.meshed.map(|v| v * scale)),
         summary(&p.unmeshed.map(|v| v * scale)),
+    ]);
+}
+
+fn trio_row(t: &mut Table, what: &str, p: &Trio) {
+    t.row([
+        what.to_string(),
+        summary(&p.l7),
+        summary(&p.l4),
+        summary(&p.unmeshed),
     ]);
 }
 
@@ -512,6 +550,80 @@ fn dataplane_rows(t: &mut Table, dp: &DataplaneReport) {
         );
         t.row([""; 3]);
     }
+    http_rows(t, &dp.http1k);
+}
+
+fn http_rows(t: &mut Table, h: &HttpReport) {
+    t.row([
+        "HTTP/1.1 keep-alive GET, 1 KB body, node A → node B",
+        "L7: a-client → reviews-v2 VIP",
+        "L4: a-client → b-app",
+        "unmeshed: a-plain → b-plain",
+    ]);
+    t.row(["  L7 via b-waypoint (node B) to b-reviews-v2:8080; L4: HBONE, :8080"]);
+    for l in &h.levels {
+        let who = if l.clients == 1 {
+            "1 client".to_string()
+        } else {
+            format!("{} clients", l.clients)
+        };
+        trio_row(
+            t,
+            &format!(
+                "{who} p50, µs ({} requests each per run)",
+                l.requests_per_client
+            ),
+            &l.p50_us,
+        );
+        trio_row(t, &format!("{who} p99, µs"), &l.p99_us);
+        trio_row(t, &format!("{who} requests/s"), &l.requests_per_second);
+    }
+    if let Some(one) = h.one_client() {
+        t.row([
+            format!(
+                "  added p50, {} client(s), µs: L7 − L4, L4 − unmeshed",
+                one.clients
+            ),
+            summary(&h.added_p50_l7_over_l4_us),
+            summary(&h.added_p50_l4_over_unmeshed_us),
+            String::new(),
+        ]);
+    }
+    for l in &h.levels {
+        t.row([
+            format!(
+                "ztunnel CPU (A+B) ms per 1000 requests, {} client(s)",
+                l.clients
+            ),
+            summary(&l.ztunnel_cpu_ms_per_1000.l7),
+            summary(&l.ztunnel_cpu_ms_per_1000.l4),
+            String::new(),
+        ]);
+    }
+    for l in &h.levels {
+        t.row([
+            format!("waypoint CPU ms per 1000 requests, {} client(s)", l.clients),
+            summary(&l.waypoint_cpu_ms_per_1000),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    let w = &h.waypoint;
+    t.row([
+        format!(
+            "waypoint RSS, MB: idle (fresh) / {} clients (peak) / after",
+            w.load_clients
+        ),
+        format!(
+            "{} / {} / {}",
+            summary(&w.rss_idle_mb),
+            summary(&w.rss_load_mb),
+            summary(&w.rss_after_mb)
+        ),
+        String::new(),
+        String::new(),
+    ]);
+    t.row([""; 3]);
 }
 
 fn control_rows(t: &mut Table, cp: &ControlReport) {
