@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # One image for both DaemonSets (manifests/): ambient-agent (also `install-cni`), ambient-cni (the
-# plugin install-cni copies onto the node), ztunnel-init and ztunnel, in /usr/local/bin.
+# plugin install-cni copies onto the node), ztunnel-init and ztunnel, in /usr/local/bin; and the
+# waypoint (manifests/waypoint/).
 #
 # No container engine runs on the development machine; build it elsewhere, from the repository
 # root, with any of:
@@ -25,11 +26,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     set -eu; \
     triple="$(rustc -vV | sed -n 's/^host: //p')"; \
-    cargo build --release --locked -p ambient-agent -p ztunnel-init -p ztunnel; \
+    cargo build --release --locked -p ambient-agent -p ztunnel-init -p ztunnel -p waypoint; \
     RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --locked -p ambient-cni --target "$triple"; \
     mkdir -p /out; \
-    cp target/release/ambient-agent target/release/ztunnel-init target/release/ztunnel /out/; \
+    cp target/release/ambient-agent target/release/ztunnel-init target/release/ztunnel target/release/waypoint /out/; \
     cp "target/$triple/release/ambient-cni" /out/
 
 # ---- runtime --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #    (agent, ztunnel, CNI entry); the CNI entry is well-formed and names the agent's socket;
 #    ztunnel's config file is the mounted ConfigMap's and holds policies only; --proc-netns
 #    agrees with hostPID; each ServiceAccount is granted exactly what its binary uses.
+# 3. The waypoint template and examples (waypoint/): see that section below.
 # (Rendering the kustomization needs kubectl or kustomize, which this machine does not have.)
 #
 # kubernetes-validate comes from PyPI (.ci/run installs it into target/manifest-venv):
@@ -301,4 +302,206 @@ for e in errors:
     print(f"ERROR {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
+
+# 3. The waypoint template (waypoint/) and its examples. Core kinds against the Kubernetes schemas
+#    as above; Gateway, HTTPRoute and AuthorizationPolicy, which kubernetes-validate does not
+#    know, against the openAPIV3Schema subsets in schemas/ (JSON Schema, strict where the field
+#    list is complete); then: waypoint/kustomization.yaml lists every template file (not the
+#    examples); the Gateway is of class istio-waypoint with the mesh/15008/HBONE listener; its
+#    Service (label gateway.networking.k8s.io/gateway-name, what ztunnel's use-waypoint binding
+#    resolves) selects the Deployment's pods on 15008; the waypoint runs --kube with the Gateway's
+#    name and the downward API's pod name and namespace; the CA Secret it mounts is the
+#    ztunnels'; the excluded namespaces are ztunnel's; its ServiceAccount is granted exactly what
+#    `waypoint --kube` uses; the examples attach to a Service.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$py" - "$here" "$tmp" <<'PY'
+import os, sys
+import yaml
+import jsonschema
+
+here, tmp = sys.argv[1], sys.argv[2]
+wdir = os.path.join(here, "waypoint")
+NS = "istio-system"
+errors = []
+err = errors.append
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+schemas = {}
+for f in sorted(os.listdir(os.path.join(here, "schemas"))):
+    if f.endswith(".yaml"):
+        s = load(os.path.join(here, "schemas", f))[0]
+        jsonschema.Draft7Validator.check_schema(s["openAPIV3Schema"])
+        schemas[(s["apiVersion"], s["kind"])] = s["openAPIV3Schema"]
+for k in [("gateway.networking.k8s.io/v1", "Gateway"), ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+          ("security.istio.io/v1", "AuthorizationPolicy")]:
+    if k not in schemas:
+        err(f"schemas/: no schema for {k[1]} ({k[0]})")
+
+files = sorted(f for f in os.listdir(wdir) if f.endswith(".yaml") and f != "kustomization.yaml")
+objs, crs = {}, 0
+for f in files:
+    core = []
+    for d in load(os.path.join(wdir, f)):
+        kind, meta = d.get("kind"), d.get("metadata") or {}
+        where = f"waypoint/{f}: {kind}/{meta.get('name')}"
+        objs[(kind, meta.get("namespace"), meta.get("name"))] = (f, d)
+        schema = schemas.get((d.get("apiVersion"), kind))
+        if schema is None:
+            core.append(d)
+            continue
+        crs += 1
+        for e in jsonschema.Draft7Validator(schema).iter_errors(d):
+            err(f"{where}: {'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}")
+    if core:
+        with open(os.path.join(tmp, f), "w") as out:
+            yaml.safe_dump_all(core, out)
+
+kust = load(os.path.join(wdir, "kustomization.yaml"))[0]
+listed = kust.get("resources") or []
+template = [f for f in files if f != "examples.yaml"]
+if sorted(listed) != template:
+    err(f"waypoint/kustomization.yaml: lists {sorted(listed)}, the template files are {template}")
+images = {i.get("name") for i in kust.get("images") or []}
+
+def get(kind, name, ns=NS):
+    return (objs.get((kind, ns, name)) or (None, None))[1]
+
+for (kind, ns, name), (f, d) in objs.items():
+    cluster = kind in ("ClusterRole", "ClusterRoleBinding")
+    if f in template and not cluster and ns != NS:
+        err(f"waypoint/{f}: {kind}/{name}: namespace must be {NS} (next to the CA Secret), not {ns!r}")
+
+gws = [d for (k, _, _), (_, d) in objs.items() if k == "Gateway"]
+deps = [d for (k, _, _), (_, d) in objs.items() if k == "Deployment"]
+if len(gws) != 1 or len(deps) != 1:
+    err("waypoint/: exactly one Gateway and one Deployment")
+    gws, deps = gws[:1] or [{}], deps[:1] or [{}]
+gw, dep = gws[0], deps[0]
+gname = (gw.get("metadata") or {}).get("name")
+spec = gw.get("spec") or {}
+if spec.get("gatewayClassName") != "istio-waypoint":
+    err(f"Gateway {gname}: gatewayClassName must be istio-waypoint")
+if not any(l.get("name") == "mesh" and l.get("port") == 15008 and l.get("protocol") == "HBONE"
+           for l in spec.get("listeners") or []):
+    err(f"Gateway {gname}: needs the listener {{name: mesh, port: 15008, protocol: HBONE}}")
+GWL = "gateway.networking.k8s.io/gateway-name"
+svc = get("Service", gname)
+pod_labels = dep.get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {}
+if pod_labels.get(GWL) != gname:
+    err(f"Deployment: pods must carry {GWL}: {gname} (waypoints are never bound to waypoints)")
+sel = (dep.get("spec", {}).get("selector") or {}).get("matchLabels") or {}
+if not sel or any(pod_labels.get(k) != v for k, v in sel.items()):
+    err(f"Deployment: selector {sel} does not match the pod labels {pod_labels}")
+if not svc:
+    err(f"no Service {NS}/{gname}: istio.io/use-waypoint={gname} resolves to that Service")
+else:
+    if (svc["metadata"].get("labels") or {}).get(GWL) != gname:
+        err(f"Service {gname}: must carry {GWL}: {gname}")
+    ssel = svc["spec"].get("selector") or {}
+    if not ssel or any(pod_labels.get(k) != v for k, v in ssel.items()):
+        err(f"Service {gname}: selector {ssel} does not select the waypoint pods")
+    if not any(p.get("port") == 15008 and p.get("targetPort", 15008) == 15008
+               for p in svc["spec"].get("ports") or []):
+        err(f"Service {gname}: needs port 15008 → 15008 (ztunnel tunnels to <pod ip>:15008)")
+podspec = dep.get("spec", {}).get("template", {}).get("spec") or {}
+sa = podspec.get("serviceAccountName")
+if not get("ServiceAccount", sa):
+    err(f"Deployment: serviceAccountName {sa!r} does not exist")
+cs = [c for c in podspec.get("containers") or [] if c.get("command") == ["waypoint"]]
+if len(cs) != 1:
+    err("Deployment: one container must run `waypoint`")
+    cs = [{}]
+c = cs[0]
+args = c.get("args") or []
+f_ = {a[2:].partition("=")[0]: a.partition("=")[2] for a in args if a.startswith("--")}
+want = {"gateway-name": "$(GATEWAY_NAME)", "gateway-namespace": "$(POD_NAMESPACE)", "pod-name": "$(POD_NAME)"}
+if "kube" not in f_ or "config" in f_ or any(f_.get(k) != v for k, v in want.items()):
+    err(f"waypoint: must run --kube (no --config) with {want}, not {args}")
+env = {e["name"]: e for e in c.get("env") or []}
+if (env.get("GATEWAY_NAME") or {}).get("value") != gname:
+    err(f"waypoint: env GATEWAY_NAME must be the Gateway's name {gname!r}")
+for n, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+    if (((env.get(n) or {}).get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") != path:
+        err(f"waypoint: env {n} must come from the downward API's {path}")
+if (c.get("image") or ":").rsplit(":", 1)[0] not in images:
+    err(f"waypoint: image {c.get('image')} is not waypoint/kustomization.yaml's image")
+# The CA Secret and excluded namespaces are the ztunnels' (manifests/).
+base = {}
+for f in os.listdir(here):
+    if f.endswith(".yaml") and f != "kustomization.yaml":
+        for d in load(os.path.join(here, f)):
+            base[(d["kind"], (d.get("metadata") or {}).get("name"))] = d
+for v in podspec.get("volumes") or []:
+    if "secret" in v and v["secret"].get("secretName") != "ztunnel-ca":
+        err(f"waypoint: volume {v['name']}: the CA Secret is ztunnel-ca")
+if not any("secret" in v for v in podspec.get("volumes") or []) or ("Secret", "ztunnel-ca") not in base:
+    err("waypoint: must mount the ztunnels' CA Secret ztunnel-ca")
+zt = base.get(("DaemonSet", "ztunnel"))
+if zt:
+    zargs = [a for c2 in zt["spec"]["template"]["spec"]["containers"] for a in c2.get("args") or []]
+    zx = next((a.partition("=")[2] for a in zargs if a.startswith("--excluded-namespaces=")), "kube-system")
+    if sorted(f_.get("excluded-namespaces", "kube-system").split(",")) != sorted(zx.split(",")):
+        err(f"waypoint: --excluded-namespaces={f_.get('excluded-namespaces')} is not ztunnel's {zx}")
+
+# Least privilege: exactly what `waypoint --kube` uses (cluster-wide), and its Gateway in its
+# namespace only.
+WANT_CLUSTER = {(g, r, v) for g, r in (("", "pods"), ("", "namespaces"), ("", "services"),
+                                      ("discovery.k8s.io", "endpointslices"),
+                                      ("gateway.networking.k8s.io", "httproutes"),
+                                      ("security.istio.io", "authorizationpolicies"))
+                for v in ("list", "watch")} | {("gateway.networking.k8s.io", "httproutes/status", "patch")}
+WANT_NS = {("gateway.networking.k8s.io", "gateways", v) for v in ("list", "watch")}
+got_cluster, got_ns = set(), set()
+for (kind, ns, name), (f, b) in objs.items():
+    if kind not in ("ClusterRoleBinding", "RoleBinding"):
+        continue
+    if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace", ns) == NS
+               for s in b.get("subjects") or []):
+        continue
+    rk = b["roleRef"]["kind"]
+    role = get(rk, b["roleRef"]["name"], None if rk == "ClusterRole" else ns)
+    if role is None:
+        err(f"{kind}/{name}: roleRef {rk}/{b['roleRef']['name']} does not exist")
+        continue
+    target = got_cluster if kind == "ClusterRoleBinding" else got_ns
+    for rule in role.get("rules") or []:
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            err(f"{role['metadata']['name']}: resourceNames/nonResourceURLs are not expected")
+        target |= {(g, r, v) for g in rule.get("apiGroups") or [] for r in rule.get("resources") or []
+                   for v in rule.get("verbs") or []}
+if got_cluster != WANT_CLUSTER:
+    err(f"waypoint: cluster-wide it is granted {sorted(got_cluster - WANT_CLUSTER)} too much and "
+        f"{sorted(WANT_CLUSTER - got_cluster)} too little")
+if got_ns != WANT_NS:
+    err(f"waypoint: in {NS} it is granted {sorted(got_ns - WANT_NS)} too much and {sorted(WANT_NS - got_ns)} too little")
+
+# The examples attach to Services (GAMMA) and target Services.
+for (kind, ns, name), (f, d) in objs.items():
+    if kind == "HTTPRoute":
+        for p in d["spec"].get("parentRefs") or []:
+            if not ((p.get("kind") == "Service" and p.get("group") == "") or p.get("kind", "Gateway") == "Gateway"):
+                err(f"HTTPRoute {ns}/{name}: parentRef {p} is neither a Service nor a Gateway")
+    if kind == "AuthorizationPolicy" and not (d["spec"].get("targetRefs") or d["spec"].get("targetRef")):
+        err(f"AuthorizationPolicy {ns}/{name}: a waypoint policy needs targetRefs")
+
+for e in errors:
+    print(f"ERROR {e}", file=sys.stderr)
+with open(os.path.join(tmp, "crs"), "w") as out:
+    out.write(str(crs))
+sys.exit(1 if errors else 0)
+PY
+wout=$("$kv" --strict -k "$K8S_VERSION" "$tmp"/*.yaml 2>&1) && rc=0 || rc=$?
+if [ "$rc" -ne 0 ] || grep -qvE '^INFO ' <<<"$wout"; then
+  echo "$wout" >&2
+  echo "validate.sh: waypoint/: schema validation against Kubernetes $K8S_VERSION failed" >&2
+  exit 1
+fi
+wcore=$(grep -c '^INFO .* passed for resource' <<<"$wout")
+wcrs=$(cat "$tmp/crs")
+
 echo "manifests: $resources resources in ${#manifests[@]} files valid against Kubernetes $K8S_VERSION (strict); kustomization and cross-references OK"
+echo "manifests/waypoint: $wcore core resources (Kubernetes $K8S_VERSION, strict) and $wcrs Gateway API / Istio resources (schemas/) valid; template, bindings and RBAC OK"
