@@ -26,11 +26,13 @@ pub const TUNNEL_STATE_FILE: &str = "tunnel.json";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The agent's config file content.
-pub fn config() -> Value {
+/// The agent's config file content; `opt_out` are `<namespace>/<pod name>` of pods in an
+/// ambient namespace that stay out (the waypoint).
+pub fn config(opt_out: &[String]) -> Value {
     json!({
         "ambientNamespaces": AMBIENT_NAMESPACES,
         "excludedNamespaces": ["kube-system"],
+        "optOutPods": opt_out,
         "ztunnel": {"namespace": "istio-system", "podNamePrefix": "ztunnel"},
     })
 }

@@ -75,6 +75,11 @@ enum Cmd {
         /// The waypoint binary (default: `waypoint` in --bin-dir or next to this executable).
         #[arg(long)]
         waypoint_bin: Option<PathBuf>,
+        /// Enroll the waypoint pod like any ambient pod (its node's ztunnel then relays its
+        /// HBONE both ways). By default it is opted out, as Istio's waypoints are: it speaks
+        /// HBONE itself.
+        #[arg(long)]
+        waypoint_captured: bool,
     },
     /// Show the lab's topology.
     Status {
@@ -189,6 +194,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             ztunnel_init_bin,
             no_waypoint,
             waypoint_bin,
+            waypoint_captured,
         } => {
             let state = up::up(&UpOptions {
                 prefix: prefix.prefix,
@@ -203,6 +209,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 ztunnel_init_bin,
                 waypoint: !no_waypoint,
                 waypoint_bin,
+                waypoint_captured,
             })?;
             emit(&status::LabStatus::from_state(&state).table())?;
         }

@@ -196,6 +196,27 @@ pub const PODS: [PodPlan; 7] = [
     },
 ];
 
+/// Whether a pod of the plan is enrolled: its `ambient`, except the waypoint, which is opted
+/// out unless `waypoint_captured` (Istio's waypoints are not captured: they speak HBONE
+/// themselves, and capturing them costs two extra hops through their node's ztunnel; the
+/// product handles both).
+pub fn enrolled(plan: &PodPlan, waypoint_captured: bool) -> bool {
+    plan.ambient && (plan.role != PodRole::Waypoint || waypoint_captured)
+}
+
+/// The `<namespace>/<pod name>` of the pods the agent is told to leave out.
+pub fn opted_out(waypoint_captured: bool) -> Vec<String> {
+    PODS.iter()
+        .filter(|p| p.ambient && !enrolled(p, waypoint_captured))
+        .flat_map(|p| {
+            NODES
+                .iter()
+                .filter(|n| p.on(n))
+                .map(move |n| format!("{}/{}-{}", p.namespace, p.name, n.letter))
+        })
+        .collect()
+}
+
 /// The pods of the plan on `node`, in creation order.
 pub fn pods_on(node: &NodePlan) -> impl Iterator<Item = &'static PodPlan> + '_ {
     PODS.iter().filter(move |p| p.on(node))

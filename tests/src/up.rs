@@ -60,6 +60,8 @@ pub struct UpOptions {
     pub waypoint: bool,
     /// The waypoint binary (default: `waypoint` in `--bin-dir` or next to this executable).
     pub waypoint_bin: Option<PathBuf>,
+    /// Enroll the waypoint pod (see [`crate::topology::enrolled`]).
+    pub waypoint_captured: bool,
 }
 
 /// The executables a lab run needs.
@@ -411,8 +413,12 @@ impl Builder<'_> {
         let agent_dir = a.socket.parent().context("socket dir")?.to_path_buf();
         std::fs::create_dir_all(&a.state_dir)
             .with_context(|| format!("create {}", a.state_dir.display()))?;
-        std::fs::write(&a.config, serde_json::to_vec_pretty(&agent::config())?)
-            .with_context(|| format!("write {}", a.config.display()))?;
+        let opt_out = topology::opted_out(self.opts.waypoint_captured);
+        std::fs::write(
+            &a.config,
+            serde_json::to_vec_pretty(&agent::config(&opt_out))?,
+        )
+        .with_context(|| format!("write {}", a.config.display()))?;
         self.state.add_file(&agent_dir);
         let bin = self.bins.agent.as_ref().context("no agent binary")?;
         let argv = agent::argv(bin, &a.config, &a.socket, &a.state_dir, &a.tunnel);
@@ -447,7 +453,7 @@ impl Builder<'_> {
             netns: netns_name,
             container_id: format!("{}-{id}-{}", self.state.prefix, &random_hex(4)?),
             ifname: "eth0".into(),
-            ambient: plan.ambient,
+            ambient: topology::enrolled(plan, self.opts.waypoint_captured),
             cni_added: true,
             ip: None,
             host_veth: None,
@@ -789,7 +795,7 @@ pub fn planned_state(prefix: &str) -> Result<LabState> {
                 netns: paths::netns_name(prefix, &id),
                 container_id: format!("{prefix}-{id}"),
                 ifname: "eth0".into(),
-                ambient: plan.ambient,
+                ambient: topology::enrolled(plan, false),
                 cni_added: true,
                 ip: Some(Ipv4Addr::new(o[0], o[1], o[2], 2 + i as u8)),
                 host_veth: None,

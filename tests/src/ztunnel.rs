@@ -93,7 +93,8 @@ pub fn render_workloads(state: &LabState) -> Vec<Value> {
                 "namespace": p.namespace,
                 "serviceAccount": p.service_account(),
                 "workloadIps": [ip.to_string()],
-                "protocol": if p.ambient { "HBONE" } else { "TCP" },
+                // The waypoint speaks HBONE whether or not its node captures it.
+                "protocol": if p.ambient || p.role == PodRole::Waypoint { "HBONE" } else { "TCP" },
                 "node": node_name(&p.node),
             });
             let services: serde_json::Map<String, Value> = state

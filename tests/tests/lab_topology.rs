@@ -121,7 +121,8 @@ fn ptp_pods_reach_across_nodes_and_down_cleans_up() {
                     .is_some_and(|v| v.starts_with("veth")),
                 "{p:?}"
             );
-            assert_eq!(p.ambient, p.namespace == "demo");
+            // The waypoint is opted out of capture (it speaks HBONE itself).
+            assert_eq!(p.ambient, p.namespace == "demo" && *pod != "waypoint");
             let serves = !["ztunnel", "waypoint"].contains(pod);
             assert_eq!(p.server.is_some(), serves, "{}", p.id);
             assert!(p
@@ -334,9 +335,10 @@ fn one_node_pods_are_enrolled_on_their_node() {
             );
         }
     }
-    for id in ["a-reviews-v1", "b-reviews-v2", "b-waypoint"] {
+    for id in ["a-reviews-v1", "b-reviews-v2"] {
         assert!(lab.pod(id).ambient, "{id}");
     }
+    assert!(!lab.pod("b-waypoint").ambient, "opted out of capture");
     let wp = lab.waypoint();
     assert!(!wp.running);
     assert_eq!(wp.not_started.as_deref(), Some("--dataplane none"));

@@ -74,6 +74,10 @@ fn generation(lab: &Lab) -> u64 {
 #[test]
 fn requests_to_the_clusterip_go_through_the_waypoint() {
     let lab = lab("wp1");
+    // Like Istio's, the lab's waypoint is not captured: it speaks HBONE itself.
+    assert!(!lab.pod("b-waypoint").ambient);
+    assert!(!in_pod_set(&lab, lab.waypoint_ip()));
+    assert!(in_pod_set(&lab, lab.pod_ip("b-reviews-v2")));
     let (client, wp) = (lab.pod_ip("a-client"), lab.waypoint_ip());
     let reqs: Vec<HttpRequest> = (0..20)
         .map(|i| HttpRequest::get(&format!("/r/{i}")))
@@ -88,6 +92,15 @@ fn requests_to_the_clusterip_go_through_the_waypoint() {
         assert_eq!(e.headers["x-forwarded-proto"], "http");
         assert!(e.pod == "a-reviews-v1" || e.pod == "b-reviews-v2", "{e:?}");
     }
+    // v2 for sure (the split may give it none of 20: 0.9^20 = 12%).
+    let a = lab
+        .http1(
+            "a-client",
+            REVIEWS,
+            &[HttpRequest::get("/r/v2").header("x-version", "v2")],
+        )
+        .unwrap();
+    assert_eq!(pod_of(&a[0]), "b-reviews-v2");
     // A direct request to a pod behind the waypoint goes through it too.
     let v1_pod = lab.pod_ip("a-reviews-v1");
     let a = lab.http_get("a-client", (v1_pod, 8080), "/direct").unwrap();
@@ -95,13 +108,13 @@ fn requests_to_the_clusterip_go_through_the_waypoint() {
 
     // The waypoint's access log has each request, with the client's identity.
     let mut lines = Vec::new();
-    eventually("21 access-log lines", || {
+    eventually("22 access-log lines", || {
         lines = lab.waypoint_access_log();
         lines
             .iter()
             .filter(|l| l.contains("path=/r/") || l.contains("path=/direct"))
             .count()
-            >= 21
+            >= 22
     });
     let line = lines.iter().find(|l| l.contains("path=/r/0")).unwrap();
     for want in [
@@ -125,7 +138,7 @@ fn requests_to_the_clusterip_go_through_the_waypoint() {
             &format!("source_principal=\"{}\"", identity("client")),
         ],
     );
-    assert!(n >= 21.0, "{n}\n{m}");
+    assert!(n >= 22.0, "{n}\n{m}");
     assert!(
         m.contains("istio_request_duration_milliseconds_bucket{"),
         "{m}"
@@ -151,6 +164,57 @@ fn requests_to_the_clusterip_go_through_the_waypoint() {
     };
     let (a, b) = (peer_is_waypoint("a-ztunnel"), peer_is_waypoint("b-ztunnel"));
     assert!(a >= 1.0 && b >= 1.0, "ztunnel A {a}, ztunnel B {b}");
+}
+
+/// The waypoint pod enrolled like any ambient pod: its node's ztunnel relays the client's
+/// tunnel to it untouched and passes its own HBONE on (or terminates it for a pod of its
+/// node); the result is the same.
+#[test]
+fn a_captured_waypoint_works_the_same() {
+    let lab = Lab::up(
+        &unique_prefix("wpc"),
+        LabOptions::new(LAB).waypoint().arg("--waypoint-captured"),
+    )
+    .expect("lab up");
+    assert!(lab.pod("b-waypoint").ambient, "the waypoint is enrolled");
+    let reqs: Vec<HttpRequest> = (0..40).map(|_| HttpRequest::get("/c")).collect();
+    let answers = lab.http1("a-client", REVIEWS, &reqs).unwrap();
+    let pods: std::collections::BTreeSet<String> = answers.iter().map(pod_of).collect();
+    assert!(answers.iter().all(|a| a.status == 200));
+    // Both endpoints: the one on the waypoint's node (ztunnel B terminates the waypoint's
+    // tunnel in-process) and the one on node A (ztunnel B passes it on).
+    let v2 = lab
+        .http1(
+            "a-client",
+            REVIEWS,
+            &[HttpRequest::get("/c").header("x-version", "v2")],
+        )
+        .unwrap();
+    assert_eq!(pod_of(&v2[0]), "b-reviews-v2");
+    assert!(pods.contains("a-reviews-v1"), "{pods:?}");
+    assert!(
+        in_pod_set(&lab, lab.waypoint_ip()),
+        "node B captures the waypoint"
+    );
+}
+
+/// Whether node B's pod set holds `ip`.
+fn in_pod_set(lab: &Lab, ip: Ipv4Addr) -> bool {
+    let out = lab
+        .exec(
+            "nodeB",
+            &[
+                "nft",
+                "list",
+                "set",
+                "inet",
+                "ambient-node",
+                "ztunnel-pods-ips",
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).contains(&ip.to_string())
 }
 
 #[test]
