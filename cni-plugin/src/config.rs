@@ -29,6 +29,10 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 /// Longer than any runtime waits for a plugin; a larger value is a typo.
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
+/// The largest network configuration accepted on stdin (the agent's request limit: a GC list
+/// for thousands of pods fits). Larger input is refused (code 6) before it is parsed.
+pub const MAX_STDIN: usize = 4 << 20;
+
 /// The GC attachment keys: the spec's, and the one libcni also sends (it once used it by mistake).
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 pub const ATTACHMENTS_KEY: &str = "cni.dev/attachments";
@@ -219,6 +223,7 @@ fn parse_attachment(item: &Value) -> Result<Attachment, String> {
 
 /// Stdin as a JSON object; anything else is a decode error (6).
 pub fn parse_object(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
+    check_size(stdin)?;
     match serde_json::from_slice::<Value>(stdin) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(CniError::decode(
@@ -228,6 +233,18 @@ pub fn parse_object(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
             CniError::decode("failed to decode the network configuration on stdin")
                 .with_details(e.to_string()),
         ),
+    }
+}
+
+/// Stdin within [`MAX_STDIN`]; larger is a decode error (6).
+pub fn check_size(stdin: &[u8]) -> Result<(), CniError> {
+    if stdin.len() > MAX_STDIN {
+        Err(CniError::decode(format!(
+            "network configuration on stdin is larger than the limit of {MAX_STDIN} bytes"
+        ))
+        .with_details(format!("stdin: {} bytes or more", stdin.len())))
+    } else {
+        Ok(())
     }
 }
 
@@ -337,6 +354,17 @@ mod tests {
         assert_eq!(c.runtime_config, Some(json!({"portMappings": []})));
         assert_eq!(c.prev_result, None, "null prevResult counts as absent");
         assert!(o.is_excluded("a") && !o.is_excluded("kube-system") && !o.is_excluded(""));
+    }
+
+    #[test]
+    fn stdin_over_the_limit_is_code_6() {
+        let mut big = br#"{"cniVersion":"1.0.0","name":"n","type":"t","x":""#.to_vec();
+        big.resize(MAX_STDIN, b' ');
+        big.extend_from_slice(b"\"}");
+        let e = NetConf::parse(&big).unwrap_err();
+        assert_eq!(e.code(), 6);
+        assert!(e.msg().contains("limit"), "{}", e.msg());
+        assert_eq!(peek_version(&big), None);
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub const CNI_PATH: &str = "CNI_PATH";
 
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME_LEN: usize = 15;
+/// The longest CNI_CONTAINERID / CNI_NETNS accepted (PATH_MAX; runtimes send 64-hex ids and
+/// short paths): anything longer is a broken or hostile caller, refused before it reaches the
+/// log or the agent.
+pub const MAX_ENV_VALUE_LEN: usize = 4096;
+/// The longest CNI_ARGS accepted (Kubernetes sends well under 1 KiB).
+pub const MAX_CNI_ARGS_LEN: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -155,6 +161,19 @@ impl CniEnv {
                 None => Ok(None),
             }
         };
+        for (var, max) in [
+            (CNI_CONTAINERID, MAX_ENV_VALUE_LEN),
+            (CNI_NETNS, MAX_ENV_VALUE_LEN),
+            (CNI_IFNAME, MAX_ENV_VALUE_LEN),
+            (CNI_ARGS, MAX_CNI_ARGS_LEN),
+        ] {
+            if let Some(v) = env.get(var).filter(|v| v.len() > max) {
+                return Err(
+                    CniError::invalid_env(format!("{var} is longer than {max} bytes"))
+                        .with_details(format!("{} bytes", v.len())),
+                );
+            }
+        }
         let container_id = get(CNI_CONTAINERID)?;
         let netns = get(CNI_NETNS)?;
         let if_name = get(CNI_IFNAME)?;
@@ -295,6 +314,33 @@ mod tests {
                 assert!(e.msg().contains(skip));
             }
         }
+    }
+
+    #[test]
+    fn oversized_values_are_code_4_and_name_the_variable() {
+        let big = "a".repeat(MAX_ENV_VALUE_LEN + 1);
+        for var in [CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME] {
+            let mut m = env(&[
+                (CNI_COMMAND, "ADD"),
+                (CNI_CONTAINERID, "abc"),
+                (CNI_NETNS, "/var/run/netns/x"),
+                (CNI_IFNAME, "eth0"),
+            ]);
+            m.insert(var.into(), big.clone());
+            let e = CniEnv::from_map(&m).unwrap_err();
+            assert_eq!(e.code(), 4, "{var}");
+            assert!(e.msg().contains(var), "{}", e.msg());
+        }
+        let m = env(&[
+            (CNI_COMMAND, "DEL"),
+            (CNI_CONTAINERID, "abc"),
+            (CNI_IFNAME, "eth0"),
+            (
+                CNI_ARGS,
+                &format!("K8S_POD_NAME={}", "x".repeat(MAX_CNI_ARGS_LEN)),
+            ),
+        ]);
+        assert!(CniEnv::from_map(&m).unwrap_err().msg().contains(CNI_ARGS));
     }
 
     #[test]

@@ -15,8 +15,10 @@ fn main() -> ExitCode {
             )
         })
         .collect();
+    // Bounded: one byte past the limit is enough for the library to refuse it (code 6).
     let mut stdin = Vec::new();
-    let out = match std::io::stdin().lock().read_to_end(&mut stdin) {
+    let limit = ambient_cni::config::MAX_STDIN as u64 + 1;
+    let out = match std::io::stdin().lock().take(limit).read_to_end(&mut stdin) {
         Ok(_) => ambient_cni::run(&env, &stdin),
         Err(e) => Output::error(
             &CniError::io("cannot read the network configuration from stdin")

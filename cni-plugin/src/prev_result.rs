@@ -60,11 +60,7 @@ impl PrevResult {
             }
         }
         decode_routes(obj)?;
-        if let Some(dns) = field(obj, "dns") {
-            if !dns.is_object() {
-                return Err(bad("prevResult.dns", "must be an object"));
-            }
-        }
+        decode_dns(obj)?;
         Ok(PrevResult {
             ips,
             interface_names,
@@ -129,6 +125,10 @@ fn decode_interfaces(obj: &Map<String, Value>) -> Result<Vec<String>, CniError> 
             let o = e
                 .as_object()
                 .ok_or_else(|| bad(&path, "must be an object"))?;
+            for key in ["mac", "sandbox", "socketPath"] {
+                check_str(o, &path, key)?;
+            }
+            check_uint(o, &path, "mtu")?;
             match o.get("name") {
                 Some(Value::String(n)) => Ok(n.clone()),
                 _ => Err(bad(&format!("{path}.name"), "must be a string")),
@@ -212,8 +212,55 @@ fn decode_routes(obj: &Map<String, Value>) -> Result<(), CniError> {
             Some(Value::String(g)) if g.is_empty() || g.parse::<IpAddr>().is_ok() => {}
             Some(_) => return Err(bad(&format!("{path}.gw"), "must be an IP address")),
         }
+        // 1.1.0's route attributes.
+        for key in ["mtu", "advmss", "priority", "table", "scope"] {
+            check_uint(o, &path, key)?;
+        }
     }
     Ok(())
+}
+
+fn decode_dns(obj: &Map<String, Value>) -> Result<(), CniError> {
+    let Some(dns) = field(obj, "dns") else {
+        return Ok(());
+    };
+    let o = dns
+        .as_object()
+        .ok_or_else(|| bad("prevResult.dns", "must be an object"))?;
+    check_str(o, "prevResult.dns", "domain")?;
+    for key in ["nameservers", "search", "options"] {
+        match field(o, key) {
+            None => {}
+            Some(Value::Array(list)) if list.iter().all(Value::is_string) => {}
+            Some(_) => {
+                return Err(bad(
+                    &format!("prevResult.dns.{key}"),
+                    "must be a list of strings",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An optional string field of `o` (at `path`).
+fn check_str(o: &Map<String, Value>, path: &str, key: &str) -> Result<(), CniError> {
+    match field(o, key) {
+        None | Some(Value::String(_)) => Ok(()),
+        Some(_) => Err(bad(&format!("{path}.{key}"), "must be a string")),
+    }
+}
+
+/// An optional non-negative integer field of `o` (at `path`).
+fn check_uint(o: &Map<String, Value>, path: &str, key: &str) -> Result<(), CniError> {
+    match field(o, key) {
+        None => Ok(()),
+        Some(v) if v.as_u64().is_some() => Ok(()),
+        Some(_) => Err(bad(
+            &format!("{path}.{key}"),
+            "must be a non-negative integer",
+        )),
+    }
 }
 
 /// "10.244.1.5/24" or "fd00::5/64" → (address, prefix length). The prefix is required.
@@ -355,6 +402,23 @@ mod tests {
                 "prevResult.routes[0].dst",
             ),
             (json!({"dns": []}), "prevResult.dns"),
+            (
+                json!({"dns": {"nameservers": "10.96.0.10"}}),
+                "prevResult.dns.nameservers",
+            ),
+            (json!({"dns": {"domain": 1}}), "prevResult.dns.domain"),
+            (
+                json!({"routes": [{"dst": "0.0.0.0/0", "mtu": "1500"}]}),
+                "prevResult.routes[0].mtu",
+            ),
+            (
+                json!({"interfaces": [{"name": "eth0", "mtu": -1}]}),
+                "prevResult.interfaces[0].mtu",
+            ),
+            (
+                json!({"interfaces": [{"name": "eth0", "sandbox": 1}]}),
+                "prevResult.interfaces[0].sandbox",
+            ),
         ];
         for (v, path) in cases {
             let e = PrevResult::decode(&v).unwrap_err();
