@@ -635,6 +635,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn admin_port_defaults_to_loopback_only() {
+        let cfg = Config::from(Cli::parse_from(["waypoint", "--config", "w.yaml"]));
+        assert!(cfg.admin_addr.ip().is_loopback(), "{:?}", cfg.admin_addr);
+        assert_eq!(cfg.admin_addr.port(), port::ADMIN);
+        // HBONE, metrics and readiness face the node; only the dump is kept local.
+        for a in [cfg.hbone_addr, cfg.metrics_addr, cfg.readiness_addr] {
+            assert!(!a.ip().is_loopback(), "{a}");
+        }
+    }
+
+    #[test]
     fn gateway_durations() {
         assert_eq!(
             parse_gateway_duration("1s").unwrap(),

@@ -92,7 +92,9 @@ fn ready(a: &dyn AdminSource) -> Response<Full<Bytes>> {
     }
 }
 
-pub fn handle(a: &dyn AdminSource, port: Port, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// One request on `port`: `/config_dump` (and the index) only on the admin port, which listens
+/// on localhost by default; metrics on the admin and metrics ports; readiness on every port.
+pub fn handle<B>(a: &dyn AdminSource, port: Port, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (port, path) {
         (_, "/healthz/ready") => ready(a),
@@ -141,5 +143,58 @@ pub async fn serve<A: AdminSource>(
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    struct Fake;
+
+    impl AdminSource for Fake {
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn config_dump(&self) -> serde_json::Value {
+            serde_json::json!({"secret": "config"})
+        }
+        fn metrics(&self) -> String {
+            "# EOF\n".into()
+        }
+    }
+
+    fn get(port: Port, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path).body(()).unwrap();
+        let resp = handle(&Fake, port, &req);
+        let status = resp.status();
+        let bytes = futures::executor::block_on(resp.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn config_dump_is_served_on_the_admin_port_only() {
+        let (status, body) = get(Port::Admin, "/config_dump");
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("secret"), "{body}");
+        for port in [Port::Metrics, Port::Readiness] {
+            for path in ["/config_dump", "/"] {
+                let (status, body) = get(port, path);
+                assert_eq!(status, StatusCode::NOT_FOUND, "{port:?} {path}");
+                assert!(!body.contains("secret"), "{port:?} {path}: {body}");
+            }
+        }
+    }
+
+    #[test]
+    fn metrics_and_readiness_are_where_they_belong() {
+        assert_eq!(get(Port::Metrics, "/metrics").0, StatusCode::OK);
+        assert_eq!(get(Port::Readiness, "/metrics").0, StatusCode::NOT_FOUND);
+        for port in [Port::Admin, Port::Metrics, Port::Readiness] {
+            assert_eq!(get(port, "/healthz/ready").0, StatusCode::OK, "{port:?}");
+        }
     }
 }

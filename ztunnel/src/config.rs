@@ -653,6 +653,24 @@ policies:
     }
 
     #[test]
+    fn admin_port_defaults_to_loopback_only() {
+        for args in [
+            &["ztunnel", "--config", "c.yaml", "--node-name", "a"][..],
+            &["ztunnel", "--kube", "--node-name", "a"][..],
+        ] {
+            let cfg = Config::from(Cli::parse_from(args));
+            assert!(cfg.admin_addr.ip().is_loopback(), "{:?}", cfg.admin_addr);
+            assert_eq!(cfg.admin_addr.port(), port::ADMIN);
+            // The data-plane and the metrics/readiness ports are the ones that face the node.
+            for a in [cfg.metrics_addr, cfg.readiness_addr] {
+                assert!(!a.ip().is_loopback(), "{a}");
+            }
+        }
+        let cfg = Config::new("c.yaml".into(), "a", CertSource::Ca("/ca".into()));
+        assert!(cfg.admin_addr.ip().is_loopback(), "{:?}", cfg.admin_addr);
+    }
+
+    #[test]
     fn cli_defaults_use_the_spec_ports() {
         let cli = Cli::parse_from(["ztunnel", "--config", "c.yaml", "--node-name", "a"]);
         let cfg = Config::from(cli);
