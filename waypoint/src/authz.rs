@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use ztunnel::config::ConfigError;
 use ztunnel::identity::Identity;
-use ztunnel::rbac::StringMatch;
+use ztunnel::rbac::{cidrs, principals, strings, StringMatch};
 
 use crate::config::{Action, AuthorizationPolicy, Condition, Operation, PolicyRule, Source};
 
@@ -232,35 +232,9 @@ impl Policy {
     }
 }
 
-fn strings(v: &[String]) -> Vec<StringMatch> {
-    v.iter().map(|s| StringMatch::parse(s)).collect()
-}
-
 fn lower(v: &[String]) -> Vec<StringMatch> {
     v.iter()
         .map(|s| StringMatch::parse(&s.to_ascii_lowercase()))
-        .collect()
-}
-
-fn principals(v: &[String]) -> Vec<StringMatch> {
-    v.iter()
-        .map(|s| StringMatch::parse(s.strip_prefix("spiffe://").unwrap_or(s)))
-        .collect()
-}
-
-fn cidrs(v: &[String], field: &str) -> Result<Vec<IpNet>, ConfigError> {
-    v.iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    ConfigError::invalid(
-                        format!("{field}[{i}]"),
-                        format!("{s:?} is not an IP address or CIDR"),
-                    )
-                })
-        })
         .collect()
 }
 

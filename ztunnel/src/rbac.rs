@@ -148,7 +148,9 @@ impl Policy {
     }
 }
 
-fn cidrs(v: &[String], field: &str) -> Result<Vec<IpNet>, ConfigError> {
+/// Addresses or CIDRs (`10.0.0.1`, `10.0.0.0/24`); `field` names the list for errors. Shared
+/// with the waypoint's policies.
+pub fn cidrs(v: &[String], field: &str) -> Result<Vec<IpNet>, ConfigError> {
     v.iter()
         .enumerate()
         .map(|(i, s)| {
@@ -179,13 +181,15 @@ fn service_accounts(v: &[String], field: &str) -> Result<Vec<(String, String)>, 
         .collect()
 }
 
-fn principals(v: &[String]) -> Vec<StringMatch> {
+/// Principals `<td>/ns/<ns>/sa/<sa>` (a `spiffe://` prefix accepted), wildcards allowed.
+pub fn principals(v: &[String]) -> Vec<StringMatch> {
     v.iter()
         .map(|s| StringMatch::parse(s.strip_prefix("spiffe://").unwrap_or(s)))
         .collect()
 }
 
-fn strings(v: &[String]) -> Vec<StringMatch> {
+/// `*`, `prefix*`, `*suffix` or exact strings.
+pub fn strings(v: &[String]) -> Vec<StringMatch> {
     v.iter().map(|s| StringMatch::parse(s)).collect()
 }
 
