@@ -173,6 +173,16 @@ impl Exchange {
     }
 }
 
+/// The answer when no attempt got a response: Envoy's text, `UF` (or `URX` after retries).
+fn upstream_failed(attempt: u32, reason: String) -> (&'static str, &'static str, String) {
+    let flags = if attempt > 1 { "URX" } else { "UF" };
+    (
+        flags,
+        "upstream connect error or disconnect/reset before headers",
+        reason,
+    )
+}
+
 /// Hop-by-hop headers: never forwarded (RFC 9110 §7.6.1), except an upgrade's.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = h
@@ -580,25 +590,14 @@ async fn handle(
                     tokio::time::sleep(retry.backoff).await;
                     continue;
                 }
-                Err(e) => {
-                    let flags = if attempt > 1 { "URX" } else { "UF" };
-                    return Err((
-                        flags,
-                        "upstream connect error or disconnect/reset before headers",
-                        e.to_string(),
-                    ));
-                }
+                Err(e) => return Err(upstream_failed(attempt, e.to_string())),
             };
             let body = match (&kept, streaming.take()) {
                 (Some(b), _) => body::full(b.clone()),
                 (None, Some(s)) => s,
                 // Streamed once already: no retry can resend it (guarded below).
                 (None, None) => {
-                    return Err((
-                        "URX",
-                        "upstream connect error or disconnect/reset before headers",
-                        "request body already sent".into(),
-                    ))
+                    return Err(upstream_failed(attempt, "request body already sent".into()))
                 }
             };
             let mut req = Request::new(body);
@@ -630,14 +629,7 @@ async fn handle(
                     tokio::time::sleep(retry.backoff).await;
                     continue;
                 }
-                Err(e) => {
-                    let flags = if attempt > 1 { "URX" } else { "UF" };
-                    return Err((
-                        flags,
-                        "upstream connect error or disconnect/reset before headers",
-                        e.to_string(),
-                    ));
-                }
+                Err(e) => return Err(upstream_failed(attempt, e.to_string())),
             }
         }
     };
