@@ -126,6 +126,10 @@ pub struct ZtunnelEndpoint {
     /// The ztunnel pod interface's MAC (matched on the bridge).
     #[serde(default)]
     pub mac: String,
+    /// The MAC of [`Self::bridge`]: frames between pods of the bridge that must be captured
+    /// are readdressed to it, so they are routed rather than switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_mac: Option<String>,
     /// Its MTU: the tunnels' underlay.
     pub veth_mtu: u32,
     /// The node address on the ztunnel's side (its gateway): the tunnels' source.
@@ -307,6 +311,13 @@ pub fn node_desired(
         d.sysctls.push(Sysctl::conf(dev, "rp_filter", "0"));
         d.sysctls.push(Sysctl::conf(dev, "accept_local", "1"));
     }
+    // Behind a bridge, packets between two of its pods are routed (same-bridge capture) and a
+    // captured flow's rest goes back out over the bridge to ztunnel: the node must not send
+    // ICMP redirects telling pods to go direct. The kernel ORs `all` with the device.
+    if let Some(b) = zt.bridge.as_deref() {
+        d.sysctls.push(Sysctl::conf("all", "send_redirects", "0"));
+        d.sysctls.push(Sysctl::conf(b, "send_redirects", "0"));
+    }
     for dev in pod_host_devs {
         d.sysctls.push(Sysctl::conf(dev, "rp_filter", "0"));
     }
@@ -465,6 +476,7 @@ mod tests {
             host_veth: "vethzt".into(),
             bridge: None,
             mac: String::new(),
+            bridge_mac: None,
             veth_mtu: 1500,
             node_ip: GW,
         }
@@ -582,6 +594,17 @@ mod tests {
             Some(&via("cni0", ZT_IP, None, true))
         );
         assert!(d.sysctls.contains(&Sysctl::conf("cni0", "rp_filter", "0")));
+        assert!(d
+            .sysctls
+            .contains(&Sysctl::conf("cni0", "send_redirects", "0")));
+        assert!(d
+            .sysctls
+            .contains(&Sysctl::conf("all", "send_redirects", "0")));
+        let ptp = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        assert!(!ptp
+            .sysctls
+            .iter()
+            .any(|s| s.key.ends_with("send_redirects")));
     }
 
     #[test]

@@ -67,6 +67,7 @@ async fn node_state_converges_in_place_and_cleans_up() {
         host_veth: "vethzt".into(),
         bridge: None,
         mac: String::new(),
+        bridge_mac: None,
         veth_mtu: 1500,
         node_ip: Ipv4Addr::new(10, 244, 1, 1),
     };

@@ -28,7 +28,11 @@ use crate::membership::{Membership, Verdict};
 use crate::store::{self, AgentState, PodRecord, Store, ZtunnelRecord};
 
 /// Node-wide sysctls whose previous values cleanup restores.
-const RESTORABLE: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter"];
+const RESTORABLE: [&str; 3] = [
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.rp_filter",
+    "net.ipv4.conf.all.send_redirects",
+];
 
 /// Container ids of attachments the Kubernetes watcher enrolled itself (pods that started
 /// before the agent, or whose CNI ADD the agent did not see): `k8s-watch:<pod uid>`. The
@@ -131,6 +135,7 @@ impl Node {
                 ztunnel_veth: z.host_veth.clone(),
                 ztunnel_bridge: z.bridge.clone(),
                 ztunnel_mac: z.mac.clone(),
+                bridge_mac: z.bridge_mac.clone(),
                 ztunnel_ip: z.ip,
                 node_gateways: gateways,
                 tunnel_port: self.choice().port,
@@ -141,6 +146,17 @@ impl Node {
 
     /// Converges every link, rule, route, sysctl and nft object the node agent owns.
     pub async fn reconcile(&mut self) -> anyhow::Result<bool> {
+        // State saved by an agent that did not record the bridge's MAC: read it now, so the
+        // same-bridge capture rules are rendered (the bridge plugin pins the bridge's MAC).
+        if let Some(z) = self.state.ztunnel.as_mut() {
+            let e = &mut z.endpoint;
+            if let (Some(b), None) = (&e.bridge, &e.bridge_mac) {
+                match self.nl.link_mac(b).await {
+                    Ok(m) => e.bridge_mac = Some(m),
+                    Err(err) => warn!(bridge = %b, "cannot read the bridge's MAC: {err}"),
+                }
+            }
+        }
         let devs: BTreeSet<String> = self
             .state
             .pods
@@ -545,6 +561,10 @@ impl Node {
             Some(c) => self.nl.link_name_mtu(c).await?.map(|(n, _)| n),
             None => None,
         };
+        let bridge_mac = match &bridge {
+            Some(b) => Some(self.nl.link_mac(b).await?),
+            None => None,
+        };
         let gateway = match pod.gateways.iter().find_map(|g| match g {
             IpAddr::V4(v4) => Some(*v4),
             _ => None,
@@ -558,6 +578,7 @@ impl Node {
         };
         Ok(HostSide {
             bridge,
+            bridge_mac,
             mtu,
             pod_mac,
             veth: name,
@@ -581,6 +602,7 @@ impl Node {
             host_veth: side.veth,
             bridge: side.bridge,
             mac: side.pod_mac,
+            bridge_mac: side.bridge_mac,
             veth_mtu: side.mtu,
             node_ip: side.gateway,
         })
@@ -605,6 +627,8 @@ pub(crate) struct HostSide {
     veth: String,
     /// The bridge the veth is a port of, if any.
     bridge: Option<String>,
+    /// That bridge's own MAC.
+    bridge_mac: Option<String>,
     mtu: u32,
     /// The pod interface's own MAC.
     pod_mac: String,

@@ -419,8 +419,8 @@ fn cleanup_and_down_leave_nothing() {
 }
 
 /// With a bridge-type primary the ztunnel's veth is a bridge port: the agent routes via the
-/// bridge and recognises ztunnel's packets by bridge + MAC. Cross-node capture works; traffic
-/// between pods of one bridge is switched at layer 2 and never reaches the routing rules.
+/// bridge and recognises ztunnel's packets by bridge + MAC. Cross-node capture works (traffic
+/// between pods of one bridge: `same_bridge.rs`).
 #[test]
 fn bridge_primary_captures_across_nodes() {
     let lab = Lab::up(&unique_prefix("brg"), options().primary("bridge")).unwrap();

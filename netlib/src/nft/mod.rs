@@ -98,6 +98,11 @@ pub struct NodeRules {
     pub ztunnel_bridge: Option<String>,
     /// The ztunnel pod interface's MAC, `aa:bb:cc:dd:ee:ff`; used only with a bridge.
     pub ztunnel_mac: String,
+    /// The MAC of [`Self::ztunnel_bridge`] itself. When known, TCP frames on the bridge from or
+    /// to an enrolled pod that the bridge would switch to another port are readdressed to it
+    /// (`ether daddr set`, `meta pkttype set host`), so they go up to the IP layer and are
+    /// captured like any other pod-to-pod connection ([`bridge_chains`]).
+    pub bridge_mac: Option<String>,
     pub ztunnel_ip: Ipv4Addr,
     /// The node's addresses toward pods (`src` of table-100 routes); node → pod traffic from
     /// these is not captured.
@@ -195,20 +200,28 @@ impl NodeRules {
         validate_ifname("ztunnel_veth", &self.ztunnel_veth)?;
         if let Some(b) = &self.ztunnel_bridge {
             validate_ifname("ztunnel_bridge", b)?;
-            let octets: Vec<_> = self.ztunnel_mac.split(':').collect();
-            if octets.len() != 6
-                || !octets
-                    .iter()
-                    .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
-            {
-                return Err(NftError::Invalid(format!(
-                    "ztunnel_mac {:?} is not a MAC address",
-                    self.ztunnel_mac
-                )));
+            validate_mac("ztunnel_mac", &self.ztunnel_mac)?;
+            if let Some(m) = &self.bridge_mac {
+                validate_mac("bridge_mac", m)?;
             }
         }
         Ok(())
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`
+fn validate_mac(what: &str, mac: &str) -> Result<(), NftError> {
+    let octets: Vec<_> = mac.split(':').collect();
+    if octets.len() != 6
+        || !octets
+            .iter()
+            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(NftError::Invalid(format!(
+            "{what} {mac:?} is not a MAC address"
+        )));
+    }
+    Ok(())
 }
 
 impl ZtunnelRules {

@@ -428,18 +428,39 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
 /// input device, so the inet table cannot tell two pods of one bridge apart; here `iifname` is
 /// the bridge port, the pod's host veth. Only IPv4 packets claiming an enrolled address are
 /// looked at: ARP, IPv6 (ND), other pods' traffic and frames the node sends pass untouched.
+///
+/// Same-bridge capture (with [`NodeRules::bridge_mac`]): after the anti-spoofing rules, a TCP
+/// IPv4 frame the bridge would switch to another port (`meta pkttype other`: unicast, not
+/// addressed to the bridge) whose source or destination is an enrolled pod is readdressed to
+/// the bridge (`ether daddr set <bridge mac>`, `meta pkttype set host`): the bridge delivers
+/// it up to the IP layer with the bridge as input device, exactly like a frame the pod sent to
+/// its gateway, and the inet table captures it (source enrolled: mark 0x100, `istioout`;
+/// destination enrolled: rule 103, table 100, `istioin`). ARP, IPv6/ND, broadcast, multicast,
+/// UDP, frames between two pods that are not enrolled and everything from the ztunnel's port
+/// (the first rule returns) are switched as before.
 pub fn bridge_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
     let rules = rules
         .map(|r| {
             let [log, drop] = spoof_drop(consts::POD_SET, consts::POD_PORT_SET);
-            vec![
+            let mut v = vec![
                 rule(
                     "from the ztunnel's port: pod sources are ztunnel's, not spoofed",
                     vec![iifname(r.ztunnel_veth.clone()), ret()],
                 ),
                 log,
                 drop,
-            ]
+            ];
+            if let (Some(_), Some(mac)) = (&r.ztunnel_bridge, &r.bridge_mac) {
+                v.push(rule(
+                    "TCP from an ambient pod to a pod of the bridge: up to the IP layer (capture)",
+                    to_ip_layer("saddr", mac),
+                ));
+                v.push(rule(
+                    "TCP to an ambient pod from a pod of the bridge: up to the IP layer (capture)",
+                    to_ip_layer("daddr", mac),
+                ));
+            }
+            v
         })
         .unwrap_or_default();
     vec![ChainSpec {
@@ -449,6 +470,25 @@ pub fn bridge_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
         prio: prio::BRIDGE_FILTER,
         rules,
     }]
+}
+
+/// `meta pkttype other meta protocol ip meta l4proto tcp ip <field> @ztunnel-pods-ips
+/// ether daddr set <bridge mac> meta pkttype set host`
+fn to_ip_layer(field: &'static str, bridge_mac: &str) -> Vec<Statement<'static>> {
+    vec![
+        eq(meta(MetaKey::Pkttype), text("other")),
+        eq(meta(MetaKey::Protocol), text("ip")),
+        l4proto("tcp"),
+        eq(payload("ip", field), set_ref(consts::POD_SET)),
+        Statement::Mangle(Mangle {
+            key: payload("ether", "daddr"),
+            value: text(bridge_mac.to_string()),
+        }),
+        Statement::Mangle(Mangle {
+            key: meta(MetaKey::Pkttype),
+            value: text("host"),
+        }),
+    ]
 }
 
 /// Prefixes `rest` with the match for "arrived from the ztunnel pod": its veth, or, when the

@@ -12,6 +12,7 @@ fn rules(zt: [u8; 4]) -> NodeRules {
         ztunnel_veth: "veth-zt".into(),
         ztunnel_bridge: None,
         ztunnel_mac: String::new(),
+        bridge_mac: None,
         ztunnel_ip: Ipv4Addr::from(zt),
         node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
         tunnel_port: consts::TUNNEL_PORT,
@@ -204,6 +205,54 @@ fn spoofed_pod_sources_are_dropped_before_capture() {
 
 /// The bridge table: from the ztunnel's port anything goes (it sends with pod sources); from
 /// any other port an enrolled address must be that port's pod's.
+/// Same-bridge capture: with the bridge's MAC known, TCP frames the bridge would switch to
+/// another port, from or to an enrolled pod, are readdressed to the bridge (after the
+/// anti-spoofing rules, so a spoofed frame is dropped first); nothing else is touched.
+#[test]
+fn bridge_table_sends_ambient_pods_tcp_up_to_the_ip_layer() {
+    let mut r = rules([10, 4, 4, 18]);
+    r.ztunnel_bridge = Some("cni0".into());
+    r.ztunnel_mac = "0a:58:0a:f4:01:02".into();
+    // Without the bridge's MAC (state of an older agent): only anti-spoofing.
+    assert_eq!(bridge_chains(Some(&r))[0].rules.len(), 3);
+    r.bridge_mac = Some("9a:41:f4:81:db:a5".into());
+    let c = &bridge_chains(Some(&r))[0];
+    assert_eq!(c.rules.len(), 5);
+    for (i, field) in [(3, "saddr"), (4, "daddr")] {
+        assert_eq!(
+            js(&c.rules[i].expr),
+            json!([
+                {"match": {"op": "==", "left": {"meta": {"key": "pkttype"}}, "right": "other"}},
+                {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip"}},
+                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": format!("@{}", consts::POD_SET)}},
+                {"mangle": {"key": {"payload": {"protocol": "ether", "field": "daddr"}}, "value": "9a:41:f4:81:db:a5"}},
+                {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}},
+            ])
+        );
+    }
+    // The ztunnel's port returns first: its frames are switched as before.
+    assert!(last_is(&c.rules[0], "return"));
+    let text = serde_json::to_string(&c.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
+    assert!(
+        !text.contains("arp") && !text.contains("ip6") && !text.contains("udp"),
+        "{text}"
+    );
+    // The fingerprint follows the bridge's MAC; a bad MAC is refused before nft sees it.
+    let mut other = r.clone();
+    other.bridge_mac = Some("9a:41:f4:81:db:a6".into());
+    assert_ne!(
+        bridge_chains(Some(&other))[0].fingerprint(),
+        c.fingerprint()
+    );
+    other.bridge_mac = Some("9a:41:f4:81:db".into());
+    assert!(other.validate().is_err());
+    // Without a bridge (ptp) a MAC changes nothing.
+    let mut ptp = rules([10, 4, 4, 18]);
+    ptp.bridge_mac = Some("9a:41:f4:81:db:a5".into());
+    assert_eq!(bridge_chains(Some(&ptp))[0].rules.len(), 3);
+}
+
 #[test]
 fn bridge_table_checks_the_port() {
     let mut r = rules([10, 4, 4, 18]);
