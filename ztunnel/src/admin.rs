@@ -28,6 +28,15 @@ pub trait AdminSource: Send + Sync + 'static {
     fn config_dump(&self) -> serde_json::Value;
     /// The `/metrics` text (OpenMetrics).
     fn metrics(&self) -> String;
+    /// A `/debug/...` query on the admin port: None for an unknown path (404), an error for a
+    /// bad query (400).
+    fn debug(
+        &self,
+        _path: &str,
+        _query: Option<&str>,
+    ) -> Option<Result<serde_json::Value, String>> {
+        None
+    }
 }
 
 /// What ztunnel's side ports show.
@@ -48,6 +57,13 @@ impl AdminSource for AdminInputs {
 
     fn metrics(&self) -> String {
         self.metrics.encode()
+    }
+
+    fn debug(&self, path: &str, query: Option<&str>) -> Option<Result<serde_json::Value, String>> {
+        (path == "/debug/route").then(|| {
+            let (src, dst) = crate::explain::parse_query(query)?;
+            Ok(crate::explain::explain(&self.state.get(), src, dst))
+        })
     }
 
     /// The whole `/config_dump` document.
@@ -106,9 +122,19 @@ pub fn handle<B>(a: &dyn AdminSource, port: Port, req: &Request<B>) -> Response<
             StatusCode::OK,
             "text/plain",
             "/config_dump  the running configuration, certificates (no keys), pool\n\
+             /debug/route?src=<ip>&dst=<ip:port>  (ztunnel) the decision for one connection\n\
              /metrics\n\
              /healthz/ready\n",
         ),
+        (Port::Admin, p) if p.starts_with("/debug/") => match a.debug(p, req.uri().query()) {
+            Some(Ok(v)) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            ),
+            Some(Err(e)) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        },
         (Port::Metrics | Port::Admin, "/metrics" | "/stats/prometheus") => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -187,6 +213,20 @@ mod tests {
                 assert!(!body.contains("secret"), "{port:?} {path}: {body}");
             }
         }
+    }
+
+    #[test]
+    fn debug_queries_are_admin_only() {
+        assert_eq!(
+            get(Port::Admin, "/debug/route").0,
+            StatusCode::NOT_FOUND,
+            "Fake has none"
+        );
+        assert_eq!(get(Port::Metrics, "/debug/route").0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(Port::Readiness, "/debug/route").0,
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[test]

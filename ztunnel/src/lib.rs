@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod explain;
 pub mod identity;
 pub mod metrics;
 pub mod process;

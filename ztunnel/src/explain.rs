@@ -1,0 +1,231 @@
+//! `/debug/route?src=<ip>&dst=<ip:port>` on the admin port: ztunnel's decision for one
+//! connection, from its current state, without making it. The operators' path explainer asks
+//! this for the ztunnel step of a path: which route (HBONE to a pod, a Service's endpoints and
+//! their shares, a waypoint, the local fast path, passthrough), the identity the tunnel expects,
+//! and what the destination's policies would say.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{json, Value};
+
+use crate::proxy::outbound::{route, Route};
+use crate::rbac;
+use crate::state::{State, Workload};
+
+/// Parses the query (`src=10.244.1.4&dst=10.96.0.10:80`).
+pub fn parse_query(q: Option<&str>) -> Result<(IpAddr, SocketAddr), String> {
+    let (mut src, mut dst) = (None, None);
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("src", v)) => {
+                src = Some(
+                    v.parse::<IpAddr>()
+                        .map_err(|_| format!("src={v}: not an IP"))?,
+                )
+            }
+            Some(("dst", v)) => {
+                dst = Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|_| format!("dst={v}: not <ip>:<port>"))?,
+                )
+            }
+            _ => return Err(format!("{pair:?}: want src=<ip>&dst=<ip:port>")),
+        }
+    }
+    match (src, dst) {
+        (Some(s), Some(d)) => Ok((s, d)),
+        _ => Err("want src=<ip>&dst=<ip:port>".into()),
+    }
+}
+
+fn describe(w: &Workload, node: &str) -> Value {
+    json!({
+        "uid": w.uid, "name": w.name, "namespace": w.namespace,
+        "identity": w.identity, "node": w.node, "onThisNode": w.node == node,
+        "protocol": w.protocol,
+    })
+}
+
+/// The decision for a connection from `src` to `dst` captured on this node.
+pub fn explain(state: &State, src: IpAddr, dst: SocketAddr) -> Value {
+    let Some(src_wl) = state.workload_by_ip(src) else {
+        return json!({
+            "src": src, "dst": dst,
+            "decision": "refused",
+            "reason": format!("{src} is not a workload: 15001 proxies only this node's mesh pods"),
+        });
+    };
+    let mut out = json!({ "src": describe(src_wl, &state.node), "dst": dst });
+    if src_wl.node != state.node {
+        out["decision"] = "refused".into();
+        out["reason"] = format!("{src} is a workload of {}, not of this node", src_wl.node).into();
+        return out;
+    }
+    if let Some(svc) = state.service_by_vip(dst.ip()) {
+        let eps = state.endpoints(svc);
+        let total: u64 = eps
+            .iter()
+            .filter(|w| w.healthy())
+            .map(|w| w.capacity as u64)
+            .sum();
+        let endpoints: Vec<Value> = eps
+            .iter()
+            .map(|w| {
+                let share = if w.healthy() && total > 0 {
+                    w.capacity as f64 / total as f64
+                } else {
+                    0.0
+                };
+                json!({
+                    "workload": w.uid, "target": svc.endpoint_target(w, dst.port(), dst.is_ipv4()),
+                    "identity": w.identity, "healthy": w.healthy(), "capacity": w.capacity,
+                    "share": share,
+                })
+            })
+            .collect();
+        out["service"] = json!({
+            "key": svc.key(), "ports": svc.ports, "waypoint": svc.waypoint,
+            "endpoints": endpoints,
+        });
+    }
+    // An example of the route (a service's endpoint is one pick among the shares above).
+    let mut rng = fastrand::Rng::with_seed(0);
+    let r = match route(state, src_wl, dst, &mut rng) {
+        Ok(r) => r,
+        Err(e) => {
+            out["decision"] = "refused".into();
+            out["reason"] = e.to_string().into();
+            return out;
+        }
+    };
+    out["route"] = json!({ "kind": r.kind() });
+    let (target, dst_wl) = match &r {
+        Route::Hbone {
+            tunnel,
+            authority,
+            identities,
+            workload,
+            waypoint,
+            ..
+        } => {
+            out["route"]["tunnel"] = json!(tunnel);
+            out["route"]["authority"] = json!(authority);
+            out["route"]["expectedIdentities"] = json!(identities);
+            if *waypoint {
+                out["route"]["waypoint"] = describe(workload, &state.node);
+                out["decision"] = "to the waypoint".into();
+                out["reason"] = "L7 policy and routing are the waypoint's".into();
+                return out;
+            }
+            (*authority, Some(workload.clone()))
+        }
+        Route::Local {
+            target, workload, ..
+        } => {
+            out["route"]["target"] = json!(target);
+            (*target, Some(workload.clone()))
+        }
+        Route::Passthrough {
+            target, workload, ..
+        } => {
+            out["route"]["target"] = json!(target);
+            (*target, workload.clone())
+        }
+    };
+    let Some(wl) = dst_wl.filter(|w| w.protocol == crate::config::Protocol::Hbone) else {
+        out["decision"] = "passthrough".into();
+        out["reason"] = "the destination is not in the mesh: plain TCP, no policy".into();
+        return out;
+    };
+    out["destination"] = describe(&wl, &state.node);
+    let conn = rbac::Connection {
+        src_identity: Some(&src_wl.identity),
+        src_ip: src,
+        dst: target,
+    };
+    let policies: Vec<Value> = state
+        .policies_for(&wl)
+        .map(|p| json!({"policy": p.key(), "action": p.action, "matches": p.matches(&conn)}))
+        .collect();
+    out["policies"] = policies.into();
+    let waypoints = state.required_waypoints(&wl, target.port());
+    let verdict = if !waypoints.is_empty() && !waypoints.contains(&src_wl.identity) {
+        Err(rbac::Denied::BypassedWaypoint(waypoints[0].to_string()))
+    } else {
+        rbac::authorize(state.policies_for(&wl), &conn)
+    };
+    match verdict {
+        Ok(()) => out["decision"] = "allowed".into(),
+        Err(d) => {
+            out["decision"] = "denied".into();
+            out["reason"] = d.to_string().into();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_local_config;
+
+    const FILE: &str = r#"
+workloads:
+- {name: client, namespace: demo, serviceAccount: client, workloadIps: [10.0.0.1], protocol: HBONE, node: a}
+- {name: app-1, namespace: demo, serviceAccount: app, workloadIps: [10.0.1.1], protocol: HBONE, node: b, services: {demo/app.demo.svc.cluster.local: {}}}
+- {name: app-2, namespace: demo, serviceAccount: app, workloadIps: [10.0.1.2], protocol: HBONE, node: b, capacity: 3, services: {demo/app.demo.svc.cluster.local: {}}}
+- {name: legacy, namespace: demo, workloadIps: [10.0.2.1], node: b}
+- {name: wp, namespace: demo, serviceAccount: wp, workloadIps: [10.0.3.1], protocol: HBONE, node: b}
+- {name: db, namespace: demo, serviceAccount: db, workloadIps: [10.0.3.2], protocol: HBONE, node: b, waypoint: {address: 10.0.3.1}}
+services:
+- {name: app, namespace: demo, hostname: app.demo.svc.cluster.local, vips: [10.96.0.10], ports: {80: 8080}}
+policies:
+- {name: no-client, namespace: demo, scope: Namespace, action: Deny, rules: [{principals: ["cluster.local/ns/demo/sa/client"], destinationPorts: [9999]}]}
+"#;
+
+    fn st() -> State {
+        State::build(&parse_local_config(FILE).unwrap(), "cluster.local", "a").unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_shows_its_endpoints_shares_and_the_decision() {
+        let v = explain(&st(), ip("10.0.0.1"), sa("10.96.0.10:80"));
+        assert_eq!(v["route"]["kind"], "hbone", "{v:#}");
+        assert_eq!(v["service"]["endpoints"][1]["share"], 0.75, "{v:#}");
+        assert_eq!(v["service"]["endpoints"][0]["target"], "10.0.1.1:8080");
+        assert_eq!(v["decision"], "allowed");
+        assert_eq!(v["policies"][0]["matches"], false);
+        // A policy that matches this port denies.
+        let v = explain(&st(), ip("10.0.0.1"), sa("10.0.1.1:9999"));
+        assert_eq!(v["decision"], "denied", "{v:#}");
+        assert!(v["reason"].as_str().unwrap().contains("demo/no-client"));
+    }
+
+    #[test]
+    fn waypoints_passthrough_and_refusals() {
+        let v = explain(&st(), ip("10.0.0.1"), sa("10.0.3.2:5432"));
+        assert_eq!(v["route"]["kind"], "waypoint", "{v:#}");
+        assert_eq!(v["route"]["tunnel"], "10.0.3.1:15008");
+        assert_eq!(
+            v["route"]["expectedIdentities"][0],
+            "spiffe://cluster.local/ns/demo/sa/wp"
+        );
+        let v = explain(&st(), ip("10.0.0.1"), sa("10.0.2.1:80"));
+        assert_eq!(v["decision"], "passthrough", "{v:#}");
+        let v = explain(&st(), ip("10.9.9.9"), sa("10.0.2.1:80"));
+        assert_eq!(v["decision"], "refused");
+        let v = explain(&st(), ip("10.0.1.1"), sa("10.0.2.1:80"));
+        assert_eq!(v["decision"], "refused", "not a workload of this node");
+        assert!(parse_query(Some("src=10.0.0.1&dst=10.96.0.10:80")).is_ok());
+        assert!(parse_query(Some("src=x&dst=10.96.0.10:80")).is_err());
+        assert!(parse_query(None).is_err());
+    }
+}
