@@ -489,6 +489,64 @@ impl Lab {
     }
 }
 
+/// Bulk transfers through the lab's 9080 echo servers.
+impl Lab {
+    /// Sends `size` pseudo-random bytes from pod `from` to the echo server at `to` while
+    /// reading the echo back (both directions at once); the FNV-1a hashes of what was sent
+    /// and what came back, and how many bytes came back.
+    pub fn echo_transfer(
+        &self,
+        from: &str,
+        to: SocketAddr,
+        size: usize,
+    ) -> Result<(u64, u64, usize)> {
+        self.run_in(from, move || -> std::io::Result<(u64, u64, usize)> {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut greeting = String::new();
+            r.read_line(&mut greeting)?;
+            let mut w = s;
+            let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+                let mut h = crate::serve::Fnv64::default();
+                let mut x: u64 = 0x9e3779b97f4a7c15;
+                let mut buf = vec![0u8; 64 << 10];
+                let mut left = size;
+                while left > 0 {
+                    for c in buf.chunks_mut(8) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+                    }
+                    let n = left.min(buf.len());
+                    w.write_all(&buf[..n])?;
+                    h.update(&buf[..n]);
+                    left -= n;
+                }
+                w.shutdown(std::net::Shutdown::Write)?;
+                Ok(h.0)
+            });
+            let mut h = crate::serve::Fnv64::default();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0usize;
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                total += n;
+            }
+            let sent = writer
+                .join()
+                .map_err(|_| std::io::Error::other("the sender panicked"))??;
+            Ok((sent, h.0, total))
+        })?
+        .with_context(|| format!("echo transfer from {from} to {to}"))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if !self.down_done {

@@ -1,8 +1,7 @@
 //! The whole path on the lab with the real data plane (SPEC §3–4): pod → node capture →
 //! ztunnel A → HBONE (mTLS 1.3, HTTP/2 CONNECT) → ztunnel B → pod. Needs root.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -138,86 +137,9 @@ fn bulk_transfers_arrive_intact_both_ways() {
     let app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
     const SIZE: usize = 100 << 20;
     // Send 100 MB and read the 100 MB echo back at the same time: both directions at once.
-    let (sent, got) = lab
-        .run_in("a-client", move || {
-            let s = TcpStream::connect_timeout(&app, Duration::from_secs(3)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut greeting = String::new();
-            r.read_line(&mut greeting).unwrap();
-            let mut w = s;
-            let writer = std::thread::spawn(move || {
-                let mut h = Fnv::default();
-                let mut x: u64 = 0x9e3779b97f4a7c15;
-                let mut buf = vec![0u8; 64 << 10];
-                let mut left = SIZE;
-                while left > 0 {
-                    for c in buf.chunks_mut(8) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-                    }
-                    let n = left.min(buf.len());
-                    w.write_all(&buf[..n]).unwrap();
-                    h.update(&buf[..n]);
-                    left -= n;
-                }
-                w.shutdown(std::net::Shutdown::Write).unwrap();
-                h.0
-            });
-            let mut h = Fnv::default();
-            let mut buf = vec![0u8; 64 << 10];
-            let mut total = 0usize;
-            loop {
-                let n = r.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                total += n;
-            }
-            assert_eq!(total, SIZE, "echo length");
-            (writer.join().unwrap(), h.0)
-        })
-        .unwrap();
+    let (sent, got, total) = lab.echo_transfer("a-client", app, SIZE).unwrap();
+    assert_eq!(total, SIZE, "echo length");
     assert_eq!(sent, got, "the echoed bytes differ from the sent ones");
-}
-
-#[derive(Default)]
-struct Fnv(u64);
-impl Fnv {
-    fn update(&mut self, data: &[u8]) {
-        if self.0 == 0 {
-            self.0 = 0xcbf29ce484222325;
-        }
-        for b in data {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x100000001b3);
-        }
-    }
-}
-
-#[test]
-fn passthrough_and_plaintext_inbound() {
-    let lab = lab("pt");
-    // ambient → non-ambient: plain TCP passthrough from ztunnel A, client IP kept.
-    let seen = client_seen(&lab, "a-client", lab.pod_ip("b-plain"), 9080).unwrap();
-    assert_eq!(seen.ip(), lab.pod_ip("a-client"));
-    // non-ambient → ambient: arrives at ztunnel B's 15006, client IP kept.
-    let seen = client_seen(&lab, "a-plain", lab.pod_ip("b-app"), 9080).unwrap();
-    assert_eq!(seen.ip(), lab.pod_ip("a-plain"));
-    eventually("ztunnel B logs the plaintext inbound connection", || {
-        log_of(&lab, "b-ztunnel").lines().any(|l| {
-            l.contains("inbound_plaintext") && l.contains(&lab.pod_ip("a-plain").to_string())
-        })
-    });
-    // The access line is written when the relay ends, a moment after the client closed.
-    eventually("ztunnel A logs the passthrough connection", || {
-        log_of(&lab, "a-ztunnel")
-            .lines()
-            .any(|l| l.contains("passthrough"))
-    });
 }
 
 #[test]

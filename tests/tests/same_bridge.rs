@@ -6,8 +6,7 @@
 //! switched as before. With the real data plane: a long transfer between two ambient pods of
 //! the bridge, and HTTP through the waypoint to an endpoint on its own bridge. Needs root.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ambient_lab::serve::parse_greeting;
@@ -140,65 +139,12 @@ fn same_bridge_tcp_of_ambient_pods_is_captured_and_nothing_else() {
     assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "0");
 }
 
-#[derive(Default)]
-struct Fnv(u64);
-impl Fnv {
-    fn update(&mut self, data: &[u8]) {
-        if self.0 == 0 {
-            self.0 = 0xcbf29ce484222325;
-        }
-        for b in data {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x100000001b3);
-        }
-    }
-}
-
-/// Sends `size` bytes to the echo server at `to` from `from` while reading the echo back;
-/// returns the hashes of what was sent and what came back.
+/// Sends `size` bytes from `from` to the echo server at `to` while reading the echo back:
+/// the hashes of what was sent and what came back.
 fn echo_transfer(lab: &Lab, from: &str, to: SocketAddr, size: usize) -> (u64, u64) {
-    lab.run_in(from, move || {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut greeting = String::new();
-        r.read_line(&mut greeting).unwrap();
-        let mut w = s;
-        let writer = std::thread::spawn(move || {
-            let mut h = Fnv::default();
-            let mut x: u64 = 0x9e3779b97f4a7c15;
-            let mut buf = vec![0u8; 64 << 10];
-            let mut left = size;
-            while left > 0 {
-                for c in buf.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-                }
-                let n = left.min(buf.len());
-                w.write_all(&buf[..n]).unwrap();
-                h.update(&buf[..n]);
-                left -= n;
-            }
-            w.shutdown(std::net::Shutdown::Write).unwrap();
-            h.0
-        });
-        let mut h = Fnv::default();
-        let mut buf = vec![0u8; 64 << 10];
-        let mut total = 0usize;
-        loop {
-            let n = r.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n;
-        }
-        assert_eq!(total, size, "echo length");
-        (writer.join().unwrap(), h.0)
-    })
-    .unwrap()
+    let (sent, got, total) = lab.echo_transfer(from, to, size).unwrap();
+    assert_eq!(total, size, "echo length");
+    (sent, got)
 }
 
 #[test]
