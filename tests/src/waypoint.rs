@@ -126,10 +126,7 @@ pub fn render_config(state: &LabState, routes: &Value, policies: &Value) -> Resu
 /// Writes the config atomically (temp file + rename: the waypoint reloads it on change).
 pub fn write_config(run_dir: &Path, config: &WaypointConfig) -> Result<PathBuf> {
     let path = config_path(run_dir);
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, serde_yaml_ng::to_string(config)?)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
+    ztunnel::write_yaml_atomically(&path, config)?;
     Ok(path)
 }
 

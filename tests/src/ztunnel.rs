@@ -141,11 +141,17 @@ pub fn hostname(name: &str, namespace: &str) -> String {
 /// Writes the config atomically (ztunnel polls it and reloads on change).
 pub fn write_config(run_dir: &Path, config: &LocalConfig) -> Result<PathBuf> {
     let path = config_path(run_dir);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml_ng::to_string(config)?)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
+    write_yaml_atomically(&path, config)?;
     Ok(path)
+}
+
+/// `value` as YAML at `path`, replaced in one step (temp file + rename), so a proxy polling
+/// the file never reads it half-written.
+pub fn write_yaml_atomically(path: &Path, value: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, serde_yaml_ng::to_string(value)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 /// `ztunnel`'s command line for one node.

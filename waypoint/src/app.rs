@@ -154,19 +154,12 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         ready: ready.clone(),
         draining: drain.signal(),
     });
-    for (l, port) in [
-        (admin_l, admin::Port::Admin),
-        (metrics_l, admin::Port::Metrics),
-        (readiness_l, admin::Port::Readiness),
-    ] {
-        let (a, stop) = (admin_inputs.clone(), background.clone());
-        side.spawn(async move {
-            match ztunnel::socket::to_tokio(l) {
-                Ok(l) => admin::serve(a, port, l, stop).await,
-                Err(e) => tracing::error!(error = %e, "side port"),
-            }
-        });
-    }
+    admin::spawn_side_ports(
+        &side,
+        admin_inputs,
+        [admin_l, metrics_l, readiness_l],
+        background.clone(),
+    );
     ready.store(true, Ordering::Release);
     let st = state.get();
     tracing::info!(identity = %me, services = ?st.served, routes = st.routes.attachments.len(),

@@ -144,6 +144,30 @@ pub fn handle<B>(a: &dyn AdminSource, port: Port, req: &Request<B>) -> Response<
     }
 }
 
+/// Serves the three side ports (admin, metrics, readiness: bound listeners, in that order) on
+/// the `side` runtime until `stop`.
+pub fn spawn_side_ports<A: AdminSource>(
+    side: &tokio::runtime::Handle,
+    a: Arc<A>,
+    listeners: [std::net::TcpListener; 3],
+    stop: CancellationToken,
+) {
+    let [admin, metrics, readiness] = listeners;
+    for (l, port) in [
+        (admin, Port::Admin),
+        (metrics, Port::Metrics),
+        (readiness, Port::Readiness),
+    ] {
+        let (a, stop) = (a.clone(), stop.clone());
+        side.spawn(async move {
+            match crate::socket::to_tokio(l) {
+                Ok(l) => serve(a, port, l, stop).await,
+                Err(e) => tracing::error!(error = %e, "side port"),
+            }
+        });
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` until `stop`.
 pub async fn serve<A: AdminSource>(
     a: Arc<A>,
