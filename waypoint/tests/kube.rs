@@ -479,7 +479,7 @@ async fn http_through_a_discovered_waypoint_with_a_weighted_route() {
         if node == "node-a" {
             cfg.outbound_orig_dst = Some(SocketAddr::new(ip(100), 80));
         } else {
-            cfg.inbound_addr = SocketAddr::new(ip(host), 15008);
+            cfg.inbound_addrs = vec![SocketAddr::new(ip(host), 15008)];
         }
         ztunnels.push(
             ztunnel::app::start(cfg, tokio::runtime::Handle::current())

@@ -196,7 +196,7 @@ impl Lab {
             let mut cfg =
                 ztunnel::config::Config::new(zfile.clone(), node, CertSource::Ca(ca_dir.clone()))
                     .on_loopback(ip(host));
-            cfg.inbound_addr = SocketAddr::new(ip(host), 15008);
+            cfg.inbound_addrs = vec![SocketAddr::new(ip(host), 15008)];
             ztunnels.push(
                 ztunnel::app::start(cfg, tokio::runtime::Handle::current())
                     .await

@@ -24,8 +24,10 @@ use crate::proxy::{inbound, inbound_passthrough, outbound, Inputs};
 use crate::state::{watch_file, StateHandle};
 use crate::tls::TlsContext;
 
-/// The addresses the listeners really bound (port 0 becomes a real port).
-#[derive(Debug, Clone, Copy, Serialize)]
+/// The addresses the listeners really bound (port 0 becomes a real port). `outbound`,
+/// `inbound` and `inbound_plaintext` are each listener's first address; `*_all` every one
+/// (an IPv4 and an IPv6 socket by default).
+#[derive(Debug, Clone, Serialize)]
 pub struct BoundAddrs {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
@@ -33,6 +35,19 @@ pub struct BoundAddrs {
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
+    pub outbound_all: Vec<SocketAddr>,
+    pub inbound_all: Vec<SocketAddr>,
+    pub inbound_plaintext_all: Vec<SocketAddr>,
+}
+
+impl BoundAddrs {
+    /// The address of `addrs` in the family of `like` (the outbound listener for a v6 client…).
+    pub fn of_family(addrs: &[SocketAddr], like: std::net::IpAddr) -> Option<SocketAddr> {
+        addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+    }
 }
 
 /// A started ztunnel.
@@ -114,19 +129,32 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         crate::socket::listen(addr, transparent).with_context(|| format!("{what} listener {addr}"))
     };
     let t = cfg.transparent;
-    let outbound_l = bind(cfg.outbound_addr, t, "outbound")?;
-    let inbound_l = bind(cfg.inbound_addr, t, "inbound")?;
-    let plaintext_l = bind(cfg.inbound_plaintext_addr, t, "inbound plaintext")?;
+    let outbound_l = crate::socket::listen_all(&cfg.outbound_addrs, t, "outbound")?;
+    let inbound_l = crate::socket::listen_all(&cfg.inbound_addrs, t, "inbound")?;
+    let plaintext_l =
+        crate::socket::listen_all(&cfg.inbound_plaintext_addrs, t, "inbound plaintext")?;
     let admin_l = bind(cfg.admin_addr, false, "admin")?;
     let metrics_l = bind(cfg.metrics_addr, false, "metrics")?;
     let readiness_l = bind(cfg.readiness_addr, false, "readiness")?;
+    let local = |ls: &[std::net::TcpListener]| -> std::io::Result<Vec<SocketAddr>> {
+        ls.iter().map(|l| l.local_addr()).collect()
+    };
+    let (outbound_all, inbound_all, inbound_plaintext_all) = (
+        local(&outbound_l)?,
+        local(&inbound_l)?,
+        local(&plaintext_l)?,
+    );
     let addrs = BoundAddrs {
-        outbound: outbound_l.local_addr()?,
-        inbound: inbound_l.local_addr()?,
-        inbound_plaintext: plaintext_l.local_addr()?,
+        // listen_all never returns an empty set.
+        outbound: outbound_all[0],
+        inbound: inbound_all[0],
+        inbound_plaintext: inbound_plaintext_all[0],
         admin: admin_l.local_addr()?,
         metrics: metrics_l.local_addr()?,
         readiness: readiness_l.local_addr()?,
+        outbound_all,
+        inbound_all,
+        inbound_plaintext_all,
     };
 
     if cfg.kube {
@@ -167,24 +195,29 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         pool: pool.clone(),
         drain: drain.clone(),
         own_addrs: crate::socket::local_addresses(),
-        own_ports: vec![
-            addrs.outbound.port(),
-            addrs.inbound.port(),
-            addrs.inbound_plaintext.port(),
-        ],
+        own_ports: {
+            let mut ports: Vec<u16> = (addrs.outbound_all.iter())
+                .chain(&addrs.inbound_all)
+                .chain(&addrs.inbound_plaintext_all)
+                .map(|a| a.port())
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports
+        },
     });
-    tokio::spawn(gate(Box::pin(outbound::serve(
-        inputs.clone(),
-        crate::socket::to_tokio(outbound_l)?,
-    ))));
-    tokio::spawn(gate(Box::pin(inbound::serve(
-        inputs.clone(),
-        crate::socket::to_tokio(inbound_l)?,
-    ))));
-    tokio::spawn(gate(Box::pin(inbound_passthrough::serve(
-        inputs.clone(),
-        crate::socket::to_tokio(plaintext_l)?,
-    ))));
+    for l in outbound_l {
+        let serve = outbound::serve(inputs.clone(), crate::socket::to_tokio(l)?);
+        tokio::spawn(gate(Box::pin(serve)));
+    }
+    for l in inbound_l {
+        let serve = inbound::serve(inputs.clone(), crate::socket::to_tokio(l)?);
+        tokio::spawn(gate(Box::pin(serve)));
+    }
+    for l in plaintext_l {
+        let serve = inbound_passthrough::serve(inputs.clone(), crate::socket::to_tokio(l)?);
+        tokio::spawn(gate(Box::pin(serve)));
+    }
     tokio::spawn(pool.clone().reaper(background.clone()));
 
     // Background: config file, certificates.
@@ -220,6 +253,7 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     );
     let announce = {
         let (st, node, transparent) = (state.clone(), cfg.node_name.clone(), cfg.transparent);
+        let addrs = addrs.clone();
         move || {
             ready.store(true, Ordering::Release);
             let st = st.get();

@@ -5,7 +5,7 @@
 //! (`workloads[1].serviceAccount: …`), see [`parse_local_config`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -139,20 +139,35 @@ pub struct KubeArgs {
     pub excluded_namespaces: Vec<String>,
 }
 
+/// The listeners' addresses. The three data-plane listeners take one address per flag
+/// occurrence (repeat the flag, or separate with commas): by default the IPv4 and the IPv6
+/// wildcard, one socket each (see [`crate::socket::listen`]).
 #[derive(Debug, Clone, Args)]
 pub struct ListenerArgs {
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::OUTBOUND)))]
-    pub outbound_addr: SocketAddr,
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::INBOUND_HBONE)))]
-    pub inbound_addr: SocketAddr,
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::INBOUND_PLAINTEXT)))]
-    pub inbound_plaintext_addr: SocketAddr,
+    /// Outbound capture (15001). Default: `0.0.0.0:15001,[::]:15001`.
+    #[arg(long = "outbound-addr", value_delimiter = ',', default_values_t = dual_stack(port::OUTBOUND))]
+    pub outbound_addrs: Vec<SocketAddr>,
+    /// Inbound HBONE (15008). Default: `0.0.0.0:15008,[::]:15008`.
+    #[arg(long = "inbound-addr", value_delimiter = ',', default_values_t = dual_stack(port::INBOUND_HBONE))]
+    pub inbound_addrs: Vec<SocketAddr>,
+    /// Inbound plaintext (15006). Default: `0.0.0.0:15006,[::]:15006`.
+    #[arg(long = "inbound-plaintext-addr", value_delimiter = ',', default_values_t = dual_stack(port::INBOUND_PLAINTEXT))]
+    pub inbound_plaintext_addrs: Vec<SocketAddr>,
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], port::ADMIN)))]
     pub admin_addr: SocketAddr,
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::METRICS)))]
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::READINESS)))]
     pub readiness_addr: SocketAddr,
+}
+
+/// `0.0.0.0:<port>` and `[::]:<port>`: a data-plane listener's default addresses. Where the
+/// host has no IPv6, the second one's bind failure is a warning ([`crate::socket::no_ipv6`]).
+pub fn dual_stack(port: u16) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    ]
 }
 
 /// Where certificates come from.
@@ -179,9 +194,10 @@ pub struct Config {
     pub cert_source: CertSource,
     pub cert_lifetime: Duration,
     pub worker_threads: usize,
-    pub outbound_addr: SocketAddr,
-    pub inbound_addr: SocketAddr,
-    pub inbound_plaintext_addr: SocketAddr,
+    /// Every address of a data-plane listener gets a socket of its own.
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub inbound_plaintext_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -225,9 +241,9 @@ impl Config {
     /// Every listener on an ephemeral port of `ip`, without IP_TRANSPARENT (tests).
     pub fn on_loopback(mut self, ip: IpAddr) -> Config {
         let any = SocketAddr::new(ip, 0);
-        self.outbound_addr = any;
-        self.inbound_addr = any;
-        self.inbound_plaintext_addr = any;
+        self.outbound_addrs = vec![any];
+        self.inbound_addrs = vec![any];
+        self.inbound_plaintext_addrs = vec![any];
         self.admin_addr = any;
         self.metrics_addr = any;
         self.readiness_addr = any;
@@ -259,9 +275,9 @@ impl From<Cli> for Config {
             cert_source,
             cert_lifetime: cli.cert_lifetime,
             worker_threads,
-            outbound_addr: cli.listeners.outbound_addr,
-            inbound_addr: cli.listeners.inbound_addr,
-            inbound_plaintext_addr: cli.listeners.inbound_plaintext_addr,
+            outbound_addrs: cli.listeners.outbound_addrs,
+            inbound_addrs: cli.listeners.inbound_addrs,
+            inbound_plaintext_addrs: cli.listeners.inbound_plaintext_addrs,
             admin_addr: cli.listeners.admin_addr,
             metrics_addr: cli.listeners.metrics_addr,
             readiness_addr: cli.listeners.readiness_addr,
@@ -671,12 +687,55 @@ policies:
     }
 
     #[test]
+    fn listener_flags_take_v4_v6_and_several_addresses() {
+        let base = ["ztunnel", "--config", "c.yaml", "--node-name", "a"];
+        let parse = |extra: &[&str]| {
+            let args = base.iter().chain(extra).copied();
+            Cli::try_parse_from(args).map(Config::from)
+        };
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // One v4 address: only that one (the v4-only setup of before).
+        let cfg = parse(&["--outbound-addr", "0.0.0.0:15001"]).unwrap();
+        assert_eq!(cfg.outbound_addrs, [sa("0.0.0.0:15001")]);
+        // v6 alone, bracketed.
+        let cfg = parse(&["--inbound-addr", "[::]:15008"]).unwrap();
+        assert_eq!(cfg.inbound_addrs, [sa("[::]:15008")]);
+        // Two per listener: repeated, or comma-separated.
+        let cfg = parse(&[
+            "--inbound-plaintext-addr",
+            "0.0.0.0:15006",
+            "--inbound-plaintext-addr",
+            "[fd00::1]:15006",
+            "--outbound-addr=127.0.0.1:15001,[::1]:15001",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.inbound_plaintext_addrs,
+            [sa("0.0.0.0:15006"), sa("[fd00::1]:15006")]
+        );
+        assert_eq!(
+            cfg.outbound_addrs,
+            [sa("127.0.0.1:15001"), sa("[::1]:15001")]
+        );
+        // The others keep their defaults; an unbracketed v6 with a port is refused.
+        assert_eq!(cfg.inbound_addrs, dual_stack(port::INBOUND_HBONE));
+        assert!(parse(&["--outbound-addr", "::1:15001"]).is_err());
+        assert!(parse(&["--outbound-addr", "[::1]"]).is_err());
+        // The side ports take a v6 address too.
+        let cfg = parse(&["--metrics-addr", "[::]:15020"]).unwrap();
+        assert_eq!(cfg.metrics_addr, sa("[::]:15020"));
+    }
+
+    #[test]
     fn cli_defaults_use_the_spec_ports() {
         let cli = Cli::parse_from(["ztunnel", "--config", "c.yaml", "--node-name", "a"]);
         let cfg = Config::from(cli);
-        assert_eq!(cfg.outbound_addr.port(), port::OUTBOUND);
-        assert_eq!(cfg.inbound_addr.port(), port::INBOUND_HBONE);
-        assert_eq!(cfg.inbound_plaintext_addr.port(), port::INBOUND_PLAINTEXT);
+        assert_eq!(cfg.outbound_addrs, dual_stack(port::OUTBOUND));
+        assert_eq!(cfg.inbound_addrs, dual_stack(port::INBOUND_HBONE));
+        assert_eq!(
+            cfg.inbound_plaintext_addrs,
+            dual_stack(port::INBOUND_PLAINTEXT)
+        );
         assert_eq!(
             cfg.admin_addr,
             SocketAddr::from(([127, 0, 0, 1], port::ADMIN))

@@ -12,21 +12,24 @@ use crate::proxy::outbound::{route, Route};
 use crate::rbac;
 use crate::state::{State, Workload};
 
-/// Parses the query (`src=10.244.1.4&dst=10.96.0.10:80`).
+/// Parses the query (`src=10.244.1.4&dst=10.96.0.10:80`, `src=fd00::4&dst=[fd00::10]:80`;
+/// the brackets and colons may come percent-encoded).
 pub fn parse_query(q: Option<&str>) -> Result<(IpAddr, SocketAddr), String> {
     let (mut src, mut dst) = (None, None);
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("src", v)) => {
+                let v = percent_decode(v);
                 src = Some(
                     v.parse::<IpAddr>()
                         .map_err(|_| format!("src={v}: not an IP"))?,
                 )
             }
             Some(("dst", v)) => {
+                let v = percent_decode(v);
                 dst = Some(
                     v.parse::<SocketAddr>()
-                        .map_err(|_| format!("dst={v}: not <ip>:<port>"))?,
+                        .map_err(|_| format!("dst={v}: not <ip>:<port> ([<ipv6>]:<port>)"))?,
                 )
             }
             _ => return Err(format!("{pair:?}: want src=<ip>&dst=<ip:port>")),
@@ -36,6 +39,32 @@ pub fn parse_query(q: Option<&str>) -> Result<(IpAddr, SocketAddr), String> {
         (Some(s), Some(d)) => Ok((s, d)),
         _ => Err("want src=<ip>&dst=<ip:port>".into()),
     }
+}
+
+/// `%5B`, `%5D`, `%3A` (any `%XX`) decoded; a malformed escape is kept as is (and then fails
+/// to parse as an address).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn describe(w: &Workload, node: &str) -> Value {
@@ -62,22 +91,27 @@ pub fn explain(state: &State, src: IpAddr, dst: SocketAddr) -> Value {
         return out;
     }
     if let Some(svc) = state.service_by_vip(dst.ip()) {
+        // Only the endpoints with an address in the VIP's family are picked.
         let eps = state.endpoints(svc);
+        let eligible = |w: &Workload| w.healthy() && w.ip_like(dst.ip()).is_some();
         let total: u64 = eps
             .iter()
-            .filter(|w| w.healthy())
+            .filter(|w| eligible(w))
             .map(|w| w.capacity as u64)
             .sum();
         let endpoints: Vec<Value> = eps
             .iter()
             .map(|w| {
-                let share = if w.healthy() && total > 0 {
+                let share = if eligible(w) && total > 0 {
                     w.capacity as f64 / total as f64
                 } else {
                     0.0
                 };
+                let target = w
+                    .ip_like(dst.ip())
+                    .map(|_| svc.endpoint_target(w, dst.port(), dst.is_ipv4()));
                 json!({
-                    "workload": w.uid, "target": svc.endpoint_target(w, dst.port(), dst.is_ipv4()),
+                    "workload": w.uid, "target": target,
                     "identity": w.identity, "healthy": w.healthy(), "capacity": w.capacity,
                     "share": share,
                 })
@@ -227,5 +261,48 @@ policies:
         assert!(parse_query(Some("src=10.0.0.1&dst=10.96.0.10:80")).is_ok());
         assert!(parse_query(Some("src=x&dst=10.96.0.10:80")).is_err());
         assert!(parse_query(None).is_err());
+    }
+
+    const DUAL: &str = r#"
+workloads:
+- {name: client, namespace: demo, serviceAccount: client, workloadIps: [10.0.0.1, "fd00::1"], protocol: HBONE, node: a}
+- {name: dual, namespace: demo, serviceAccount: app, workloadIps: [10.0.1.1, "fd00:1::1"], protocol: HBONE, node: b, services: {demo/app.demo.svc.cluster.local: {}}}
+- {name: v4only, namespace: demo, serviceAccount: app, workloadIps: [10.0.1.2], protocol: HBONE, node: b, services: {demo/app.demo.svc.cluster.local: {}}}
+services:
+- {name: app, namespace: demo, hostname: app.demo.svc.cluster.local, vips: [10.96.0.10, "fd00:96::10"], ports: {80: 8080}}
+policies:
+- {name: v6-block, namespace: demo, scope: Namespace, action: Deny, rules: [{sourceIps: ["fd00::/120"]}]}
+"#;
+
+    #[test]
+    fn v6_queries_and_a_v6_vip_show_only_v6_endpoints() {
+        let st = State::build(&parse_local_config(DUAL).unwrap(), "cluster.local", "a").unwrap();
+        // Bracketed, plain or percent-encoded.
+        for q in [
+            "src=fd00::1&dst=[fd00:96::10]:80",
+            "src=fd00%3A%3A1&dst=%5Bfd00%3A96%3A%3A10%5D%3A80",
+        ] {
+            assert_eq!(
+                parse_query(Some(q)).unwrap(),
+                (ip("fd00::1"), sa("[fd00:96::10]:80")),
+                "{q}"
+            );
+        }
+        assert!(parse_query(Some("src=fd00::1&dst=fd00::10:80")).is_err());
+        assert!(parse_query(Some("src=fd00::1&dst=%5Bfd00::10%5D")).is_err());
+        assert!(parse_query(Some("src=%zz&dst=[::1]:80")).is_err());
+        let v = explain(&st, ip("fd00::1"), sa("[fd00:96::10]:80"));
+        assert_eq!(v["route"]["kind"], "hbone", "{v:#}");
+        assert_eq!(v["route"]["tunnel"], "[fd00:1::1]:15008", "{v:#}");
+        assert_eq!(v["route"]["authority"], "[fd00:1::1]:8080", "{v:#}");
+        // The v4-only endpoint has no share of the v6 VIP.
+        assert_eq!(v["service"]["endpoints"][0]["share"], 1.0, "{v:#}");
+        assert_eq!(v["service"]["endpoints"][1]["share"], 0.0, "{v:#}");
+        assert!(v["service"]["endpoints"][1]["target"].is_null(), "{v:#}");
+        // The v6 ipBlock denies the v6 client; its v4 address is not in it.
+        assert_eq!(v["decision"], "denied", "{v:#}");
+        let v = explain(&st, ip("10.0.0.1"), sa("10.96.0.10:80"));
+        assert_eq!(v["decision"], "allowed", "{v:#}");
+        assert_eq!(v["service"]["endpoints"][1]["share"], 0.5, "{v:#}");
     }
 }

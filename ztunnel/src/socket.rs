@@ -15,19 +15,71 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// A bound, listening socket (not yet registered with a runtime).
+/// A bound, listening socket (not yet registered with a runtime). An IPv6 address gets an
+/// IPv6-only socket: each family has a socket of its own (its own IP_TRANSPARENT or
+/// IPV6_TRANSPARENT, and native addresses: no v4-mapped `::ffff:a.b.c.d` to unwrap), so `[::]`
+/// and `0.0.0.0` on one port coexist.
 pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     if transparent {
-        set_transparent(&s, addr.ip())
-            .map_err(|e| io::Error::new(e.kind(), format!("IP_TRANSPARENT on {addr}: {e}")))?;
+        set_transparent(&s, addr.ip()).map_err(|e| {
+            let opt = if addr.is_ipv4() {
+                "IP_TRANSPARENT"
+            } else {
+                "IPV6_TRANSPARENT"
+            };
+            io::Error::new(e.kind(), format!("{opt} on {addr}: {e}"))
+        })?;
     }
     s.bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
+}
+
+/// Is this the error of an IPv6 socket on a host (netns) without IPv6: the family compiled
+/// out or disabled (`ipv6.disable=1`), or the address not available?
+pub fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// One listener's sockets, one per address. An IPv6 address that cannot be bound because the
+/// host has no IPv6 ([`no_ipv6`]) is a warning as long as another address of the listener is
+/// bound (the default `0.0.0.0` + `[::]` on a v4-only host); any other failure is an error.
+pub fn listen_all(
+    addrs: &[SocketAddr],
+    transparent: bool,
+    what: &str,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    let mut skipped = Vec::new();
+    for &addr in addrs {
+        match listen(addr, transparent) {
+            Ok(l) => out.push(l),
+            Err(e) if addr.is_ipv6() && no_ipv6(&e) => skipped.push((addr, e)),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{what} listener: {e}"))),
+        }
+    }
+    if out.is_empty() {
+        let detail = match skipped.first() {
+            Some((_, e)) => format!("{what} listener: {e}"),
+            None => format!("{what} listener: no address to listen on"),
+        };
+        return Err(io::Error::new(io::ErrorKind::AddrNotAvailable, detail));
+    }
+    for (addr, e) in skipped {
+        tracing::warn!(listener = what, %addr, error = %e,
+            "no IPv6 in this network namespace: not listening on this address (IPv4 only)");
+    }
+    Ok(out)
 }
 
 /// Registers a listener with the current runtime.
@@ -63,8 +115,10 @@ pub async fn connect(
     s.set_tcp_nodelay(true)?;
     if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
         if transparent {
-            set_transparent(&s, src)?;
-            set_freebind(&s, src)?;
+            // IP_TRANSPARENT + IP_FREEBIND, or their IPV6_ twins: the pod's address is not ours.
+            set_transparent(&s, src)
+                .and_then(|()| set_freebind(&s, src))
+                .map_err(|e| io::Error::new(e.kind(), format!("transparent source {src}: {e}")))?;
         }
         s.bind(&SocketAddr::new(src, 0).into())
             .map_err(|e| io::Error::new(e.kind(), format!("bind to source {src}: {e}")))?;

@@ -42,6 +42,14 @@ impl Workload {
     pub fn healthy(&self) -> bool {
         self.status == HealthStatus::Healthy
     }
+
+    /// The workload's address in the family (IPv4 or IPv6) of `like`, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.workload_ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

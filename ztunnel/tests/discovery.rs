@@ -462,7 +462,7 @@ async fn two_ztunnels_fed_by_the_api_server_carry_hbone_through_a_vip() {
         .await
         .unwrap();
     let mut cfg_b = kube_config(&m, &url, "node-b", Some(policies.clone()));
-    cfg_b.inbound_addr = SocketAddr::new(m.ip(21), port::INBOUND_HBONE);
+    cfg_b.inbound_addrs = vec![SocketAddr::new(m.ip(21), port::INBOUND_HBONE)];
     let b = ztunnel::app::start(cfg_b, tokio::runtime::Handle::current())
         .await
         .unwrap();

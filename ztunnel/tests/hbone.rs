@@ -307,8 +307,9 @@ async fn outbound_passthrough_unknown_source_and_self() {
     a.shutdown().await;
     // A connection whose destination is ztunnel's own listener is refused (no loop).
     let mut cfg = m.config("node-a");
-    cfg.inbound_addr = SocketAddr::new(m.ip(1), port::INBOUND_HBONE);
-    cfg.outbound_orig_dst = Some(cfg.inbound_addr);
+    let own = SocketAddr::new(m.ip(1), port::INBOUND_HBONE);
+    cfg.inbound_addrs = vec![own];
+    cfg.outbound_orig_dst = Some(own);
     let a = ztunnel::app::start(cfg, tokio::runtime::Handle::current())
         .await
         .unwrap();

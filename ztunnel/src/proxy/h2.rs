@@ -105,11 +105,16 @@ pub struct ConnectRequest {
 }
 
 impl ConnectRequest {
+    /// `:authority` as `ip:port` or `[ipv6]:port` (RFC 3986 §3.2.2), without an IPv6 scope id.
+    pub fn authority_text(&self) -> String {
+        std::net::SocketAddr::new(self.authority.ip(), self.authority.port()).to_string()
+    }
+
     pub fn build(&self) -> http::Request<()> {
         let mut req = http::Request::new(());
         *req.method_mut() = http::Method::CONNECT;
         *req.uri_mut() = http::Uri::builder()
-            .authority(self.authority.to_string())
+            .authority(self.authority_text())
             .build()
             .expect("a socket address is a valid authority");
         *req.headers_mut() = self.headers.clone();
@@ -533,6 +538,27 @@ mod tests {
         let r = relay.await.unwrap();
         r.result.unwrap();
         assert_eq!((r.up, r.down), (3_000_000, 3));
+    }
+
+    #[test]
+    fn connect_authority_of_both_families() {
+        let build = |a: &str| {
+            let req = ConnectRequest {
+                authority: a.parse().unwrap(),
+                headers: http::HeaderMap::new(),
+            }
+            .build();
+            assert_eq!(req.method(), http::Method::CONNECT);
+            req.uri().authority().unwrap().as_str().to_string()
+        };
+        assert_eq!(build("10.0.0.1:80"), "10.0.0.1:80");
+        assert_eq!(build("[fd00::1]:8080"), "[fd00::1]:8080");
+        assert_eq!(build("[::1]:15008"), "[::1]:15008");
+        // A scope id is local to this host: never sent.
+        assert_eq!(build("[fe80::1%2]:80"), "[fe80::1]:80");
+        // What the inbound side parses back.
+        let back: std::net::SocketAddr = build("[fd00::1]:8080").parse().unwrap();
+        assert_eq!(back, "[fd00::1]:8080".parse().unwrap());
     }
 
     #[tokio::test]

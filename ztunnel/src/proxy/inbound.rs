@@ -82,10 +82,10 @@ async fn to_local_waypoint(pi: &Inputs, mut tcp: TcpStream, peer: SocketAddr, di
 }
 
 /// What every stream of one tunnel connection shares.
-struct Tunnel {
-    peer: SocketAddr,
-    peer_identity: Identity,
-    served: Identity,
+pub struct Tunnel {
+    pub peer: SocketAddr,
+    pub peer_identity: Identity,
+    pub served: Identity,
 }
 
 async fn serve_connection(
@@ -127,10 +127,11 @@ fn respond_error(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// The CONNECT's checks: the destination workload, the target, the client IP to spoof.
-fn admit(
+/// Pure (no I/O) and generic over the body, so that it can be fuzzed on its own.
+pub fn admit<B>(
     state: &State,
     tunnel: &Tunnel,
-    req: &Request<RecvStream>,
+    req: &Request<B>,
 ) -> Result<(Arc<Workload>, SocketAddr, SocketAddr), (StatusCode, Error)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, Error::BadRequest(m));
     if req.method() != http::Method::CONNECT {
@@ -140,10 +141,11 @@ fn admit(
         .uri()
         .authority()
         .ok_or_else(|| bad("no :authority".into()))?;
-    let target: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| bad(format!("authority {authority} is not <ip>:<port>")))?;
+    let target = parse_authority(authority.as_str()).ok_or_else(|| {
+        bad(format!(
+            "authority {authority} is not <ip>:<port> or [<ipv6>]:<port>"
+        ))
+    })?;
     let wl = state
         .local_workload_by_ip(target.ip())
         .ok_or((StatusCode::BAD_REQUEST, Error::NotLocalDestination(target)))?;
@@ -188,6 +190,12 @@ fn admit(
     Ok((wl.clone(), target, src))
 }
 
+/// A CONNECT's `:authority`: `10.0.0.1:80` or `[fd00::1]:80` (a name, an IPv6 address without
+/// brackets or a missing port is refused).
+pub fn parse_authority(a: &str) -> Option<SocketAddr> {
+    a.parse().ok()
+}
+
 /// The client address to connect from: the `forwarded` address if it belongs to a workload of
 /// the peer's identity, else the tunnel's peer address.
 pub fn original_source(
@@ -217,7 +225,7 @@ async fn serve_stream(
     let authority = req
         .uri()
         .authority()
-        .and_then(|a| a.as_str().parse().ok())
+        .and_then(|a| parse_authority(a.as_str()))
         .unwrap_or(tunnel.peer);
     let mut log = ConnLog::new("inbound", tunnel.peer, authority);
     log.reporters = &["destination"];
@@ -291,6 +299,39 @@ async fn serve_stream(
 mod tests {
     use super::*;
     use crate::config::parse_local_config;
+
+    #[test]
+    fn authorities_of_both_families() {
+        let sa = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(parse_authority("10.0.0.1:80"), sa("10.0.0.1:80"));
+        assert_eq!(parse_authority("[fd00::1]:8080"), sa("[fd00::1]:8080"));
+        for bad in [
+            "fd00::1:8080",
+            "[fd00::1]",
+            "echo:80",
+            "10.0.0.1",
+            "[fd00::1]:x",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_v6_source_must_belong_to_the_peer_identity() {
+        let file = r#"
+workloads:
+- {name: a, namespace: demo, serviceAccount: sleep, workloadIps: [10.0.0.1, "fd00::1"], protocol: HBONE, node: n1}
+- {name: b, namespace: demo, serviceAccount: other, workloadIps: ["fd00::2"], protocol: HBONE, node: n1}
+"#;
+        let st = State::build(&parse_local_config(file).unwrap(), "cluster.local", "n2").unwrap();
+        let sleep = Identity::new("cluster.local", "demo", "sleep");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let peer = ip("fd00:9::9");
+        let fwd = forwarded_for(r#"for="[fd00::1]:40000""#).map(|f| f.ip());
+        assert_eq!(original_source(&st, fwd, peer, &sleep), ip("fd00::1"));
+        let fwd = forwarded_for(r#"for="[fd00::2]:40000""#).map(|f| f.ip());
+        assert_eq!(original_source(&st, fwd, peer, &sleep), peer);
+    }
 
     #[test]
     fn forwarded_source_must_belong_to_the_peer_identity() {

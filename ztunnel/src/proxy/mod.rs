@@ -80,11 +80,15 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn is_self(&self, dst: SocketAddr) -> bool {
-        self.own_ports.contains(&dst.port())
-            && (dst.ip().is_loopback()
-                || dst.ip().is_unspecified()
-                || self.own_addrs.contains(&dst.ip()))
+        is_self_in(&self.own_addrs, &self.own_ports, dst)
     }
+}
+
+/// Is `dst` one of our listeners: one of `ports` on a loopback or wildcard address (`127/8`,
+/// `::1`, `0.0.0.0`, `::`) or on one of `addrs`? A v4-mapped address counts as its IPv4 twin.
+fn is_self_in(addrs: &[IpAddr], ports: &[u16], dst: SocketAddr) -> bool {
+    let ip = dst.ip().to_canonical();
+    ports.contains(&dst.port()) && (ip.is_loopback() || ip.is_unspecified() || addrs.contains(&ip))
 }
 
 /// One connection's access-log line and metrics, filled in as it goes.
@@ -187,6 +191,12 @@ impl ConnLog {
     }
 }
 
+/// The `forwarded` header of a tunnel speaking for `client` (RFC 7239): `for="10.0.0.1:4000"`,
+/// `for="[fd00::1]:4000"` (quoted: `:` and `[` are not token characters).
+pub fn forwarded_value(client: SocketAddr) -> String {
+    format!("for=\"{}\"", SocketAddr::new(client.ip(), client.port()))
+}
+
 /// The address of the original client a tunnel speaks for, from a `forwarded` header
 /// (`for="10.0.0.1:4000"`, `for=10.0.0.1` (port 0), `for="[fd00::1]:4000"`).
 pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
@@ -224,7 +234,54 @@ mod tests {
             forwarded_for("proto=http;for=10.0.0.2, for=10.0.0.3"),
             sa("10.0.0.2:0")
         );
+        assert_eq!(
+            forwarded_for("for=\"[fd00::1]\""),
+            sa("[fd00::1]:0"),
+            "a v6 node without a port"
+        );
         assert_eq!(forwarded_for("by=10.0.0.1"), None);
         assert_eq!(forwarded_for("for=unknown"), None);
+    }
+
+    #[test]
+    fn forwarded_value_round_trips_both_families() {
+        for c in ["10.0.0.1:4000", "[fd00::1]:4000", "[::1]:1"] {
+            let c: SocketAddr = c.parse().unwrap();
+            let v = forwarded_value(c);
+            assert!(v.starts_with("for=\"") && v.ends_with('"'), "{v}");
+            assert!(http::HeaderValue::from_str(&v).is_ok(), "{v}");
+            assert_eq!(forwarded_for(&v), Some(c));
+        }
+        assert_eq!(
+            forwarded_value("[fd00::1]:4000".parse().unwrap()),
+            r#"for="[fd00::1]:4000""#
+        );
+        // A scope id is this host's business.
+        assert_eq!(
+            forwarded_value("[fe80::1%3]:4000".parse().unwrap()),
+            r#"for="[fe80::1]:4000""#
+        );
+    }
+
+    #[test]
+    fn self_connections_of_both_families_are_recognised() {
+        let own_addrs: Vec<IpAddr> =
+            vec!["10.0.9.1".parse().unwrap(), "fd00:9::1".parse().unwrap()];
+        let own_ports = vec![15001, 15006, 15008];
+        let is_self = |d: &str| is_self_in(&own_addrs, &own_ports, d.parse().unwrap());
+        for d in [
+            "127.0.0.1:15001",
+            "[::1]:15001",
+            "[::]:15008",
+            "0.0.0.0:15006",
+            "10.0.9.1:15008",
+            "[fd00:9::1]:15006",
+            "[::ffff:10.0.9.1]:15001",
+        ] {
+            assert!(is_self(d), "{d}");
+        }
+        for d in ["[fd00:9::1]:80", "[fd00:9::2]:15001", "10.0.9.2:15001"] {
+            assert!(!is_self(d), "{d}");
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! the pooled connection of that source/destination pair), hands it to a local pod directly, or
 //! passes it through as plain TCP. Upstream sockets are bound to the client's IP.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ambient_net::consts::port;
@@ -96,7 +96,9 @@ pub fn route(
                 service: Some(key),
             });
         }
-        let ep = pick_endpoint(state.endpoints(svc), rng)
+        // Within the dialed VIP's family: a v6 VIP reaches an endpoint's v6 address (the
+        // client's source, spoofed upstream, is of that family too).
+        let ep = pick_endpoint_like(state.endpoints(svc), dst.ip(), rng)
             .ok_or_else(|| Error::NoHealthyEndpoint(key.clone()))?;
         let target = svc.endpoint_target(ep, dst.port(), dst.is_ipv4());
         let extra = &svc.subject_alt_names;
@@ -122,23 +124,24 @@ fn via_waypoint(
     service: Option<String>,
     rng: &mut fastrand::Rng,
 ) -> Result<Route, Error> {
+    // The tunnel in the connection's family when the waypoint has an address of it (the
+    // tunnel's source is the client's address), else in any: the waypoint reads the client
+    // from `forwarded` and its certificate either way.
+    let like = authority.ip();
     let (wl, ip) = match state.waypoint_service(wp) {
         Some(svc) => {
-            let ep = pick_endpoint(state.endpoints(svc), rng)
+            let eps = state.endpoints(svc);
+            let ep = pick_endpoint_like(eps, like, rng)
+                .or_else(|| pick_endpoint(eps, rng))
                 .ok_or_else(|| Error::NoHealthyEndpoint(svc.key()))?;
-            let ip = ep
-                .workload_ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == wp.address.is_ipv4())
-                .unwrap_or(&ep.workload_ips[0]);
-            (ep, *ip)
+            (ep, ep.ip_like(like).unwrap_or(ep.workload_ips[0]))
         }
-        None => (
-            state
+        None => {
+            let wl = state
                 .workload_by_ip(wp.address)
-                .ok_or(Error::UnknownWaypoint(wp.address))?,
-            wp.address,
-        ),
+                .ok_or(Error::UnknownWaypoint(wp.address))?;
+            (wl, wl.ip_like(like).unwrap_or(wp.address))
+        }
     };
     Ok(Route::Hbone {
         tunnel: SocketAddr::new(ip, wp.hbone_mtls_port),
@@ -195,16 +198,31 @@ pub fn pick_endpoint<'a>(
     eps: &'a [Arc<Workload>],
     rng: &mut fastrand::Rng,
 ) -> Option<&'a Arc<Workload>> {
-    let total: u64 = eps
-        .iter()
-        .filter(|w| w.healthy())
-        .map(|w| w.capacity as u64)
-        .sum();
+    pick_endpoint_where(eps, |_| true, rng)
+}
+
+/// The same among the endpoints that have an address in the family of `like`.
+pub fn pick_endpoint_like<'a>(
+    eps: &'a [Arc<Workload>],
+    like: IpAddr,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Arc<Workload>> {
+    pick_endpoint_where(eps, |w| w.ip_like(like).is_some(), rng)
+}
+
+/// Weighted random choice among the healthy endpoints `eligible` admits.
+fn pick_endpoint_where<'a>(
+    eps: &'a [Arc<Workload>],
+    eligible: impl Fn(&Workload) -> bool,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Arc<Workload>> {
+    let ok = |w: &&Arc<Workload>| w.healthy() && w.capacity > 0 && eligible(w);
+    let total: u64 = eps.iter().filter(ok).map(|w| w.capacity as u64).sum();
     if total == 0 {
         return None;
     }
     let mut n = rng.u64(0..total);
-    for w in eps.iter().filter(|w| w.healthy() && w.capacity > 0) {
+    for w in eps.iter().filter(ok) {
         if n < w.capacity as u64 {
             return Some(w);
         }
@@ -294,7 +312,7 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
                 src_ip: spoof,
             };
             let mut headers = http::HeaderMap::new();
-            let fwd = format!("for=\"{src}\"");
+            let fwd = super::forwarded_value(src);
             headers.insert(
                 "forwarded",
                 http::HeaderValue::from_str(&fwd).map_err(|e| Error::BadRequest(e.to_string()))?,
@@ -351,7 +369,6 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
 mod tests {
     use super::*;
     use crate::config::parse_local_config;
-    use std::net::IpAddr;
 
     const FILE: &str = r#"
 workloads:
@@ -806,6 +823,143 @@ services:
         assert!(
             err.contains("a service cannot be its own waypoint"),
             "{err}"
+        );
+    }
+
+    const DUAL: &str = r#"
+workloads:
+- {name: client, namespace: demo, serviceAccount: sleep, workloadIps: [10.0.0.1, "fd00::1"], protocol: HBONE, node: node-a}
+- {name: dual, namespace: demo, serviceAccount: echo, workloadIps: [10.0.1.1, "fd00:1::1"], protocol: HBONE, node: node-b, services: {demo/echo.demo.svc.cluster.local: {}}}
+- {name: v4only, namespace: demo, serviceAccount: echo, workloadIps: [10.0.1.2], protocol: HBONE, node: node-b, services: {demo/echo.demo.svc.cluster.local: {}}}
+- {name: v6only, namespace: demo, serviceAccount: echo, workloadIps: ["fd00:1::3"], protocol: HBONE, node: node-b, services: {demo/echo.demo.svc.cluster.local: {}}}
+- {name: wp, namespace: demo, serviceAccount: wp, workloadIps: [10.0.3.1, "fd00:3::1"], protocol: HBONE, node: node-b}
+- {name: db, namespace: demo, serviceAccount: db, workloadIps: [10.0.3.2, "fd00:3::2"], protocol: HBONE, node: node-b, waypoint: {address: 10.0.3.1}}
+- {name: v4wp-0, namespace: demo, serviceAccount: gw, workloadIps: [10.0.4.1], protocol: HBONE, node: node-b, services: {demo/gw.demo.svc.cluster.local: {}}}
+- {name: api, namespace: demo, serviceAccount: api, workloadIps: ["fd00:5::1"], protocol: HBONE, node: node-b, waypoint: {address: 10.96.0.40}}
+services:
+- {name: echo, namespace: demo, hostname: echo.demo.svc.cluster.local, vips: [10.96.0.10, "fd00:96::10"], ports: {80: 8080}}
+- {name: gw, namespace: demo, hostname: gw.demo.svc.cluster.local, vips: [10.96.0.40], ports: {15008: 15008}}
+"#;
+
+    fn dual() -> (State, Arc<Workload>) {
+        let st = State::build(
+            &parse_local_config(DUAL).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap();
+        let src = st
+            .workload_by_ip("fd00::1".parse().unwrap())
+            .unwrap()
+            .clone();
+        (st, src)
+    }
+
+    #[test]
+    fn a_dual_stack_workload_is_indexed_and_reached_by_each_family() {
+        let (st, src) = dual();
+        // The client is found by either of its addresses.
+        assert_eq!(
+            st.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap().uid,
+            src.uid
+        );
+        for (dst, tunnel) in [
+            ("10.0.1.1:8080", "10.0.1.1:15008"),
+            ("[fd00:1::1]:8080", "[fd00:1::1]:15008"),
+        ] {
+            let r = route(&st, &src, sa(dst), &mut fastrand::Rng::new()).unwrap();
+            assert!(
+                matches!(&r, Route::Hbone { tunnel: t, authority, workload, waypoint: false, .. }
+                if *t == sa(tunnel) && *authority == sa(dst) && workload.name == "dual"),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vip_picks_endpoints_of_its_own_family() {
+        let (st, src) = dual();
+        let mut rng = fastrand::Rng::with_seed(5);
+        for (vip, family_v4) in [("[fd00:96::10]:80", false), ("10.96.0.10:80", true)] {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..300 {
+                let r = route(&st, &src, sa(vip), &mut rng).unwrap();
+                let Route::Hbone {
+                    tunnel,
+                    authority,
+                    workload,
+                    ..
+                } = &r
+                else {
+                    panic!("{r:?}")
+                };
+                assert_eq!(authority.is_ipv4(), family_v4, "{r:?}");
+                assert_eq!(tunnel.ip(), authority.ip());
+                assert_eq!(authority.port(), 8080);
+                seen.insert(workload.name.clone());
+            }
+            let want: &[&str] = if family_v4 {
+                &["dual", "v4only"]
+            } else {
+                &["dual", "v6only"]
+            };
+            assert_eq!(seen.iter().map(String::as_str).collect::<Vec<_>>(), want);
+        }
+        // No endpoint of the family: no healthy endpoint, never a cross-family one.
+        let v6only = DUAL.replace(
+            "[10.0.1.2], protocol: HBONE, node: node-b, services: {demo/echo",
+            "[10.0.1.2], protocol: HBONE, node: node-b, status: Unhealthy, services: {demo/echo",
+        );
+        let st = State::build(
+            &parse_local_config(&v6only).unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap();
+        let only_dual = st.endpoints(st.service_by_vip("10.96.0.10".parse().unwrap()).unwrap());
+        assert!(pick_endpoint_like(only_dual, "10.96.0.10".parse().unwrap(), &mut rng).is_some());
+        let none = State::build(
+            &parse_local_config(
+                &DUAL
+                    .replace(
+                        "workloadIps: [10.0.1.1, \"fd00:1::1\"]",
+                        "workloadIps: [\"fd00:1::1\"]",
+                    )
+                    .replace(
+                        "[10.0.1.2], protocol: HBONE, node: node-b, services",
+                        "[10.0.1.2], protocol: HBONE, node: node-b, status: Unhealthy, services",
+                    ),
+            )
+            .unwrap(),
+            "cluster.local",
+            "node-a",
+        )
+        .unwrap();
+        let err = route(&none, &src, sa("10.96.0.10:80"), &mut rng).unwrap_err();
+        assert!(matches!(err, Error::NoHealthyEndpoint(_)), "{err}");
+    }
+
+    #[test]
+    fn waypoints_are_reached_in_the_connections_family_when_they_can_be() {
+        let (st, src) = dual();
+        // A dual-stack waypoint workload named by its v4 address: v6 traffic goes to its v6.
+        let r = route(&st, &src, sa("[fd00:3::2]:5432"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, authority, waypoint: true, .. }
+            if *tunnel == sa("[fd00:3::1]:15008") && *authority == sa("[fd00:3::2]:5432")),
+            "{r:?}"
+        );
+        let r = route(&st, &src, sa("10.0.3.2:5432"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, waypoint: true, .. } if *tunnel == sa("10.0.3.1:15008")),
+            "{r:?}"
+        );
+        // A v4-only waypoint service still carries v6 traffic (HBONE is only the transport).
+        let r = route(&st, &src, sa("[fd00:5::1]:80"), &mut fastrand::Rng::new()).unwrap();
+        assert!(
+            matches!(&r, Route::Hbone { tunnel, authority, waypoint: true, .. }
+            if *tunnel == sa("10.0.4.1:15008") && *authority == sa("[fd00:5::1]:80")),
+            "{r:?}"
         );
     }
 }

@@ -179,7 +179,7 @@ policies: {policies}
     /// ztunnel B: HBONE on the echo pod's IP, port 15008 (where A's tunnels go).
     pub async fn node_b(&self) -> Running {
         let mut cfg = self.config("node-b");
-        cfg.inbound_addr = SocketAddr::new(self.ip(21), port::INBOUND_HBONE);
+        cfg.inbound_addrs = vec![SocketAddr::new(self.ip(21), port::INBOUND_HBONE)];
         cfg.inbound_plaintext_orig_dst = Some(self.echo.addr);
         start(cfg, tokio::runtime::Handle::current()).await.unwrap()
     }
@@ -360,7 +360,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// Connects from `src` (any port) to `dst`.
 pub async fn connect_from(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = tokio::net::TcpSocket::new_v4()?;
+    let s = match src {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
     s.bind(SocketAddr::new(src, 0))?;
     s.connect(dst).await
 }
