@@ -2,7 +2,7 @@
 //! conflist and runs ADD/DEL through the client inside the node netns, so the node is the
 //! plugins' host and the pod netns is CNI_NETNS.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::paths;
 use crate::procs;
 use crate::state::{NodeState, PodState};
-use crate::topology::{NodePlan, POD_PREFIX_LEN};
+use crate::topology::{IpFamily, NodePlan, POD_PREFIX_LEN, POD_PREFIX_LEN6};
 
 /// The network name (and conflist `name`).
 pub const NETWORK: &str = "ambient";
@@ -61,17 +61,31 @@ pub struct AmbientCniConf {
     pub log_file: PathBuf,
 }
 
-/// The conflist of one node.
+/// The conflist of one node. host-local gets one range set per family (v4 first: the
+/// primary), so a dual-stack pod gets one address of each; the v6 gateway is `::1` of the
+/// node's /64. ptp puts each gateway on the pod's host veth (`/32`, `/128`), bridge with
+/// `isGateway` on the bridge (with the range's prefix), for both families alike.
 pub fn conflist(
     primary: Primary,
     node: &NodePlan,
+    family: IpFamily,
     ipam_data_dir: &Path,
     ambient: Option<&AmbientCniConf>,
 ) -> Value {
+    let mut ranges = Vec::new();
+    let mut routes = Vec::new();
+    if family.has_v4() {
+        ranges.push(json!([{"subnet": node.pod_cidr(), "gateway": node.gateway.to_string()}]));
+        routes.push(json!({"dst": "0.0.0.0/0"}));
+    }
+    if family.has_v6() {
+        ranges.push(json!([{"subnet": node.pod_cidr6(), "gateway": node.gateway6.to_string()}]));
+        routes.push(json!({"dst": "::/0"}));
+    }
     let ipam = json!({
         "type": "host-local",
-        "ranges": [[{"subnet": node.pod_cidr(), "gateway": node.gateway.to_string()}]],
-        "routes": [{"dst": "0.0.0.0/0"}],
+        "ranges": ranges,
+        "routes": routes,
         "dataDir": ipam_data_dir,
     });
     let main = match primary {
@@ -263,7 +277,7 @@ pub fn del(client: &Path, node: &NodeState, pod: &PodState) -> Result<()> {
     Ok(())
 }
 
-/// What the lab needs from an ADD result.
+/// What the lab needs from an ADD result of an IPv4 pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddResult {
     pub ip: Ipv4Addr,
@@ -271,15 +285,52 @@ pub struct AddResult {
     pub host_veth: Option<String>,
 }
 
+/// An ADD result's addresses of both families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddAddresses {
+    /// Every address in the result's order (host-local's range sets: v4 first in dual).
+    pub ips: Vec<IpAddr>,
+    pub host_veth: Option<String>,
+}
+
+impl AddAddresses {
+    pub fn v4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    pub fn v6(&self) -> Option<Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+}
+
+/// The IPv4 address and host veth of an ADD result; an error without a v4 address.
 pub fn parse_result(result: &Value) -> Result<AddResult> {
-    let ip = result["ips"]
+    let all = parse_addresses(result)?;
+    Ok(AddResult {
+        ip: all.v4().context("CNI result has no IPv4 address")?,
+        host_veth: all.host_veth,
+    })
+}
+
+/// Every address of an ADD result (`ips[].address`, prefix dropped) and the host veth; an
+/// error when it has none.
+pub fn parse_addresses(result: &Value) -> Result<AddAddresses> {
+    let ips: Vec<IpAddr> = result["ips"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|e| e["address"].as_str())
-        .filter_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
-        .next()
-        .context("CNI result has no IPv4 address")?;
+        .filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok())
+        .collect();
+    if ips.is_empty() {
+        bail!("CNI result has no IP address");
+    }
     let host_veth = result["interfaces"]
         .as_array()
         .into_iter()
@@ -288,13 +339,57 @@ pub fn parse_result(result: &Value) -> Result<AddResult> {
         .filter_map(|i| i["name"].as_str())
         .rfind(|n| *n != BRIDGE_NAME)
         .map(str::to_string);
-    Ok(AddResult { ip, host_veth })
+    Ok(AddAddresses { ips, host_veth })
 }
 
 /// True when `ip` lies in `node`'s pod CIDR.
 pub fn in_pod_cidr(node: &NodePlan, ip: Ipv4Addr) -> bool {
     let mask = u32::MAX << (32 - POD_PREFIX_LEN);
     u32::from(ip) & mask == u32::from(node.pod_net) & mask
+}
+
+/// True when `ip` lies in `node`'s v6 pod CIDR.
+pub fn in_pod_cidr6(node: &NodePlan, ip: Ipv6Addr) -> bool {
+    let mask = u128::MAX << (128 - POD_PREFIX_LEN6);
+    u128::from(ip) & mask == u128::from(node.pod_net6) & mask
+}
+
+/// Checks an ADD result against the plan: exactly one address per family of the lab, each
+/// in the node's pod CIDR of its family.
+pub fn check_addresses(node: &NodePlan, family: IpFamily, got: &AddAddresses) -> Result<()> {
+    let v4: Vec<Ipv4Addr> = got
+        .ips
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Addr> = got
+        .ips
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let want = |has: bool| usize::from(has);
+    if v4.len() != want(family.has_v4()) || v6.len() != want(family.has_v6()) {
+        bail!(
+            "expected {} v4 and {} v6 address(es) for --ip-family {}, got {:?}",
+            want(family.has_v4()),
+            want(family.has_v6()),
+            family.as_str(),
+            got.ips
+        );
+    }
+    if let Some(ip) = v4.iter().find(|ip| !in_pod_cidr(node, **ip)) {
+        bail!("{ip} is outside {}", node.pod_cidr());
+    }
+    if let Some(ip) = v6.iter().find(|ip| !in_pod_cidr6(node, **ip)) {
+        bail!("{ip} is outside {}", node.pod_cidr6());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,7 +403,13 @@ mod tests {
             agent_socket: "/run/x/agent.sock".into(),
             log_file: "/run/x/nodeA-cni.log".into(),
         };
-        let c = conflist(Primary::Ptp, &NODES[0], Path::new("/run/x/ipam"), Some(&a));
+        let c = conflist(
+            Primary::Ptp,
+            &NODES[0],
+            IpFamily::Ipv4,
+            Path::new("/run/x/ipam"),
+            Some(&a),
+        );
         assert_eq!(c["cniVersion"], "1.0.0");
         assert_eq!(c["name"], "ambient");
         assert_eq!(c["plugins"][0]["type"], "ptp");
@@ -320,10 +421,81 @@ mod tests {
         );
         assert_eq!(c["plugins"][1]["type"], "ambient-cni");
         assert_eq!(c["plugins"][1]["agentSocket"], "/run/x/agent.sock");
-        let plain = conflist(Primary::Bridge, &NODES[1], Path::new("/i"), None);
+        assert_eq!(
+            c["plugins"][0]["ipam"]["ranges"].as_array().unwrap().len(),
+            1
+        );
+        assert_eq!(
+            c["plugins"][0]["ipam"]["routes"],
+            json!([{"dst": "0.0.0.0/0"}])
+        );
+        let plain = conflist(
+            Primary::Bridge,
+            &NODES[1],
+            IpFamily::Ipv4,
+            Path::new("/i"),
+            None,
+        );
         assert_eq!(plain["plugins"].as_array().unwrap().len(), 1);
         assert_eq!(plain["plugins"][0]["bridge"], "cni0");
         assert_eq!(plain["plugins"][0]["isGateway"], true);
+    }
+
+    #[test]
+    fn v6_and_dual_conflists() {
+        let dual = conflist(
+            Primary::Bridge,
+            &NODES[1],
+            IpFamily::Dual,
+            Path::new("/i"),
+            None,
+        );
+        let ipam = &dual["plugins"][0]["ipam"];
+        assert_eq!(
+            ipam["ranges"],
+            json!([
+                [{"subnet": "10.244.2.0/24", "gateway": "10.244.2.1"}],
+                [{"subnet": "fd00:10:244:2::/64", "gateway": "fd00:10:244:2::1"}]
+            ])
+        );
+        assert_eq!(
+            ipam["routes"],
+            json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}])
+        );
+        let v6 = conflist(
+            Primary::Ptp,
+            &NODES[0],
+            IpFamily::Ipv6,
+            Path::new("/i"),
+            None,
+        );
+        assert_eq!(
+            v6["plugins"][0]["ipam"]["ranges"],
+            json!([[{"subnet": "fd00:10:244:1::/64", "gateway": "fd00:10:244:1::1"}]])
+        );
+        assert_eq!(v6["plugins"][0]["ipam"]["routes"], json!([{"dst": "::/0"}]));
+    }
+
+    #[test]
+    fn dual_results() {
+        let r = json!({"interfaces":[{"name":"vethq"},{"name":"eth0","sandbox":"/p"}],"ips":[
+            {"address":"10.244.1.3/24","gateway":"10.244.1.1"},
+            {"address":"fd00:10:244:1::3/64","gateway":"fd00:10:244:1::1"}]});
+        let a = parse_addresses(&r).unwrap();
+        assert_eq!(a.v4(), Some(Ipv4Addr::new(10, 244, 1, 3)));
+        assert_eq!(a.v6(), Some("fd00:10:244:1::3".parse().unwrap()));
+        assert_eq!(a.ips.len(), 2);
+        check_addresses(&NODES[0], IpFamily::Dual, &a).unwrap();
+        assert!(check_addresses(&NODES[0], IpFamily::Ipv4, &a).is_err());
+        assert!(check_addresses(&NODES[1], IpFamily::Dual, &a).is_err());
+        let v6 = json!({"ips":[{"address":"fd00:10:244:2::5/64"}]});
+        let a = parse_addresses(&v6).unwrap();
+        check_addresses(&NODES[1], IpFamily::Ipv6, &a).unwrap();
+        assert!(parse_result(&v6).is_err());
+        assert!(!in_pod_cidr6(
+            &NODES[0],
+            "fd00:10:244:2::5".parse().unwrap()
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,7 +25,7 @@ use crate::http::{self, HttpRequest, HttpResponse};
 use crate::paths;
 use crate::procs;
 use crate::state::{LabState, ProcessRecord};
-use crate::status::{LabStatus, PodStatus, WaypointStatus};
+use crate::status::{LabStatus, PodStatus, ServiceStatus, WaypointStatus};
 use crate::tproxy::{self, TproxyRecord};
 use crate::waypoint;
 
@@ -44,6 +44,8 @@ pub struct LabOptions {
     /// that need it say so with [`LabOptions::waypoint`], the others do not depend on the
     /// waypoint binary.
     pub waypoint: bool,
+    /// `up --ip-family` (`ipv4`, `ipv6`, `dual`); none: the default, ipv4.
+    pub ip_family: Option<String>,
 }
 
 impl LabOptions {
@@ -54,7 +56,14 @@ impl LabOptions {
             primary: None,
             extra_args: Vec::new(),
             waypoint: false,
+            ip_family: None,
         }
+    }
+
+    /// `up --ip-family <family>`: `ipv4`, `ipv6` or `dual`.
+    pub fn ip_family(mut self, family: &str) -> Self {
+        self.ip_family = Some(family.into());
+        self
     }
 
     /// Runs the waypoint in `b-waypoint` (needs the `waypoint` binary next to ambient-lab,
@@ -113,6 +122,9 @@ impl Lab {
         }
         if let Some(p) = &opts.primary {
             cmd.args(["--primary", p]);
+        }
+        if let Some(f) = &opts.ip_family {
+            cmd.args(["--ip-family", f]);
         }
         if !opts.waypoint {
             cmd.arg("--no-waypoint");
@@ -191,6 +203,27 @@ impl Lab {
         self.pod(id)
             .ip
             .unwrap_or_else(|| panic!("pod {id} has no IP"))
+    }
+
+    /// A pod's IPv6 address (ipv6 and dual labs); panics when it has none.
+    pub fn pod_ip6(&self, id: &str) -> Ipv6Addr {
+        self.pod(id)
+            .ip6
+            .unwrap_or_else(|| panic!("pod {id} has no IPv6 address"))
+    }
+
+    /// Every address of a pod, the primary first (v4 then v6 in a dual lab).
+    pub fn pod_ips(&self, id: &str) -> Vec<IpAddr> {
+        self.pod(id).ips.clone()
+    }
+
+    /// A Service by name (`app`, `reviews`, ...); panics when there is none.
+    pub fn service(&self, name: &str) -> &ServiceStatus {
+        self.status
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("lab {} has no service {name}", self.prefix))
     }
 
     /// The netns path of a pod id or node (`nodeA`).

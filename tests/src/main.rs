@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ambient_lab::cni::Primary;
+use ambient_lab::topology::IpFamily;
 use ambient_lab::up::{Dataplane, UpOptions};
 use ambient_lab::{bench, demo, down, exec, paths, serve, status, tproxy, up};
 use anyhow::Result;
@@ -80,6 +81,10 @@ enum Cmd {
         /// HBONE itself.
         #[arg(long)]
         waypoint_captured: bool,
+        /// Address families of pods, Services and the underlay: ipv4, ipv6 (v6 only), or dual
+        /// (both; v4 the primary, the underlay v4).
+        #[arg(long, value_enum, default_value = "ipv4")]
+        ip_family: IpFamily,
     },
     /// Show the lab's topology.
     Status {
@@ -150,6 +155,9 @@ enum Cmd {
         /// Reported as `version` in HTTP answers.
         #[arg(long, default_value = "")]
         version: String,
+        /// Also listen on [::] (v6 only).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Transparent test listeners for the ztunnel netns.
     #[command(hide = true)]
@@ -195,6 +203,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             no_waypoint,
             waypoint_bin,
             waypoint_captured,
+            ip_family,
         } => {
             let state = up::up(&UpOptions {
                 prefix: prefix.prefix,
@@ -210,6 +219,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 waypoint: !no_waypoint,
                 waypoint_bin,
                 waypoint_captured,
+                ip_family,
             })?;
             emit(&status::LabStatus::from_state(&state).table())?;
         }
@@ -277,11 +287,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             http_port,
             name,
             version,
+            ipv6,
         } => serve::run(&serve::ServeOptions {
             port,
             http_port,
             name,
             version,
+            ipv6,
         })?,
         Cmd::TproxyListen { ports, log } => tproxy::run(&ports, &log)?,
     }

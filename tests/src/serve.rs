@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +54,38 @@ pub struct ServeOptions {
     pub name: String,
     /// Reported as `version` (`v1`, `v2`, ...).
     pub version: String,
+    /// Also listen on `[::]` (v6 only, so v4 peers keep their plain addresses in the
+    /// greeting): the lab's ipv6 and dual pods.
+    pub ipv6: bool,
+}
+
+/// The listeners of one port: 0.0.0.0 and, with `ipv6`, `[::]` with IPV6_V6ONLY (Linux'
+/// default `bindv6only=0` would otherwise make the second bind clash with the first).
+async fn bind_all(port: u16, ipv6: bool) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    let mut addrs = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+    if ipv6 {
+        addrs.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    }
+    for ip in addrs {
+        let addr = SocketAddr::new(ip, port);
+        let socket = if ip.is_ipv6() {
+            let s = tokio::net::TcpSocket::new_v6()?;
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+                .with_context(|| format!("IPV6_V6ONLY for {addr}"))?;
+            s
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr).with_context(|| format!("bind {addr}"))?;
+        out.push(
+            socket
+                .listen(1024)
+                .with_context(|| format!("listen {addr}"))?,
+        );
+    }
+    Ok(out)
 }
 
 pub fn run(opts: &ServeOptions) -> Result<()> {
@@ -63,32 +95,28 @@ pub fn run(opts: &ServeOptions) -> Result<()> {
         .build()
         .context("tokio runtime")?;
     rt.block_on(async {
-        let http = match opts.http_port {
-            Some(port) => {
-                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("bind {addr}"))?;
-                eprintln!("serve: HTTP (h1, h2c) on {addr}");
-                let ctx = HttpContext::new(&opts.name, &opts.version);
-                Some(tokio::spawn(serve_http(listener, ctx)))
+        let mut http = Vec::new();
+        if let Some(port) = opts.http_port {
+            let ctx = HttpContext::new(&opts.name, &opts.version);
+            for listener in bind_all(port, opts.ipv6).await? {
+                eprintln!("serve: HTTP (h1, h2c) on {}", listener.local_addr()?);
+                http.push(tokio::spawn(serve_http(listener, ctx.clone())));
             }
-            None => None,
-        };
-        let echo = serve(opts.port).await;
-        if let Some(h) = http {
-            h.abort();
         }
-        echo
+        let mut echo = Vec::new();
+        for listener in bind_all(opts.port, opts.ipv6).await? {
+            eprintln!("serve: listening on {}", listener.local_addr()?);
+            echo.push(tokio::spawn(serve(listener)));
+        }
+        // The accept loops only end on a panic; the first to end ends the server.
+        let (done, _, rest) = futures::future::select_all(echo).await;
+        rest.iter().for_each(|h| h.abort());
+        http.iter().for_each(|h| h.abort());
+        done.context("echo server task")?
     })
 }
 
-async fn serve(port: u16) -> Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind {addr}"))?;
-    eprintln!("serve: listening on {addr}");
+async fn serve(listener: TcpListener) -> Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -2,8 +2,11 @@
 //! ClusterIP to its backend pods (one at random per connection when there are several), in
 //! prerouting (pod traffic) and output (node traffic). The output chain says `priority -100`
 //! (= dstnat): this nft (1.0.x) rejects the name `dstnat` on the output hook.
+//!
+//! IPv6 ClusterIPs get the same DNAT in a `table ip6 kube-proxy` (kube-proxy's nftables mode
+//! keeps one table per family too), with the same two chains and priorities.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
@@ -29,19 +32,27 @@ pub const REVIEWS_V1_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 pub const REVIEWS_V2: &str = "reviews-v2";
 pub const REVIEWS_V2_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
 
-/// One Service port as kube-proxy programs it.
+/// The v6 ClusterIPs (in `topology::SERVICE_CIDR6`): the v4 ones' last octet as the last
+/// group, so `10.96.0.20` and `fd00:10:96::20` are the same Service.
+pub const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+pub const REVIEWS_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+pub const REVIEWS_V1_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x21);
+pub const REVIEWS_V2_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x22);
+
+/// One Service port of one family as kube-proxy programs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dnat {
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: IpAddr,
     pub port: u16,
-    /// At least one.
-    pub backends: Vec<Ipv4Addr>,
+    /// At least one, of `cluster_ip`'s family.
+    pub backends: Vec<IpAddr>,
     pub target_port: u16,
 }
 
 impl Dnat {
-    /// The nft rule: `dnat to <ip>:<port>`, or with several backends a random pick
-    /// (`numgen random mod N map { 0 : ip0, ... }:port`, as kube-proxy's vmap of endpoints).
+    /// The nft rule: `dnat to <ip>:<port>` (`[<ip>]:<port>` for v6), or with several
+    /// backends a random pick (`numgen random mod N map { 0 : ip0, ... }:port`, as
+    /// kube-proxy's vmap of endpoints).
     pub fn rule(&self) -> String {
         let Dnat {
             cluster_ip,
@@ -49,7 +60,12 @@ impl Dnat {
             target_port,
             ..
         } = self;
+        let daddr = match cluster_ip {
+            IpAddr::V4(_) => "ip daddr",
+            IpAddr::V6(_) => "ip6 daddr",
+        };
         let to = match self.backends.as_slice() {
+            [IpAddr::V6(one)] => format!("[{one}]:{target_port}"),
             [one] => format!("{one}:{target_port}"),
             many => {
                 let map: Vec<String> = many
@@ -64,29 +80,42 @@ impl Dnat {
                 )
             }
         };
-        format!("ip daddr {cluster_ip} tcp dport {port} dnat to {to}")
+        format!("{daddr} {cluster_ip} tcp dport {port} dnat to {to}")
     }
 }
 
 /// The nft script for one node with one Service.
 pub fn render(cluster_ip: Ipv4Addr, port: u16, backend: Ipv4Addr, target_port: u16) -> String {
     render_all(&[Dnat {
-        cluster_ip,
+        cluster_ip: cluster_ip.into(),
         port,
-        backends: vec![backend],
+        backends: vec![backend.into()],
         target_port,
     }])
 }
 
-/// The nft script for one node: every Service's rule in both chains.
+/// The nft script for one node: every Service's rule in both chains, the v4 ones in
+/// `table ip kube-proxy`, the v6 ones in `table ip6 kube-proxy` (a table only when it has
+/// rules).
 pub fn render_all(services: &[Dnat]) -> String {
+    let (v4, v6): (Vec<&Dnat>, Vec<&Dnat>) = services.iter().partition(|d| d.cluster_ip.is_ipv4());
+    let mut out = String::new();
+    for (family, rules) in [("ip", v4), ("ip6", v6)] {
+        if !rules.is_empty() {
+            out.push_str(&render_table(family, &rules));
+        }
+    }
+    out
+}
+
+fn render_table(family: &str, services: &[&Dnat]) -> String {
     let rule = services
         .iter()
-        .map(Dnat::rule)
+        .map(|d| d.rule())
         .collect::<Vec<_>>()
         .join("\n\t\t");
     format!(
-        "table ip {TABLE} {{\n\
+        "table {family} {TABLE} {{\n\
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\t{rule}\n\
@@ -137,15 +166,18 @@ mod tests {
     fn several_services_and_backends() {
         let s = render_all(&[
             Dnat {
-                cluster_ip: CLUSTER_IP,
+                cluster_ip: CLUSTER_IP.into(),
                 port: 80,
-                backends: vec![Ipv4Addr::new(10, 244, 2, 3)],
+                backends: vec![Ipv4Addr::new(10, 244, 2, 3).into()],
                 target_port: 9080,
             },
             Dnat {
-                cluster_ip: REVIEWS_IP,
+                cluster_ip: REVIEWS_IP.into(),
                 port: 80,
-                backends: vec![Ipv4Addr::new(10, 244, 1, 6), Ipv4Addr::new(10, 244, 2, 6)],
+                backends: vec![
+                    Ipv4Addr::new(10, 244, 1, 6).into(),
+                    Ipv4Addr::new(10, 244, 2, 6).into(),
+                ],
                 target_port: 8080,
             },
         ]);
@@ -153,5 +185,45 @@ mod tests {
                      map { 0 : 10.244.1.6, 1 : 10.244.2.6 }:8080";
         assert_eq!(s.matches(multi).count(), 2, "{s}");
         assert_eq!(s.matches("dnat to 10.244.2.3:9080").count(), 2, "{s}");
+        assert!(!s.contains("ip6"), "an ipv4 lab has no v6 table: {s}");
+    }
+
+    #[test]
+    fn v6_services_get_an_ip6_table() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let s = render_all(&[
+            Dnat {
+                cluster_ip: CLUSTER_IP.into(),
+                port: 80,
+                backends: vec![Ipv4Addr::new(10, 244, 2, 3).into()],
+                target_port: 9080,
+            },
+            Dnat {
+                cluster_ip: CLUSTER_IP6.into(),
+                port: 80,
+                backends: vec![v6("fd00:10:244:2::3")],
+                target_port: 9080,
+            },
+            Dnat {
+                cluster_ip: REVIEWS_IP6.into(),
+                port: 80,
+                backends: vec![v6("fd00:10:244:1::6"), v6("fd00:10:244:2::6")],
+                target_port: 8080,
+            },
+        ]);
+        let (t4, t6) = s.split_once("table ip6 kube-proxy {").expect(&s);
+        assert!(t4.starts_with("table ip kube-proxy {"), "{s}");
+        assert_eq!(t4.matches("dnat to 10.244.2.3:9080").count(), 2, "{s}");
+        assert!(!t4.contains("fd00"), "{s}");
+        assert_eq!(
+            t6.matches("ip6 daddr fd00:10:96::10 tcp dport 80 dnat to [fd00:10:244:2::3]:9080")
+                .count(),
+            2,
+            "{s}"
+        );
+        let multi = "ip6 daddr fd00:10:96::20 tcp dport 80 dnat to numgen random mod 2 \
+                     map { 0 : fd00:10:244:1::6, 1 : fd00:10:244:2::6 }:8080";
+        assert_eq!(t6.matches(multi).count(), 2, "{s}");
+        assert!(t6.contains("type nat hook output priority -100;"), "{s}");
     }
 }

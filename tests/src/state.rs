@@ -1,13 +1,35 @@
 //! The lab's state file, `/run/ambient-lab/<prefix>/lab.json`: everything `up` made, written
 //! after every step so `down` (from any process) can undo a finished or a half-built lab.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::paths;
+use crate::topology::IpFamily;
+
+/// The IPv4 fields that are not `Option` (a node's underlay and gateway, a Service's
+/// ClusterIP and endpoints) hold 0.0.0.0 in an ipv6-only lab and are left out of the JSON;
+/// their `…6` twins and the address lists carry the v6 plan.
+pub mod no_v4 {
+    use std::net::Ipv4Addr;
+
+    /// The value of an IPv4 field in an ipv6-only lab.
+    pub fn absent() -> Ipv4Addr {
+        Ipv4Addr::UNSPECIFIED
+    }
+
+    pub fn is_absent(ip: &Ipv4Addr) -> bool {
+        ip.is_unspecified()
+    }
+
+    /// `Some(ip)` unless it is the ipv6-only placeholder.
+    pub fn present(ip: Ipv4Addr) -> Option<Ipv4Addr> {
+        (!ip.is_unspecified()).then_some(ip)
+    }
+}
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -61,6 +83,9 @@ pub struct LabOptionsState {
     pub waypoint: bool,
     #[serde(default)]
     pub waypoint_bin: Option<PathBuf>,
+    /// `ipv4` (older labs), `ipv6` or `dual`.
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,11 +95,27 @@ pub struct NodeState {
     pub name: String,
     pub netns: String,
     pub underlay_dev: String,
+    /// 0.0.0.0 (and not in the JSON) in an ipv6 lab, as `peer_underlay_ip`, `gateway`.
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub underlay_ip: Ipv4Addr,
     pub underlay_prefix_len: u8,
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub peer_underlay_ip: Ipv4Addr,
+    /// Empty (and not in the JSON) in an ipv6 lab.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_cidr: String,
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub gateway: Ipv4Addr,
+    /// The v6 address the lab put on the underlay: the ULA in an ipv6 lab, the fixed
+    /// link-local (the peer's next hop for v6 pod routes) in a dual one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_underlay_ip6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     pub cni: NodeCniState,
     pub agent: Option<AgentState>,
 }
@@ -138,7 +179,15 @@ pub struct PodState {
     pub ambient: bool,
     /// Set once CNI ADD was attempted: DEL must run from then on.
     pub cni_added: bool,
+    /// The IPv4 address (the primary in ipv4 and dual labs; none in an ipv6 lab).
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address (ipv6 and dual labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    /// Every address of the CNI result, the primary first (empty in older state files:
+    /// then `ip`).
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     pub host_veth: Option<String>,
     pub cni_result: Option<serde_json::Value>,
     /// Name of the server's [`ProcessRecord`].
@@ -159,6 +208,20 @@ pub struct PodState {
 }
 
 impl PodState {
+    /// Every address, the primary first (also for state files without `ips`).
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        if self.ips.is_empty() {
+            self.ip.map(IpAddr::V4).into_iter().collect()
+        } else {
+            self.ips.clone()
+        }
+    }
+
+    /// The primary address: v4 in ipv4 and dual labs, v6 in an ipv6 lab.
+    pub fn primary_ip(&self) -> Option<IpAddr> {
+        self.addresses().first().copied()
+    }
+
     /// The ServiceAccount (`name` for state files that predate the field).
     pub fn service_account(&self) -> &str {
         if self.service_account.is_empty() {
@@ -174,11 +237,22 @@ impl PodState {
 pub struct ServiceState {
     pub name: String,
     pub namespace: String,
+    /// The v4 ClusterIP (0.0.0.0, not in the JSON, in an ipv6 lab).
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub cluster_ip: Ipv4Addr,
+    /// The v6 ClusterIP (ipv6 and dual labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip6: Option<Ipv6Addr>,
+    /// Every ClusterIP, the primary first, as Kubernetes' `clusterIPs` (empty in older
+    /// state files: then `cluster_ip`).
+    #[serde(default)]
+    pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub target_port: u16,
     /// Pod id of the (first) backend.
     pub backend_pod: String,
+    /// Its v4 address (0.0.0.0, not in the JSON, in an ipv6 lab).
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub backend_ip: Ipv4Addr,
     /// Nodes whose netns carry the DNAT.
     pub nodes: Vec<String>,
@@ -197,9 +271,19 @@ impl ServiceState {
             vec![EndpointState {
                 pod: self.backend_pod.clone(),
                 ip: self.backend_ip,
+                ip6: None,
             }]
         } else {
             self.endpoints.clone()
+        }
+    }
+
+    /// Every ClusterIP, the primary first (also for state files without `cluster_ips`).
+    pub fn vips(&self) -> Vec<IpAddr> {
+        if self.cluster_ips.is_empty() {
+            vec![IpAddr::V4(self.cluster_ip)]
+        } else {
+            self.cluster_ips.clone()
         }
     }
 
@@ -219,7 +303,12 @@ impl ServiceState {
 pub struct EndpointState {
     /// Pod id.
     pub pod: String,
+    /// Its v4 address (0.0.0.0, not in the JSON, in an ipv6 lab).
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub ip: Ipv4Addr,
+    /// Its v6 address (ipv6 and dual labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// The waypoint: its pod, identity, config file and process.

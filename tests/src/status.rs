@@ -2,14 +2,15 @@
 //! The same types are what the test harness parses.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::procs;
-use crate::state::{EndpointState, LabState, PodRole};
+use crate::state::{no_v4, EndpointState, LabState, PodRole};
+use crate::topology::IpFamily;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,6 +24,9 @@ pub struct LabStatus {
     pub dataplane: String,
     pub agent: bool,
     pub tunnel: String,
+    /// `ipv4`, `ipv6` or `dual` (`up --ip-family`).
+    #[serde(default)]
+    pub ip_family: IpFamily,
     /// The libcni client the lab drives the chain with.
     pub cniclient: Option<PathBuf>,
     pub nodes: Vec<NodeStatus>,
@@ -41,9 +45,21 @@ pub struct NodeStatus {
     pub name: String,
     pub netns: String,
     pub underlay_dev: String,
+    /// 0.0.0.0 (and not in the JSON) in an ipv6 lab, as `gateway`; `pod_cidr` is empty.
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub underlay_ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_cidr: String,
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub gateway: Ipv4Addr,
+    /// The underlay's v6 address: the ULA in an ipv6 lab, the fixed link-local (the v6 pod
+    /// routes' next hop) in a dual one.
+    #[serde(default)]
+    pub underlay_ip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub pod_cidr6: Option<String>,
+    #[serde(default)]
+    pub gateway6: Option<Ipv6Addr>,
     pub conflist: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub cni_network: String,
@@ -76,7 +92,14 @@ pub struct PodStatus {
     pub namespace: String,
     pub node: String,
     pub netns: String,
+    /// The IPv4 address (the primary in ipv4 and dual labs; none in an ipv6 lab).
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address (ipv6 and dual labs).
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+    /// Every address the CNI result gave, the primary first.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     pub ambient: bool,
     pub ztunnel: bool,
     pub host_veth: Option<String>,
@@ -112,6 +135,8 @@ pub struct ZtunnelStatus {
     pub pod: String,
     pub netns: String,
     pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     pub host_veth: Option<String>,
 }
 
@@ -120,10 +145,19 @@ pub struct ZtunnelStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub namespace: String,
+    /// The v4 ClusterIP (0.0.0.0, not in the JSON, in an ipv6 lab; as `backend_ip`).
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub cluster_ip: Ipv4Addr,
+    /// The v6 ClusterIP (ipv6 and dual labs).
+    #[serde(default)]
+    pub cluster_ip6: Option<Ipv6Addr>,
+    /// Every ClusterIP, the primary first (Kubernetes' `clusterIPs`).
+    #[serde(default)]
+    pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub target_port: u16,
     pub backend_pod: String,
+    #[serde(default = "no_v4::absent", skip_serializing_if = "no_v4::is_absent")]
     pub backend_ip: Ipv4Addr,
     pub nodes: Vec<String>,
     /// `<name>.<namespace>.svc.cluster.local`.
@@ -191,6 +225,9 @@ impl LabStatus {
                 underlay_ip: n.underlay_ip,
                 pod_cidr: n.pod_cidr.clone(),
                 gateway: n.gateway,
+                underlay_ip6: n.underlay_ip6,
+                pod_cidr6: n.pod_cidr6.clone(),
+                gateway6: n.gateway6,
                 conflist: n.cni.conflist.clone(),
                 cni_conf_dir: n.cni.conf_dir.clone(),
                 cni_network: n.cni.network.clone(),
@@ -222,6 +259,8 @@ impl LabStatus {
                     node: p.node.clone(),
                     netns: p.netns.clone(),
                     ip: p.ip,
+                    ip6: p.ip6,
+                    ips: p.addresses(),
                     ambient: p.ambient,
                     ztunnel: p.role == PodRole::Ztunnel,
                     host_veth: p.host_veth.clone(),
@@ -250,6 +289,7 @@ impl LabStatus {
                 pod: p.id.clone(),
                 netns: p.netns.clone(),
                 ip: p.ip,
+                ip6: p.ip6,
                 host_veth: p.host_veth.clone(),
             })
             .collect();
@@ -260,6 +300,8 @@ impl LabStatus {
                 name: v.name.clone(),
                 namespace: v.namespace.clone(),
                 cluster_ip: v.cluster_ip,
+                cluster_ip6: v.cluster_ip6,
+                cluster_ips: v.vips(),
                 port: v.port,
                 target_port: v.target_port,
                 backend_pod: v.backend_pod.clone(),
@@ -315,6 +357,7 @@ impl LabStatus {
             dataplane: s.options.dataplane.clone(),
             agent: s.options.agent,
             tunnel: s.options.tunnel.clone(),
+            ip_family: s.options.ip_family,
             cniclient: s.cniclient.clone(),
             nodes,
             pods,
@@ -338,9 +381,10 @@ impl LabStatus {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "lab {} ({}): primary {}, dataplane {}, agent {}, tunnel {}\nstate {}",
+            "lab {} ({}): {}, primary {}, dataplane {}, agent {}, tunnel {}\nstate {}",
             self.prefix,
             self.phase,
+            self.ip_family.as_str(),
             self.primary,
             self.dataplane,
             if self.agent { "on" } else { "off" },
@@ -362,14 +406,24 @@ impl LabStatus {
                 ),
                 None => "-".into(),
             };
+            let v4 = |ip: Ipv4Addr| no_v4::present(ip).map(|i| i.to_string());
+            let both = |a: Option<String>, b: Option<String>| {
+                let v: Vec<String> = a.into_iter().chain(b).collect();
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(",")
+                }
+            };
+            let cidr4 = (!n.pod_cidr.is_empty()).then(|| n.pod_cidr.clone());
             let _ = writeln!(
                 out,
                 "{:<5} {:<18} {:<12} {:<16} {:<12} {}",
                 n.name,
                 n.netns,
-                n.underlay_ip.to_string(),
-                n.pod_cidr,
-                n.gateway.to_string(),
+                both(v4(n.underlay_ip), n.underlay_ip6.map(|i| i.to_string())),
+                both(cidr4, n.pod_cidr6.clone()),
+                both(v4(n.gateway), n.gateway6.map(|i| i.to_string())),
                 agent
             );
         }
@@ -401,7 +455,15 @@ impl LabStatus {
                 p.id,
                 format!("{}/{}", p.namespace, p.k8s_name),
                 p.netns,
-                p.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                if p.ips.is_empty() {
+                    p.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+                } else {
+                    p.ips
+                        .iter()
+                        .map(IpAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 if p.ambient { "yes" } else { "no" },
                 p.host_veth.as_deref().unwrap_or("-"),
                 server
@@ -417,14 +479,30 @@ impl LabStatus {
             } else {
                 v.endpoints
                     .iter()
-                    .map(|e| format!("{} {}:{}", e.pod, e.ip, v.target_port))
+                    .map(|e| {
+                        let ips: Vec<String> = no_v4::present(e.ip)
+                            .map(|i| format!("{i}:{}", v.target_port))
+                            .into_iter()
+                            .chain(e.ip6.map(|i| format!("[{i}]:{}", v.target_port)))
+                            .collect();
+                        format!("{} {}", e.pod, ips.join(","))
+                    })
                     .collect()
             };
+            let vips: Vec<IpAddr> = if v.cluster_ips.is_empty() {
+                vec![IpAddr::V4(v.cluster_ip)]
+            } else {
+                v.cluster_ips.clone()
+            };
+            let vips: Vec<String> = vips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, v.port).to_string())
+                .collect();
             let _ = writeln!(
                 out,
                 "{:<16} {:<15} {} (DNAT on nodes {}){}",
                 format!("{}/{}", v.namespace, v.name),
-                format!("{}:{}", v.cluster_ip, v.port),
+                vips.join(","),
                 eps.join(", "),
                 v.nodes.join(","),
                 v.waypoint

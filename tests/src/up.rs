@@ -2,7 +2,7 @@
 //! before relying on it; on any failure tears down whatever was made.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -17,11 +17,11 @@ use crate::paths;
 use crate::procs;
 use crate::service;
 use crate::state::{
-    AgentState, EndpointState, LabOptionsState, LabState, NodeCniState, NodeState, Phase, PodRole,
-    PodState, ServiceState, WaypointState,
+    no_v4, AgentState, EndpointState, LabOptionsState, LabState, NodeCniState, NodeState, Phase,
+    PodRole, PodState, ServiceState, WaypointState,
 };
 use crate::sysctl;
-use crate::topology::{self, NodePlan, PodPlan, HTTP_PORT, NODES, SERVER_PORT};
+use crate::topology::{self, IpFamily, NodePlan, PodPlan, HTTP_PORT, NODES, SERVER_PORT};
 use crate::waypoint;
 use crate::ztunnel;
 
@@ -62,6 +62,8 @@ pub struct UpOptions {
     pub waypoint_bin: Option<PathBuf>,
     /// Enroll the waypoint pod (see [`crate::topology::enrolled`]).
     pub waypoint_captured: bool,
+    /// The address families of pods, Services and the underlay (see [`crate::topology`]).
+    pub ip_family: IpFamily,
 }
 
 /// The executables a lab run needs.
@@ -149,6 +151,7 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
             ztunnel_init_bin: bins.ztunnel_init.clone(),
             waypoint: bins.waypoint.is_some(),
             waypoint_bin: bins.waypoint.clone(),
+            ip_family: opts.ip_family,
         },
     );
     state.cniclient = Some(bins.cniclient.clone());
@@ -220,7 +223,9 @@ fn resolve_binaries(opts: &UpOptions) -> Result<Binaries> {
         (true, Dataplane::Ztunnel) => Some(find("ztunnel", &None)?),
         _ => None,
     };
-    let waypoint = match (&ztunnel, opts.waypoint) {
+    // The lab's waypoint is addressed by its v4 IP (ztunnel's and its own config, the
+    // state's types): an ipv6 lab has none.
+    let waypoint = match (&ztunnel, opts.waypoint && opts.ip_family.has_v4()) {
         (Some(_), true) => {
             let path = match (&opts.waypoint_bin, &opts.bin_dir) {
                 (Some(p), _) => p.clone(),
@@ -277,6 +282,13 @@ impl Builder<'_> {
                 self.start_server(node, pod)?;
             }
         }
+        if self.opts.ip_family.has_v6() {
+            for node in &NODES {
+                let netns_name = self.node_state(node)?.netns.clone();
+                self.rt
+                    .block_on(topology::wait_v6_settled(&netns_name, V6_SETTLE_TIMEOUT))?;
+            }
+        }
         self.waypoint_topology()?;
         self.service()?;
         if self.opts.agent {
@@ -293,18 +305,20 @@ impl Builder<'_> {
                 self.start_ztunnel(node)?;
             }
         }
-        // Always written (tests and `status` look at it); the process only runs with the
-        // data plane and without --no-waypoint.
-        let state = &*self.state;
-        let path = waypoint::write(
-            state,
-            &waypoint::default_routes(),
-            &waypoint::default_policies(),
-        )?;
-        self.state.add_file(&path);
-        self.state.save()?;
-        if self.bins.waypoint.is_some() {
-            self.start_waypoint()?;
+        // Always written when the lab has a waypoint (tests and `status` look at it); the
+        // process only runs with the data plane and without --no-waypoint.
+        if self.state.waypoint.is_some() {
+            let state = &*self.state;
+            let path = waypoint::write(
+                state,
+                &waypoint::default_routes(),
+                &waypoint::default_policies(),
+            )?;
+            self.state.add_file(&path);
+            self.state.save()?;
+            if self.bins.waypoint.is_some() {
+                self.start_waypoint()?;
+            }
         }
         self.state.phase = Phase::Ready;
         self.state.save()
@@ -328,7 +342,7 @@ impl Builder<'_> {
 
     fn nodes(&mut self) -> Result<()> {
         for node in &NODES {
-            let sysctls = topology::node_sysctls(self.opts.rp_filter);
+            let sysctls = topology::node_sysctls(self.opts.rp_filter, self.opts.ip_family);
             let netns = self.make_netns(&node.short(), &sysctls)?;
             self.progress
                 .say(format!("node {} netns {netns}", node.name));
@@ -339,16 +353,23 @@ impl Builder<'_> {
     fn underlay(&mut self) -> Result<()> {
         let [a, b] =
             [&NODES[0], &NODES[1]].map(|n| paths::netns_name(&self.state.prefix, &n.short()));
+        let family = self.opts.ip_family;
         self.rt.block_on(async {
             topology::create_underlay(&a, &b).await?;
-            topology::configure_underlay(&a, &NODES[0]).await?;
-            topology::configure_underlay(&b, &NODES[1]).await
+            topology::configure_underlay(&a, &NODES[0], family).await?;
+            topology::configure_underlay(&b, &NODES[1], family).await
         })?;
+        let ends = |n: &NodePlan| match family {
+            IpFamily::Ipv4 => n.underlay_ip.to_string(),
+            IpFamily::Ipv6 => n.underlay_ip6.to_string(),
+            IpFamily::Dual => format!("{} ({})", n.underlay_ip, n.underlay_ll),
+        };
         self.progress.say(format!(
-            "underlay {}: {} <-> {}",
+            "underlay {} ({}): {} <-> {}",
             topology::UNDERLAY_DEV,
-            NODES[0].underlay_ip,
-            NODES[1].underlay_ip
+            family.as_str(),
+            ends(&NODES[0]),
+            ends(&NODES[1])
         ));
         Ok(())
     }
@@ -377,21 +398,46 @@ impl Builder<'_> {
             agent_socket: a.socket.clone(),
             log_file: run.join(format!("node{}-cni.log", node.name)),
         });
-        let conflist = cni::conflist(self.opts.primary, node, &ipam_dir, ambient_conf.as_ref());
+        let family = self.opts.ip_family;
+        let conflist = cni::conflist(
+            self.opts.primary,
+            node,
+            family,
+            &ipam_dir,
+            ambient_conf.as_ref(),
+        );
         let conflist_path = conf_dir.join("10-ambient.conflist");
         std::fs::write(&conflist_path, serde_json::to_vec_pretty(&conflist)?)
             .with_context(|| format!("write {}", conflist_path.display()))?;
         self.state.add_file(&cni_dir);
         self.state.add_file(&conflist_path);
+        let v4 = |ip: Ipv4Addr| if family.has_v4() { ip } else { no_v4::absent() };
+        let ul6 = |n: &NodePlan| match family {
+            IpFamily::Ipv4 => None,
+            IpFamily::Ipv6 => Some(n.underlay_ip6),
+            IpFamily::Dual => Some(n.underlay_ll),
+        };
         self.state.nodes.push(NodeState {
             name: node.name.into(),
             netns: paths::netns_name(&self.state.prefix, &node.short()),
             underlay_dev: topology::UNDERLAY_DEV.into(),
-            underlay_ip: node.underlay_ip,
-            underlay_prefix_len: topology::UNDERLAY_PREFIX_LEN,
-            peer_underlay_ip: node.peer().underlay_ip,
-            pod_cidr: node.pod_cidr(),
-            gateway: node.gateway,
+            underlay_ip: v4(node.underlay_ip),
+            underlay_prefix_len: if family.has_v4() {
+                topology::UNDERLAY_PREFIX_LEN
+            } else {
+                topology::UNDERLAY_PREFIX_LEN6
+            },
+            peer_underlay_ip: v4(node.peer().underlay_ip),
+            pod_cidr: if family.has_v4() {
+                node.pod_cidr()
+            } else {
+                String::new()
+            },
+            gateway: v4(node.gateway),
+            underlay_ip6: ul6(node),
+            peer_underlay_ip6: ul6(node.peer()),
+            pod_cidr6: family.has_v6().then(|| node.pod_cidr6()),
+            gateway6: family.has_v6().then_some(node.gateway6),
             cni: NodeCniState {
                 conf_dir,
                 conflist: conflist_path,
@@ -441,7 +487,9 @@ impl Builder<'_> {
 
     fn add_pod(&mut self, node: &NodePlan, plan: &PodPlan) -> Result<()> {
         let id = plan.id(node);
-        let netns_name = self.make_netns(&id, &topology::pod_sysctls(self.opts.rp_filter))?;
+        let family = self.opts.ip_family;
+        let netns_name =
+            self.make_netns(&id, &topology::pod_sysctls_for(self.opts.rp_filter, family))?;
         let pod = PodState {
             id: id.clone(),
             name: plan.name.into(),
@@ -456,6 +504,8 @@ impl Builder<'_> {
             ambient: topology::enrolled(plan, self.opts.waypoint_captured),
             cni_added: true,
             ip: None,
+            ip6: None,
+            ips: Vec::new(),
             host_veth: None,
             cni_result: None,
             server: None,
@@ -470,21 +520,26 @@ impl Builder<'_> {
         self.state.save()?;
         let node_state = self.node_state(node)?.clone();
         let result = cni::add(&self.bins.cniclient, &node_state, &pod)?;
-        let parsed = cni::parse_result(&result)
+        let parsed = cni::parse_addresses(&result)
             .with_context(|| format!("CNI ADD result of pod {id}: {result}"))?;
-        if !cni::in_pod_cidr(node, parsed.ip) {
-            bail!("pod {id} got {} outside {}", parsed.ip, node.pod_cidr());
-        }
         let rec = self.state.pod_mut(&id).context("pod vanished from state")?;
-        rec.ip = Some(parsed.ip);
+        rec.ip = parsed.v4();
+        rec.ip6 = parsed.v6();
+        rec.ips = parsed.ips.clone();
         rec.host_veth = parsed.host_veth.clone();
         rec.cni_result = Some(result);
         self.state.save()?;
+        cni::check_addresses(node, family, &parsed).with_context(|| format!("pod {id}"))?;
+        if family.has_v6() {
+            self.rt
+                .block_on(topology::wait_v6_settled(&pod.netns, V6_SETTLE_TIMEOUT))?;
+        }
+        let ips: Vec<String> = parsed.ips.iter().map(IpAddr::to_string).collect();
         self.progress.say(format!(
             "pod {id} ({}/{}) {} host veth {}",
             plan.namespace,
             pod.k8s_name,
-            parsed.ip,
+            ips.join(" "),
             parsed.host_veth.as_deref().unwrap_or("?")
         ));
         Ok(())
@@ -495,7 +550,7 @@ impl Builder<'_> {
         let pod = self.state.pod(&id).context("pod not recorded")?.clone();
         let name = format!("serve-{id}");
         let log = self.run_dir().join(format!("{id}-serve.log"));
-        let argv = vec![
+        let mut argv = vec![
             self.bins.lab.display().to_string(),
             "serve".into(),
             "--port".into(),
@@ -507,6 +562,9 @@ impl Builder<'_> {
             "--version".into(),
             plan.version.into(),
         ];
+        if self.opts.ip_family.has_v6() {
+            argv.push("--ipv6".into());
+        }
         let mut child = self.spawn(&name, &pod.netns, &argv, &log)?;
         let rec = self.state.pod_mut(&id).context("pod vanished from state")?;
         rec.server = Some(name.clone());
@@ -522,6 +580,14 @@ impl Builder<'_> {
 
     /// Records the waypoint (pod `b-waypoint`) and points the reviews workloads at it.
     fn waypoint_topology(&mut self) -> Result<()> {
+        if !self.opts.ip_family.has_v4() {
+            // No waypoint in an ipv6 lab (see resolve_binaries): b-waypoint is a plain
+            // opted-out pod and the reviews Services have no waypoint.
+            self.state.waypoint = None;
+            self.progress
+                .say("no waypoint: the lab's waypoint needs an IPv4 address (--ip-family ipv6)");
+            return self.state.save();
+        }
         let why = if self.bins.waypoint.is_some() {
             None
         } else if !self.opts.agent {
@@ -553,31 +619,31 @@ impl Builder<'_> {
     /// The Services with kube-proxy-style DNAT for all of them on both nodes.
     fn service(&mut self) -> Result<()> {
         let services = plan_services(self.state)?;
-        let dnat: Vec<service::Dnat> = services
-            .iter()
-            .map(|s| service::Dnat {
-                cluster_ip: s.cluster_ip,
-                port: s.port,
-                backends: s.endpoints.iter().map(|e| e.ip).collect(),
-                target_port: s.target_port,
-            })
-            .collect();
-        let script = service::render_all(&dnat);
+        let per_service: Vec<Vec<service::Dnat>> = services.iter().map(dnat_rules).collect();
+        let all: Vec<service::Dnat> = per_service.iter().flatten().cloned().collect();
+        let script = service::render_all(&all);
         for node in &NODES {
             let netns_name = self.node_state(node)?.netns.clone();
             service::apply(&netns_name, &script)?;
         }
-        for (svc, rule) in services.into_iter().zip(&dnat) {
-            self.progress.say(format!(
-                "service {} {} (nft table ip {} on nodes {}{})",
-                svc.key(),
-                rule.rule(),
-                service::TABLE,
-                svc.nodes.join(","),
-                svc.waypoint
-                    .map(|w| format!(", waypoint {w}"))
-                    .unwrap_or_default()
-            ));
+        for (svc, rules) in services.into_iter().zip(&per_service) {
+            for rule in rules {
+                self.progress.say(format!(
+                    "service {} {} (nft table {} {} on nodes {}{})",
+                    svc.key(),
+                    rule.rule(),
+                    if rule.cluster_ip.is_ipv4() {
+                        "ip"
+                    } else {
+                        "ip6"
+                    },
+                    service::TABLE,
+                    svc.nodes.join(","),
+                    svc.waypoint
+                        .map(|w| format!(", waypoint {w}"))
+                        .unwrap_or_default()
+                ));
+            }
             self.state.services.push(svc);
         }
         self.state.save()
@@ -650,6 +716,29 @@ impl Builder<'_> {
     }
 }
 
+/// How long a netns' v6 addresses may stay tentative (DAD is off: normally no time at all).
+const V6_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A Service's DNAT rules: one per ClusterIP, to its endpoints' addresses of that family.
+pub fn dnat_rules(svc: &ServiceState) -> Vec<service::Dnat> {
+    svc.vips()
+        .into_iter()
+        .map(|vip| service::Dnat {
+            cluster_ip: vip,
+            port: svc.port,
+            backends: svc
+                .endpoints()
+                .iter()
+                .filter_map(|e| match vip {
+                    IpAddr::V4(_) => no_v4::present(e.ip).map(IpAddr::V4),
+                    IpAddr::V6(_) => e.ip6.map(IpAddr::V6),
+                })
+                .collect(),
+            target_port: svc.target_port,
+        })
+        .collect()
+}
+
 /// The id of a pod of the plan that lives on one node (`reviews-v1` → `a-reviews-v1`).
 fn single_pod_id(name: &str) -> Result<String> {
     let plan = topology::plan(name).with_context(|| format!("no pod {name} in the plan"))?;
@@ -703,13 +792,23 @@ pub fn plan_waypoint(state: &mut LabState, not_started: Option<String>) -> Resul
 /// pods), `demo/reviews-v1`, `demo/reviews-v2` (port 80 → 8080, behind the waypoint when
 /// `state.waypoint` is set). All are programmed on every node.
 pub fn plan_services(state: &LabState) -> Result<Vec<ServiceState>> {
+    let family = state.options.ip_family;
     let endpoint = |id: &str| -> Result<EndpointState> {
+        let pod = state
+            .pod(id)
+            .with_context(|| format!("pod {id} not recorded"))?;
+        let ip = match (family.has_v4(), pod.ip) {
+            (true, Some(ip)) => ip,
+            (true, None) => bail!("pod {id} has no IPv4 address"),
+            (false, _) => no_v4::absent(),
+        };
+        if family.has_v6() && pod.ip6.is_none() {
+            bail!("pod {id} has no IPv6 address");
+        }
         Ok(EndpointState {
             pod: id.to_string(),
-            ip: state
-                .pod(id)
-                .and_then(|p| p.ip)
-                .with_context(|| format!("pod {id} has no IP"))?,
+            ip,
+            ip6: pod.ip6,
         })
     };
     let waypoint_ip = state.waypoint.as_ref().map(|w| w.ip);
@@ -718,28 +817,28 @@ pub fn plan_services(state: &LabState) -> Result<Vec<ServiceState>> {
     let specs = [
         (
             service::SERVICE_NAME,
-            service::CLUSTER_IP,
+            (service::CLUSTER_IP, service::CLUSTER_IP6),
             SERVER_PORT,
             vec![endpoint(&app)?],
             None,
         ),
         (
             service::REVIEWS,
-            service::REVIEWS_IP,
+            (service::REVIEWS_IP, service::REVIEWS_IP6),
             HTTP_PORT,
             vec![endpoint(&v1)?, endpoint(&v2)?],
             waypoint_ip,
         ),
         (
             service::REVIEWS_V1,
-            service::REVIEWS_V1_IP,
+            (service::REVIEWS_V1_IP, service::REVIEWS_V1_IP6),
             HTTP_PORT,
             vec![endpoint(&v1)?],
             waypoint_ip,
         ),
         (
             service::REVIEWS_V2,
-            service::REVIEWS_V2_IP,
+            (service::REVIEWS_V2_IP, service::REVIEWS_V2_IP6),
             HTTP_PORT,
             vec![endpoint(&v2)?],
             waypoint_ip,
@@ -747,10 +846,12 @@ pub fn plan_services(state: &LabState) -> Result<Vec<ServiceState>> {
     ];
     Ok(specs
         .into_iter()
-        .map(|(name, ip, target, eps, wp)| ServiceState {
+        .map(|(name, (ip, ip6), target, eps, wp)| ServiceState {
             name: name.into(),
             namespace: service::SERVICE_NAMESPACE.into(),
-            cluster_ip: ip,
+            cluster_ip: if family.has_v4() { ip } else { no_v4::absent() },
+            cluster_ip6: family.has_v6().then_some(ip6),
+            cluster_ips: family_order(family, ip, ip6),
             port: service::SERVICE_PORT,
             target_port: target,
             backend_pod: eps[0].pod.clone(),
@@ -762,9 +863,26 @@ pub fn plan_services(state: &LabState) -> Result<Vec<ServiceState>> {
         .collect())
 }
 
+/// The addresses of a family, the primary (v4 in dual) first.
+fn family_order(family: IpFamily, v4: Ipv4Addr, v6: Ipv6Addr) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if family.has_v4() {
+        out.push(IpAddr::V4(v4));
+    }
+    if family.has_v6() {
+        out.push(IpAddr::V6(v6));
+    }
+    out
+}
+
 /// A lab state as `up` records it (pods with the IPs host-local hands out in creation
 /// order, the waypoint, the Services), without making anything: for unit tests.
 pub fn planned_state(prefix: &str) -> Result<LabState> {
+    planned_state_for(prefix, IpFamily::Ipv4)
+}
+
+/// [`planned_state`] for a lab of `family`.
+pub fn planned_state_for(prefix: &str, family: IpFamily) -> Result<LabState> {
     let mut state = LabState::new(
         prefix,
         LabOptionsState {
@@ -776,14 +894,18 @@ pub fn planned_state(prefix: &str) -> Result<LabState> {
             cni_plugin: None,
             agent_bin: None,
             ztunnel_init_bin: None,
-            waypoint: true,
+            waypoint: family.has_v4(),
             waypoint_bin: None,
+            ip_family: family,
         },
     );
     for node in &NODES {
         for (i, plan) in topology::pods_on(node).enumerate() {
             let id = plan.id(node);
             let o = node.pod_net.octets();
+            let v4 = Ipv4Addr::new(o[0], o[1], o[2], 2 + i as u8);
+            let v6 = Ipv6Addr::from(u128::from(node.pod_net6) + 2 + i as u128);
+            let ips = family_order(family, v4, v6);
             state.pods.push(PodState {
                 id: id.clone(),
                 name: plan.name.into(),
@@ -797,7 +919,9 @@ pub fn planned_state(prefix: &str) -> Result<LabState> {
                 ifname: "eth0".into(),
                 ambient: topology::enrolled(plan, false),
                 cni_added: true,
-                ip: Some(Ipv4Addr::new(o[0], o[1], o[2], 2 + i as u8)),
+                ip: family.has_v4().then_some(v4),
+                ip6: family.has_v6().then_some(v6),
+                ips,
                 host_veth: None,
                 cni_result: None,
                 server: plan.serves.then(|| format!("serve-{id}")),
@@ -809,7 +933,9 @@ pub fn planned_state(prefix: &str) -> Result<LabState> {
             });
         }
     }
-    plan_waypoint(&mut state, None)?;
+    if family.has_v4() {
+        plan_waypoint(&mut state, None)?;
+    }
     state.services = plan_services(&state)?;
     Ok(state)
 }

@@ -86,13 +86,17 @@ pub fn render_workloads(state: &LabState) -> Vec<Value> {
         .iter()
         .filter(|p| p.role != PodRole::Ztunnel)
         .filter_map(|p| {
-            let ip = p.ip?;
+            // Every address of the pod (v4 and v6 in a dual lab), the primary first.
+            let ips: Vec<String> = p.addresses().iter().map(|ip| ip.to_string()).collect();
+            if ips.is_empty() {
+                return None;
+            }
             let mut w = json!({
                 "uid": p.uid,
                 "name": p.k8s_name,
                 "namespace": p.namespace,
                 "serviceAccount": p.service_account(),
-                "workloadIps": [ip.to_string()],
+                "workloadIps": ips,
                 // The waypoint speaks HBONE whether or not its node captures it.
                 "protocol": if p.ambient || p.role == PodRole::Waypoint { "HBONE" } else { "TCP" },
                 "node": node_name(&p.node),
@@ -126,7 +130,8 @@ pub fn render_services(state: &LabState) -> Vec<LocalService> {
             name: s.name.clone(),
             namespace: s.namespace.clone(),
             hostname: hostname(&s.name, &s.namespace),
-            vips: vec![s.cluster_ip.to_string()],
+            // Both ClusterIPs of a dual-stack Service.
+            vips: s.vips().iter().map(|ip| ip.to_string()).collect(),
             ports: [(s.port, s.target_port)].into(),
             waypoint: WaypointRef::of(s.waypoint),
         })
@@ -272,6 +277,37 @@ mod tests {
                 .unwrap()
                 .waypoint
                 .is_none());
+        }
+    }
+
+    /// A dual lab's config: ztunnel indexes every pod by both addresses and every Service by
+    /// both ClusterIPs; an ipv6 lab's by its v6 ones (and has no waypoint).
+    #[test]
+    fn ztunnel_accepts_dual_and_v6_lab_configs() {
+        use crate::topology::IpFamily;
+        for family in [IpFamily::Dual, IpFamily::Ipv6] {
+            let state = crate::up::planned_state_for("unit", family).unwrap();
+            let yaml = serde_yaml_ng::to_string(&render_config(&state, &json!([]))).unwrap();
+            let cfg = ::ztunnel::config::parse_local_config(&yaml)
+                .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+            let st = ::ztunnel::state::State::build(&cfg, TRUST_DOMAIN, "nodeA")
+                .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+            let b_app = state.pod("b-app").unwrap();
+            assert_eq!(b_app.addresses().len(), usize::from(family.has_v4()) + 1);
+            for ip in b_app.addresses() {
+                let w = st
+                    .workload_by_ip(ip)
+                    .unwrap_or_else(|| panic!("{ip}\n{yaml}"));
+                assert_eq!(w.service_account, "app");
+            }
+            let v6 = IpAddr::V6(service::REVIEWS_IP6);
+            let svc = st.service_by_vip(v6).expect("v6 reviews VIP");
+            assert_eq!(st.endpoints(svc).len(), 2);
+            assert_eq!(
+                st.service_by_vip(IpAddr::V4(service::REVIEWS_IP)).is_some(),
+                family.has_v4()
+            );
+            assert_eq!(svc.waypoint.is_some(), family.has_v4(), "{family:?}");
         }
     }
 
