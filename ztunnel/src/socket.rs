@@ -20,25 +20,33 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// IPV6_TRANSPARENT, and native addresses: no v4-mapped `::ffff:a.b.c.d` to unwrap), so `[::]`
 /// and `0.0.0.0` on one port coexist.
 pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
+    open_listener(addr, transparent)
+        .map_err(|(step, e)| io::Error::new(e.kind(), format!("{step} {addr}: {e}")))
+}
+
+/// [`listen`], with the failed step and the OS error as it came.
+fn open_listener(
+    addr: SocketAddr,
+    transparent: bool,
+) -> Result<std::net::TcpListener, (&'static str, io::Error)> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| ("socket for", e))?;
+    s.set_reuse_address(true)
+        .map_err(|e| ("SO_REUSEADDR on", e))?;
     if addr.is_ipv6() {
-        s.set_only_v6(true)?;
+        s.set_only_v6(true).map_err(|e| ("IPV6_V6ONLY on", e))?;
     }
     if transparent {
-        set_transparent(&s, addr.ip()).map_err(|e| {
-            let opt = if addr.is_ipv4() {
-                "IP_TRANSPARENT"
-            } else {
-                "IPV6_TRANSPARENT"
-            };
-            io::Error::new(e.kind(), format!("{opt} on {addr}: {e}"))
-        })?;
+        let opt = if addr.is_ipv4() {
+            "IP_TRANSPARENT on"
+        } else {
+            "IPV6_TRANSPARENT on"
+        };
+        set_transparent(&s, addr.ip()).map_err(|e| (opt, e))?;
     }
-    s.bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).map_err(|e| ("bind", e))?;
+    s.listen(1024).map_err(|e| ("listen on", e))?;
+    s.set_nonblocking(true).map_err(|e| ("O_NONBLOCK on", e))?;
     Ok(s.into())
 }
 
@@ -62,15 +70,21 @@ pub fn listen_all(
     let mut out = Vec::with_capacity(addrs.len());
     let mut skipped = Vec::new();
     for &addr in addrs {
-        match listen(addr, transparent) {
+        match open_listener(addr, transparent) {
             Ok(l) => out.push(l),
-            Err(e) if addr.is_ipv6() && no_ipv6(&e) => skipped.push((addr, e)),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{what} listener: {e}"))),
+            Err((step, e)) => {
+                let err = io::Error::new(e.kind(), format!("{what} listener: {step} {addr}: {e}"));
+                if addr.is_ipv6() && no_ipv6(&e) {
+                    skipped.push((addr, err));
+                } else {
+                    return Err(err);
+                }
+            }
         }
     }
     if out.is_empty() {
         let detail = match skipped.first() {
-            Some((_, e)) => format!("{what} listener: {e}"),
+            Some((_, e)) => e.to_string(),
             None => format!("{what} listener: no address to listen on"),
         };
         return Err(io::Error::new(io::ErrorKind::AddrNotAvailable, detail));

@@ -52,7 +52,12 @@ pub struct Echo {
 }
 
 pub async fn echo_server(addr: IpAddr) -> Echo {
-    let l = TcpListener::bind(SocketAddr::new(addr, 0)).await.unwrap();
+    echo_server_on(SocketAddr::new(addr, 0)).await
+}
+
+/// An echo server on `addr` (port 0: any).
+pub async fn echo_server_on(addr: SocketAddr) -> Echo {
+    let l = TcpListener::bind(addr).await.unwrap();
     let a = l.local_addr().unwrap();
     let peers = Arc::new(Mutex::new(Vec::new()));
     let p = peers.clone();
