@@ -259,6 +259,120 @@ async fn pods_namespaces_services_and_slices_become_the_state() {
     );
 }
 
+/// A dual-stack pod (`status.podIPs` of both families), a v6-only pod, a dual-stack Service
+/// (`spec.clusterIPs` v4 + v6) with an IPv4 and an IPv6 EndpointSlice, and a v6-only Service:
+/// one workload per pod indexed by each IP, one service per VIP, endpoints of the VIP's family.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_services_and_slices() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let h = Harness::start().await;
+        let f = &h.fake;
+        let ips = |v: &[&str]| json!(v.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>());
+        f.update(Kind::Pod, "demo", "sleep", |p| {
+            p["status"]["podIPs"] = ips(&["10.1.0.1", "fd00:10::1"]);
+        });
+        f.put(pod(
+            "demo",
+            "dual",
+            "node-b",
+            "10.1.2.1",
+            json!({"spec": {"serviceAccountName": "echo"},
+                   "status": {"podIPs": ips(&["10.1.2.1", "fd00:10:2::1"])}}),
+        ));
+        f.put(pod("demo", "only6", "node-b", "fd00:10:2::2", sa("echo")));
+        let mut svc = service("demo", "dual", "10.96.0.60", &[("http", 80, json!(8080))]);
+        svc["spec"]["clusterIPs"] = json!(["10.96.0.60", "fd00:96::60"]);
+        svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+        f.put(svc);
+        f.put(endpoint_slice(
+            "demo",
+            "dual-v4",
+            "dual",
+            &[("http", 8080)],
+            &[("10.1.2.1", true, Some("dual"))],
+        ));
+        let mut v6 = endpoint_slice(
+            "demo",
+            "dual-v6",
+            "dual",
+            &[("http", 8080)],
+            &[
+                ("fd00:10:2::1", true, Some("dual")),
+                ("fd00:10:2::2", true, Some("only6")),
+            ],
+        );
+        v6["addressType"] = json!("IPv6");
+        f.put(v6);
+        let mut svc6 = service("demo", "v6", "fd00:96::61", &[("http", 80, json!(8080))]);
+        svc6["spec"]["ipFamilies"] = json!(["IPv6"]);
+        f.put(svc6);
+        let mut s6 = endpoint_slice(
+            "demo",
+            "v6-1",
+            "v6",
+            &[("http", 8080)],
+            &[("fd00:10:2::2", true, Some("only6"))],
+        );
+        s6["addressType"] = json!("IPv6");
+        f.put(s6);
+        h.until("dual-stack objects built", |st| {
+            endpoints(st, "fd00:96::60").is_some_and(|e| e.len() == 2)
+                && endpoints(st, "fd00:96::61").is_some()
+                && workload(st, "fd00:10::1").is_some()
+        })
+        .await;
+        let st = h.get();
+        // One workload per pod, found by each of its addresses.
+        let dual = workload(&st, "fd00:10:2::1").unwrap();
+        assert_eq!(dual.uid, "demo/dual");
+        assert_eq!(dual.workload_ips, [ip("10.1.2.1"), ip("fd00:10:2::1")]);
+        assert_eq!(workload(&st, "10.1.2.1").unwrap().uid, "demo/dual");
+        assert_eq!(workload(&st, "fd00:10::1").unwrap().uid, "demo/sleep");
+        assert_eq!(protocol(&st, "fd00:10:2::2"), Some(Protocol::Hbone));
+        // One service, both VIPs; the endpoints of both slices (the dual pod once).
+        let by4 = st.service_by_vip(ip("10.96.0.60")).unwrap();
+        let by6 = st.service_by_vip(ip("fd00:96::60")).unwrap();
+        assert_eq!(by4.key(), by6.key());
+        assert_eq!(by4.vips, [ip("10.96.0.60"), ip("fd00:96::60")]);
+        assert_eq!(
+            endpoints(&st, "fd00:96::60").unwrap(),
+            ["demo/dual", "demo/only6"]
+        );
+        assert_eq!(endpoints(&st, "fd00:96::61").unwrap(), ["demo/only6"]);
+        // Each VIP's connections stay in its family.
+        let sleep = workload(&st, "fd00:10::1").unwrap();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            for vip in ["[fd00:96::60]:80", "10.96.0.60:80", "[fd00:96::61]:80"] {
+                let dst: SocketAddr = vip.parse().unwrap();
+                match route(&st, &sleep, dst, &mut rng).unwrap() {
+                    Route::Hbone {
+                        tunnel, authority, ..
+                    } => {
+                        assert_eq!(authority.is_ipv4(), dst.is_ipv4(), "{vip} → {authority}");
+                        assert_eq!(authority.port(), 8080);
+                        assert_eq!(tunnel, SocketAddr::new(authority.ip(), port::INBOUND_HBONE));
+                        seen.insert((vip, authority.ip()));
+                    }
+                    r => panic!("{vip}: {r:?}"),
+                }
+            }
+        }
+        let want: std::collections::BTreeSet<_> = [
+            ("10.96.0.60:80", ip("10.1.2.1")),
+            ("[fd00:96::60]:80", ip("fd00:10:2::1")),
+            ("[fd00:96::60]:80", ip("fd00:10:2::2")),
+            ("[fd00:96::61]:80", ip("fd00:10:2::2")),
+        ]
+        .into();
+        assert_eq!(seen, want);
+    })
+    .await
+    .expect("within 30 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_follow_the_api_server() {
     let h = Harness::start().await;
