@@ -1,6 +1,7 @@
 //! `ambient-lab tproxy-listen`: a stand-in for ztunnel's transparent listeners. Each port
 //! gets an IP_TRANSPARENT listener on 0.0.0.0 (TPROXY only hands packets to such
-//! sockets); every accepted connection is answered with one line naming the listener
+//! sockets) and, when the netns has IPv6 (the lab's ipv6 and dual pods), an
+//! IPV6_TRANSPARENT one on `[::]` (v6 only, beside the v4 one); every accepted connection is answered with one line naming the listener
 //! port, the original destination (the accepted socket's local address) and the peer,
 //! logged as a JSON line; then whatever the client sends is echoed until it closes.
 
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    SockaddrIn,
+    SockaddrIn, SockaddrIn6,
 };
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +93,44 @@ pub fn transparent_listener(port: u16) -> Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// A listener on `[::]:port`, IPv6 only, with IPV6_TRANSPARENT set before bind (nix has no
+/// wrapper for it).
+pub fn transparent_listener6(port: u16) -> Result<TcpListener> {
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true).context("IPV6_V6ONLY")?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd, and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IPV6_TRANSPARENT");
+    }
+    let any = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(any)).with_context(|| format!("bind [::]:{port}"))?;
+    listen(&fd, Backlog::new(512).context("backlog")?).context("listen")?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Whether this thread's netns has IPv6 (`/proc/sys/net` shows the caller's netns).
+fn netns_has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 pub fn run(ports: &[u16], log: &Path) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -99,11 +138,21 @@ pub fn run(ports: &[u16], log: &Path) -> Result<()> {
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
     let log = Arc::new(Mutex::new(file));
-    let listeners = ports
+    let mut listeners = ports
         .iter()
         .map(|&p| transparent_listener(p).map(|l| (p, l)))
         .collect::<Result<Vec<_>>>()?;
-    eprintln!("tproxy-listen: IP_TRANSPARENT listeners on 0.0.0.0 ports {ports:?}");
+    let v6 = netns_has_ipv6();
+    if v6 {
+        for &p in ports {
+            listeners.push((p, transparent_listener6(p)?));
+        }
+    }
+    // The harness waits for this line.
+    eprintln!(
+        "tproxy-listen: IP_TRANSPARENT listeners on 0.0.0.0{} ports {ports:?}",
+        if v6 { " and [::]" } else { "" }
+    );
     std::thread::scope(|s| {
         for (port, listener) in listeners {
             let log = Arc::clone(&log);
@@ -167,5 +216,11 @@ mod tests {
         assert_eq!(TproxyRecord::parse_line(&r.line()), Some(r.clone()));
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"origDst\":\"10.244.2.3:9080\""));
+        let v6 = TproxyRecord {
+            port: 15006,
+            orig_dst: "[fd00:10:244:2::3]:9080".parse().unwrap(),
+            peer: "[fd00:10:244:1::4]:5555".parse().unwrap(),
+        };
+        assert_eq!(TproxyRecord::parse_line(&v6.line()), Some(v6.clone()));
     }
 }

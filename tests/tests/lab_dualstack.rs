@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ambient_lab::serve::parse_greeting;
 use ambient_lab::topology::IpFamily;
+use ambient_lab::tproxy::TproxyRecord;
 use ambient_lab::{paths, service, unique_prefix, Lab, LabOptions};
 use ambient_net::netns;
 use serde_json::Value;
@@ -202,6 +203,24 @@ fn check_v6_services(lab: &Lab) {
     );
 }
 
+/// The test transparent listener in a ztunnel netns listens on both families of a dual lab
+/// (what a v6 TPROXY rule hands connections to): reached directly here, as ztunnel-init's
+/// v6 rules are not the lab's.
+fn check_tproxy_listener(lab: &Lab) {
+    let zt = lab.tproxy_listen("a-ztunnel").unwrap();
+    for (src, dst) in lab
+        .pod_ips("a-plain")
+        .into_iter()
+        .zip(lab.pod_ips("a-ztunnel"))
+    {
+        let line = lab.connect("a-plain", dst, 15006).unwrap();
+        let rec = TproxyRecord::parse_line(&line).unwrap_or_else(|| panic!("{line:?}"));
+        assert_eq!(rec.orig_dst, SocketAddr::new(dst, 15006));
+        assert_eq!(rec.peer.ip(), src);
+    }
+    assert_eq!(zt.records().unwrap().len(), 2);
+}
+
 fn dual(primary: &str) {
     let lab = up("tds", primary, "dual");
     bounded(lab, |lab| {
@@ -224,6 +243,7 @@ fn dual(primary: &str) {
         assert!(routes.contains("via fe80::b dev ul0"), "{routes}");
         check_plain_paths(lab);
         check_v6_services(lab);
+        check_tproxy_listener(lab);
         // The v4 ClusterIP as before.
         let (server, _) = greet(lab, "a-plain", service::CLUSTER_IP.into(), 80);
         assert_eq!(server.ip(), IpAddr::V4(lab.pod_ip("b-app")));
