@@ -598,6 +598,55 @@ policies:
     }
 
     #[test]
+    fn dual_stack_addresses_in_the_file() {
+        let text = r#"
+workloads:
+- {name: a, namespace: demo, workloadIps: [10.0.0.1, "fd00::1"], node: n}
+- name: b
+  namespace: demo
+  workloadIps:
+  - fd00::2
+  - 10.0.0.2
+  node: n
+  waypoint: {address: "fd00::100"}
+services:
+- {name: s, namespace: demo, hostname: s.demo, vips: [10.96.0.10, "fd00:96::10", "net1/fd00:96::11"]}
+"#;
+        let cfg = parse_local_config(text).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            cfg.workloads[0].workload_ips,
+            [ip("10.0.0.1"), ip("fd00::1")]
+        );
+        // Unquoted in flow style too.
+        let flow = parse_local_config(&text.replace("\"fd00::1\"", "fd00::1")).unwrap();
+        assert_eq!(flow.workloads[0].workload_ips[1], ip("fd00::1"));
+        // Block style needs no quotes.
+        assert_eq!(
+            cfg.workloads[1].workload_ips,
+            [ip("fd00::2"), ip("10.0.0.2")]
+        );
+        assert_eq!(
+            cfg.workloads[1].waypoint.as_ref().unwrap().address,
+            ip("fd00::100")
+        );
+        let vips: Vec<_> = cfg.services[0].vips.iter().map(|v| parse_vip(v)).collect();
+        assert_eq!(
+            vips,
+            [
+                Some(ip("10.96.0.10")),
+                Some(ip("fd00:96::10")),
+                Some(ip("fd00:96::11"))
+            ]
+        );
+        assert_eq!(parse_vip("[fd00::1]"), None);
+        let err = parse_local_config(&text.replace("\"fd00::1\"", "\"fd00:::1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workloads[0].workloadIps"), "{err}");
+    }
+
+    #[test]
     fn unknown_field_is_named_with_its_path() {
         let text = GOOD.replace("serviceAccount: sleep", "serviceAcount: sleep");
         let err = parse_local_config(&text).unwrap_err().to_string();

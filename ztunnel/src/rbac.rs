@@ -462,4 +462,51 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn v6_addresses_and_cidrs() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let nets = cidrs(
+            &list(&[
+                "fd00:77::11",
+                "fd00:10::/64",
+                "2001:db8::1/48",
+                "10.0.0.0/8",
+            ]),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(nets[0].to_string(), "fd00:77::11/128");
+        assert_eq!(nets[1].to_string(), "fd00:10::/64");
+        for bad in ["fd00::/129", "[fd00::1]", "fd00:::1", "fd00::1/"] {
+            let err = cidrs(&list(&[bad]), "f").unwrap_err().to_string();
+            assert!(err.starts_with("f[0]"), "{bad}: {err}");
+        }
+        // A v6 block matches v6 sources inside it, never another family's.
+        let allow = policy(
+            PolicyAction::Allow,
+            vec![LocalRule {
+                source_ips: list(&["fd00:10::/64"]),
+                ..Default::default()
+            }],
+        );
+        let deny = policy(
+            PolicyAction::Deny,
+            vec![LocalRule {
+                not_source_ips: list(&["fd00:10::/64", "10.0.0.0/8"]),
+                ..Default::default()
+            }],
+        );
+        let id = sleep();
+        let c = |ip: &str| Connection {
+            src_identity: Some(&id),
+            src_ip: ip.parse().unwrap(),
+            dst: "[fd00:20::1]:80".parse().unwrap(),
+        };
+        assert_eq!(authorize([&allow], &c("fd00:10::5")), Ok(()));
+        assert!(authorize([&allow], &c("fd00:11::5")).is_err());
+        assert!(authorize([&allow], &c("10.0.0.5")).is_err());
+        assert!(authorize([&deny], &c("fd00:10::ffff")).is_ok());
+        assert!(authorize([&deny], &c("fd00:99::1")).is_err());
+    }
 }

@@ -300,6 +300,47 @@ mod tests {
     }
 
     #[test]
+    fn v4_and_v6_wildcards_share_a_port_one_socket_each() {
+        let v4 = listen("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        // IPV6_V6ONLY: `[::]` on the same port does not clash with the v4 socket.
+        let v6 = listen(
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+            false,
+        )
+        .unwrap();
+        assert_eq!(v6.local_addr().unwrap().port(), port);
+        let both = listen_all(
+            &["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+            false,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(both[1].local_addr().unwrap().is_ipv6());
+        // Anything but "no IPv6 here" stays an error: the port is taken.
+        let taken = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+        let err = listen_all(&[taken], false, "outbound")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("outbound listener: bind 0.0.0.0:"), "{err}");
+        assert!(no_ipv6(&io::Error::from_raw_os_error(libc::EAFNOSUPPORT)));
+        assert!(!no_ipv6(&io::Error::from_raw_os_error(libc::EADDRINUSE)));
+    }
+
+    #[tokio::test]
+    async fn connect_binds_to_a_v6_source() {
+        let l = to_tokio(listen("[::1]:0".parse().unwrap(), false).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let src: IpAddr = "::1".parse().unwrap();
+        let _c = connect(Some(src), addr, false, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let (_, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), src);
+    }
+
+    #[test]
     fn local_addresses_include_loopback() {
         assert!(local_addresses().contains(&IpAddr::from([127, 0, 0, 1])));
     }
