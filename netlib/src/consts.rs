@@ -1,12 +1,12 @@
 //! Every name, mark, table, priority and port of the traffic path (SPEC §1), written once.
 //! Other modules and crates refer to these; a reader of the SPEC should recognise each name.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The nft set of ambient pod IPs on the node (an ipset of the same name in the original).
 pub const POD_SET: &str = "ztunnel-pods-ips";
-/// The IPv6 twin of [`POD_SET`]: enrolled v6 addresses are recorded so they are visible and
-/// cleaned up, even though the SPEC's capture path (tunnels, tables) is IPv4 only.
+/// The IPv6 twin of [`POD_SET`] (the SPEC's path mirrored for IPv6: same marks, rule
+/// priorities and table numbers in the kernel's IPv6 policy routing).
 pub const POD_SET_V6: &str = "ztunnel-pods-ips6";
 /// Anti-spoofing: `<device> . <address>` of every enrolled pod address (nft type `ifname .
 /// ipv4_addr`), the device being the one the pod's packets have as input device in the node's
@@ -95,16 +95,26 @@ pub mod zt_rule {
     pub const TABLE_INBOUND: u32 = 102;
 }
 
-/// One end of one tunnel: its device name, VNI and /30 address; `peer` is the other end.
+/// One end of one tunnel: its device name, VNI, /30 address and /126 IPv6 address; `peer` /
+/// `peer6` are the other end's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TunnelEnd {
     pub name: &'static str,
     pub vni: u32,
     pub addr: Ipv4Addr,
     pub peer: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub peer6: Ipv6Addr,
 }
 
 pub const TUNNEL_PREFIX_LEN: u8 = 30;
+/// The tunnels' IPv6 inner networks: one ULA /126 per tunnel, beside the /30s, in
+/// `fd69:7374:696f::/48` ("isti o"), subnet 126 for `istioin`, 127 for `istioout`.
+pub const TUNNEL_PREFIX_LEN6: u8 = 126;
+
+const fn ula(subnet: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd69, 0x7374, 0x696f, subnet, 0, 0, 0, host)
+}
 /// Default UDP port of both tunnels (Geneve's IANA port; VXLAN uses it too here).
 pub const TUNNEL_PORT: u16 = 6081;
 /// Geneve without options and VXLAN both add 50 bytes to the inner packet.
@@ -115,24 +125,32 @@ pub const ISTIOIN: TunnelEnd = TunnelEnd {
     vni: 1000,
     addr: Ipv4Addr::new(192, 168, 126, 1),
     peer: Ipv4Addr::new(192, 168, 126, 2),
+    addr6: ula(0x126, 1),
+    peer6: ula(0x126, 2),
 };
 pub const ISTIOOUT: TunnelEnd = TunnelEnd {
     name: "istioout",
     vni: 1001,
     addr: Ipv4Addr::new(192, 168, 127, 1),
     peer: Ipv4Addr::new(192, 168, 127, 2),
+    addr6: ula(0x127, 1),
+    peer6: ula(0x127, 2),
 };
 pub const PISTIOIN: TunnelEnd = TunnelEnd {
     name: "pistioin",
     vni: 1000,
     addr: Ipv4Addr::new(192, 168, 126, 2),
     peer: Ipv4Addr::new(192, 168, 126, 1),
+    addr6: ula(0x126, 2),
+    peer6: ula(0x126, 1),
 };
 pub const PISTIOOUT: TunnelEnd = TunnelEnd {
     name: "pistioout",
     vni: 1001,
     addr: Ipv4Addr::new(192, 168, 127, 2),
     peer: Ipv4Addr::new(192, 168, 127, 1),
+    addr6: ula(0x127, 2),
+    peer6: ula(0x127, 1),
 };
 
 /// ztunnel ports (SPEC §1).

@@ -1,9 +1,14 @@
 //! The desired kernel state of a node and of the ztunnel netns, derived from a few inputs, and
 //! the diff between desired and observed links, rules and routes. Pure: no I/O here, so the
 //! SPEC's tables read straight off the unit tests.
+//!
+//! IPv6 mirrors IPv4: the same rule priorities, marks and table numbers in the kernel's IPv6
+//! policy routing, the tunnels' /126 twins of their /30s, wherever the ztunnel (or a pod) has
+//! an IPv6 address. The tunnels' underlay is one family: the ztunnel's IPv4 address when it
+//! has one (dual-stack), else its IPv6 one; either carries both inner families.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +58,11 @@ pub struct TunnelSpec {
     pub end: TunnelEnd,
     pub kind: TunnelKind,
     pub port: u16,
-    pub remote: Ipv4Addr,
+    /// The underlay address of the other end (IPv4 or IPv6).
+    pub remote: IpAddr,
     pub mtu: u32,
+    /// Whether the device also carries IPv6: it gets its end's /126 address.
+    pub v6: bool,
 }
 
 /// What a rule does when it matches.
@@ -64,12 +72,14 @@ pub enum RuleAction {
     Goto(u32),
 }
 
-/// An IPv4 policy-routing rule: `priority [fwmark mark/mask] lookup|goto`.
+/// A policy-routing rule: `[-6] priority [fwmark mark/mask] lookup|goto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleSpec {
     pub priority: u32,
     pub fwmark: Option<(u32, u32)>,
     pub action: RuleAction,
+    /// An IPv6 rule (`ip -6 rule`).
+    pub v6: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,7 +92,8 @@ pub enum RouteKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteKey {
     pub table: u32,
-    pub dst: Ipv4Addr,
+    /// The family of the route is the family of `dst`.
+    pub dst: IpAddr,
     pub prefix_len: u8,
     pub kind: RouteKind,
 }
@@ -91,9 +102,10 @@ pub struct RouteKey {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteValue {
     pub dev: String,
-    pub gateway: Option<Ipv4Addr>,
-    pub src: Option<Ipv4Addr>,
-    /// `scope link` (device routes) rather than universe (routes via a gateway).
+    pub gateway: Option<IpAddr>,
+    pub src: Option<IpAddr>,
+    /// `scope link` (device routes) rather than universe (routes via a gateway). IPv6 routes
+    /// have no scope (the kernel reports universe for all): always false for them.
     pub scope_link: bool,
     pub onlink: bool,
 }
@@ -114,7 +126,11 @@ pub struct NetDesired {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ZtunnelEndpoint {
-    pub ip: Ipv4Addr,
+    /// Its address, and the tunnels' remote: IPv4 when it has one, else IPv6.
+    pub ip: IpAddr,
+    /// Its IPv6 address when [`Self::ip`] is the IPv4 one (dual-stack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// The ztunnel pod's netns path.
     pub netns: String,
     /// The node-side veth of the ztunnel pod.
@@ -132,23 +148,89 @@ pub struct ZtunnelEndpoint {
     pub bridge_mac: Option<String>,
     /// Its MTU: the tunnels' underlay.
     pub veth_mtu: u32,
-    /// The node address on the ztunnel's side (its gateway): the tunnels' source.
-    pub node_ip: Ipv4Addr,
+    /// The node address on the ztunnel's side (its gateway), of the family of [`Self::ip`].
+    pub node_ip: IpAddr,
+    /// The node's IPv6 address on the ztunnel's side, with [`Self::ip6`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ip6: Option<Ipv6Addr>,
+}
+
+/// At most one address of each family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DualAddr {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl DualAddr {
+    /// `primary` and a second IPv6 address (ignored when `primary` is IPv6).
+    pub fn new(primary: IpAddr, second: Option<Ipv6Addr>) -> DualAddr {
+        match primary {
+            IpAddr::V4(a) => DualAddr {
+                v4: Some(a),
+                v6: second,
+            },
+            IpAddr::V6(a) => DualAddr {
+                v4: None,
+                v6: Some(a),
+            },
+        }
+    }
+
+    /// The first address of each family among `ips`.
+    pub fn first_of(ips: impl IntoIterator<Item = IpAddr>) -> DualAddr {
+        let mut d = DualAddr::default();
+        for ip in ips {
+            match ip {
+                IpAddr::V4(a) if d.v4.is_none() => d.v4 = Some(a),
+                IpAddr::V6(a) if d.v6.is_none() => d.v6 = Some(a),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// The one a single-family choice (the tunnels' underlay) takes: IPv4 first.
+    pub fn primary(&self) -> Option<IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .or_else(|| self.v6.map(IpAddr::V6))
+    }
+
+    /// The address of the family `v6` says.
+    pub fn get(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.v6.map(IpAddr::V6)
+        } else {
+            self.v4.map(IpAddr::V4)
+        }
+    }
 }
 
 impl ZtunnelEndpoint {
+    /// The ztunnel's addresses.
+    pub fn ips(&self) -> DualAddr {
+        DualAddr::new(self.ip, self.ip6)
+    }
+
+    /// The node's addresses toward the ztunnel.
+    pub fn node_ips(&self) -> DualAddr {
+        DualAddr::new(self.node_ip, self.node_ip6)
+    }
+
     /// The node device that reaches the ztunnel: its veth, or the bridge it is a port of.
     pub fn route_dev(&self) -> &str {
         self.bridge.as_deref().unwrap_or(&self.host_veth)
     }
 }
 
-/// One captured pod address and the node-side device its traffic uses.
+/// One captured pod address and the node's address toward it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodRoute {
-    pub ip: Ipv4Addr,
-    /// The node's gateway address toward this pod (`src` of its table-100 route).
-    pub gateway: Ipv4Addr,
+    pub ip: IpAddr,
+    /// The node's gateway address toward this pod, of the same family (`src` of its
+    /// table-100 route).
+    pub gateway: IpAddr,
 }
 
 /// One enrolled pod address and the node devices its packets may come from (anti-spoofing):
@@ -177,27 +259,29 @@ pub fn tunnel_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(consts::TUNNEL_OVERHEAD)
 }
 
-fn tunnel(end: TunnelEnd, choice: TunnelChoice, remote: Ipv4Addr, mtu: u32) -> TunnelSpec {
+fn tunnel(end: TunnelEnd, choice: TunnelChoice, remote: IpAddr, mtu: u32, v6: bool) -> TunnelSpec {
     TunnelSpec {
         end,
         kind: choice.kind,
         port: choice.port,
         remote,
         mtu,
+        v6,
     }
 }
 
-fn device_route(dev: &str) -> RouteValue {
+/// A device route to `dst` (IPv6 routes have no scope).
+fn device_route(dev: &str, dst: IpAddr) -> RouteValue {
     RouteValue {
         dev: dev.into(),
         gateway: None,
         src: None,
-        scope_link: true,
+        scope_link: dst.is_ipv4(),
         onlink: false,
     }
 }
 
-fn via(dev: &str, gateway: Ipv4Addr, src: Option<Ipv4Addr>, onlink: bool) -> RouteValue {
+fn via(dev: &str, gateway: IpAddr, src: Option<IpAddr>, onlink: bool) -> RouteValue {
     RouteValue {
         dev: dev.into(),
         gateway: Some(gateway),
@@ -207,45 +291,99 @@ fn via(dev: &str, gateway: Ipv4Addr, src: Option<Ipv4Addr>, onlink: bool) -> Rou
     }
 }
 
-fn host_key(table: u32, dst: Ipv4Addr) -> RouteKey {
+fn host_key(table: u32, dst: IpAddr) -> RouteKey {
     RouteKey {
         table,
         dst,
-        prefix_len: 32,
+        prefix_len: if dst.is_ipv4() { 32 } else { 128 },
         kind: RouteKind::Unicast,
     }
 }
 
-fn default_key(table: u32, kind: RouteKind) -> RouteKey {
+fn unspecified(v6: bool) -> IpAddr {
+    if v6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    }
+}
+
+fn default_key(table: u32, kind: RouteKind, v6: bool) -> RouteKey {
     RouteKey {
         table,
-        dst: Ipv4Addr::UNSPECIFIED,
+        dst: unspecified(v6),
         prefix_len: 0,
         kind,
     }
 }
 
-/// A pod's table-100 route: `<pod ip> via 192.168.126.2 dev istioin src <node gw ip>`.
-/// `src` makes host sockets pick the gateway address, which the output chain exempts.
+/// The tunnel end's inner address of `v6`'s family.
+pub fn tunnel_addr(end: &TunnelEnd, v6: bool) -> IpAddr {
+    if v6 {
+        end.addr6.into()
+    } else {
+        end.addr.into()
+    }
+}
+
+/// The inner address of the tunnel end's peer, of `v6`'s family.
+pub fn tunnel_peer(end: &TunnelEnd, v6: bool) -> IpAddr {
+    if v6 {
+        end.peer6.into()
+    } else {
+        end.peer.into()
+    }
+}
+
+/// A pod's table-100 route: `<pod ip> via 192.168.126.2 dev istioin src <node gw ip>` (IPv6:
+/// via `istioin`'s /126 peer). `src` makes host sockets pick the gateway address, which the
+/// output chain exempts.
 pub fn pod_inbound_route(p: &PodRoute) -> (RouteKey, RouteValue) {
     (
         host_key(table::INBOUND, p.ip),
         via(
             consts::ISTIOIN.name,
-            consts::ISTIOIN.peer,
+            tunnel_peer(&consts::ISTIOIN, p.ip.is_ipv6()),
             Some(p.gateway),
             false,
         ),
     )
 }
 
+/// The same rules in each family of `families` (false: IPv4, true: IPv6).
+fn in_families(rules: &[RuleSpec], families: &[bool]) -> BTreeSet<RuleSpec> {
+    families
+        .iter()
+        .flat_map(|v6| rules.iter().map(move |r| RuleSpec { v6: *v6, ..*r }))
+        .collect()
+}
+
+/// The families present in `a`: `[false]`, `[true]` or `[false, true]`.
+fn families(a: &DualAddr) -> Vec<bool> {
+    let mut f = Vec::new();
+    if a.v4.is_some() {
+        f.push(false);
+    }
+    if a.v6.is_some() {
+        f.push(true);
+    }
+    f
+}
+
 /// The node's desired links, rules, routes and sysctls (SPEC §1–2). Without a ztunnel nothing
 /// is captured: no tunnels, rules or routes, only the sysctls that are safe anyway.
+///
+/// With IPv6 (the ztunnel has an IPv6 address): IPv6 forwarding, the same rules and tables in
+/// IPv6, and `accept_ra = 2` on each of `ra_devs` (devices that take router advertisements
+/// now: with forwarding on the kernel ignores them unless accept_ra is 2). IPv6 has no
+/// rp_filter to relax; what stops a pod sending with another's source address is the
+/// anti-spoofing set, for both families alike.
 pub fn node_desired(
     ztunnel: Option<&ZtunnelEndpoint>,
     choice: TunnelChoice,
     pods: &BTreeSet<PodRoute>,
     pod_host_devs: &BTreeSet<String>,
+    ra_devs: &BTreeSet<String>,
 ) -> NetDesired {
     let mut d = NetDesired {
         tunnels: Vec::new(),
@@ -257,48 +395,76 @@ pub fn node_desired(
         return d;
     };
     let mtu = tunnel_mtu(zt.veth_mtu);
+    let ips = zt.ips();
+    let fams = families(&ips);
+    let v6 = ips.v6.is_some();
     d.tunnels = vec![
-        tunnel(consts::ISTIOIN, choice, zt.ip, mtu),
-        tunnel(consts::ISTIOOUT, choice, zt.ip, mtu),
+        tunnel(consts::ISTIOIN, choice, zt.ip, mtu, v6),
+        tunnel(consts::ISTIOOUT, choice, zt.ip, mtu, v6),
     ];
-    d.rules = [
+    let rules = [
         RuleSpec {
             priority: rule::SKIP,
             fwmark: Some((mark::SKIP, mark::SKIP)),
             action: RuleAction::Goto(rule::MAIN),
+            v6: false,
         },
         RuleSpec {
             priority: rule::CAPTURE,
             fwmark: Some((mark::CAPTURE, mark::CAPTURE)),
             action: RuleAction::Lookup(table::OUTBOUND),
+            v6: false,
         },
         RuleSpec {
             priority: rule::RETURN,
             fwmark: Some((mark::RETURN, mark::RETURN)),
             action: RuleAction::Lookup(table::RETURN),
+            v6: false,
         },
         RuleSpec {
             priority: rule::INBOUND,
             fwmark: None,
             action: RuleAction::Lookup(table::INBOUND),
+            v6: false,
         },
-    ]
-    .into();
+    ];
+    d.rules = in_families(&rules, &fams);
     // Each table first routes the ztunnel IP over its veth: the encapsulated packet inherits
     // the capture mark, and without this the tunnel would route into itself.
     let zt_dev = zt.route_dev();
-    for t in table::ALL {
-        d.routes.insert(host_key(t, zt.ip), device_route(zt_dev));
+    for fam in &fams {
+        let Some(zt_ip) = ips.get(*fam) else { continue };
+        for t in table::ALL {
+            d.routes
+                .insert(host_key(t, zt_ip), device_route(zt_dev, zt_ip));
+        }
+        d.routes.insert(
+            default_key(table::OUTBOUND, RouteKind::Unicast, *fam),
+            via(
+                consts::ISTIOOUT.name,
+                tunnel_peer(&consts::ISTIOOUT, *fam),
+                None,
+                false,
+            ),
+        );
+        d.routes.insert(
+            default_key(table::RETURN, RouteKind::Unicast, *fam),
+            via(zt_dev, zt_ip, None, true),
+        );
     }
-    d.routes.insert(
-        default_key(table::OUTBOUND, RouteKind::Unicast),
-        via(consts::ISTIOOUT.name, consts::ISTIOOUT.peer, None, false),
+    // A pod address of a family the ztunnel does not have cannot be captured: no route.
+    d.routes.extend(
+        pods.iter()
+            .filter(|p| fams.contains(&p.ip.is_ipv6()) && p.gateway.is_ipv6() == p.ip.is_ipv6())
+            .map(pod_inbound_route),
     );
-    d.routes.insert(
-        default_key(table::RETURN, RouteKind::Unicast),
-        via(zt_dev, zt.ip, None, true),
-    );
-    d.routes.extend(pods.iter().map(pod_inbound_route));
+    if v6 {
+        d.sysctls
+            .push(Sysctl::new("net.ipv6.conf.all.forwarding", "1"));
+        for dev in ra_devs {
+            d.sysctls.push(Sysctl::conf6(dev, "accept_ra", "2"));
+        }
+    }
     // Effective rp_filter is max(all, dev): `all` must be 0 for the per-device 0s to count.
     d.sysctls.push(Sysctl::conf("all", "rp_filter", "0"));
     let mut zt_devs = vec![
@@ -324,55 +490,68 @@ pub fn node_desired(
     d
 }
 
-/// The ztunnel netns' desired links, rules, routes and sysctls (SPEC §1, §3).
+/// The ztunnel netns' desired links, rules, routes and sysctls (SPEC §1, §3). `node` holds
+/// the node's addresses toward this pod (its gateways): the tunnels' remote is the IPv4 one
+/// when there is one; with an IPv6 one, rules, `local ::/0 dev lo` and tables 101/102 exist
+/// in IPv6 too.
 pub fn ztunnel_desired(
     choice: TunnelChoice,
-    node_ip: Ipv4Addr,
+    node: DualAddr,
     pod_iface: &str,
     pod_iface_mtu: u32,
 ) -> NetDesired {
     let mtu = tunnel_mtu(pod_iface_mtu);
+    let fams = families(&node);
+    let v6 = node.v6.is_some();
+    let remote = node.primary().unwrap_or(Ipv4Addr::UNSPECIFIED.into());
     let mut d = NetDesired {
         tunnels: vec![
-            tunnel(consts::PISTIOIN, choice, node_ip, mtu),
-            tunnel(consts::PISTIOOUT, choice, node_ip, mtu),
+            tunnel(consts::PISTIOIN, choice, remote, mtu, v6),
+            tunnel(consts::PISTIOOUT, choice, remote, mtu, v6),
         ],
-        rules: [
-            RuleSpec {
-                priority: zt_rule::TPROXY,
-                fwmark: Some((zt_mark::TPROXY, zt_mark::MASK)),
-                action: RuleAction::Lookup(zt_rule::TABLE_LOCAL),
-            },
-            RuleSpec {
-                priority: zt_rule::SPOOF_REPLY,
-                fwmark: Some((zt_mark::SPOOF_REPLY, zt_mark::MASK)),
-                action: RuleAction::Lookup(zt_rule::TABLE_LOCAL),
-            },
-        ]
-        .into(),
+        rules: in_families(
+            &[
+                RuleSpec {
+                    priority: zt_rule::TPROXY,
+                    fwmark: Some((zt_mark::TPROXY, zt_mark::MASK)),
+                    action: RuleAction::Lookup(zt_rule::TABLE_LOCAL),
+                    v6: false,
+                },
+                RuleSpec {
+                    priority: zt_rule::SPOOF_REPLY,
+                    fwmark: Some((zt_mark::SPOOF_REPLY, zt_mark::MASK)),
+                    action: RuleAction::Lookup(zt_rule::TABLE_LOCAL),
+                    v6: false,
+                },
+            ],
+            &fams,
+        ),
         routes: Routes::new(),
         sysctls: Vec::new(),
     };
-    d.routes.insert(
-        default_key(zt_rule::TABLE_LOCAL, RouteKind::Local),
-        RouteValue {
-            dev: "lo".into(),
-            gateway: None,
-            src: None,
-            scope_link: false,
-            onlink: false,
-        },
-    );
-    for (t, end) in [
-        (zt_rule::TABLE_OUTBOUND, consts::PISTIOOUT),
-        (zt_rule::TABLE_INBOUND, consts::PISTIOIN),
-    ] {
-        d.routes
-            .insert(host_key(t, node_ip), device_route(pod_iface));
+    for fam in &fams {
+        let Some(node_ip) = node.get(*fam) else { continue };
         d.routes.insert(
-            default_key(t, RouteKind::Unicast),
-            via(end.name, end.peer, None, false),
+            default_key(zt_rule::TABLE_LOCAL, RouteKind::Local, *fam),
+            RouteValue {
+                dev: "lo".into(),
+                gateway: None,
+                src: None,
+                scope_link: false,
+                onlink: false,
+            },
         );
+        for (t, end) in [
+            (zt_rule::TABLE_OUTBOUND, consts::PISTIOOUT),
+            (zt_rule::TABLE_INBOUND, consts::PISTIOIN),
+        ] {
+            d.routes
+                .insert(host_key(t, node_ip), device_route(pod_iface, node_ip));
+            d.routes.insert(
+                default_key(t, RouteKind::Unicast, *fam),
+                via(end.name, tunnel_peer(&end, *fam), None, false),
+            );
+        }
     }
     for dev in [
         "all",
@@ -439,7 +618,7 @@ pub struct TunnelObserved {
     pub kind: Option<TunnelKind>,
     pub vni: Option<u32>,
     pub port: Option<u16>,
-    pub remote: Option<Ipv4Addr>,
+    pub remote: Option<IpAddr>,
     pub mtu: Option<u32>,
 }
 
@@ -471,28 +650,55 @@ mod tests {
 
     fn zt() -> ZtunnelEndpoint {
         ZtunnelEndpoint {
-            ip: ZT_IP,
+            ip: ZT_IP.into(),
+            ip6: None,
             netns: "/run/netns/zt".into(),
             host_veth: "vethzt".into(),
             bridge: None,
             mac: String::new(),
             bridge_mac: None,
             veth_mtu: 1500,
-            node_ip: GW,
+            node_ip: GW.into(),
+            node_ip6: None,
         }
     }
 
     fn pods() -> BTreeSet<PodRoute> {
         [PodRoute {
-            ip: Ipv4Addr::new(10, 244, 1, 5),
-            gateway: GW,
+            ip: Ipv4Addr::new(10, 244, 1, 5).into(),
+            gateway: GW.into(),
         }]
         .into()
     }
 
+    const ZT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
+    const GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 1);
+    const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
+
+    fn dual() -> ZtunnelEndpoint {
+        ZtunnelEndpoint {
+            ip6: Some(ZT_IP6),
+            node_ip6: Some(GW6),
+            ..zt()
+        }
+    }
+
+    fn dual_pods() -> BTreeSet<PodRoute> {
+        let mut p = pods();
+        p.insert(PodRoute {
+            ip: POD6.into(),
+            gateway: GW6.into(),
+        });
+        p
+    }
+
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
     #[test]
     fn node_rules_are_100_to_103_as_in_the_spec() {
-        let d = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         let rules: Vec<_> = d.rules.iter().copied().collect();
         assert_eq!(
             rules,
@@ -500,22 +706,26 @@ mod tests {
                 RuleSpec {
                     priority: 100,
                     fwmark: Some((0x200, 0x200)),
-                    action: RuleAction::Goto(32766)
+                    action: RuleAction::Goto(32766),
+                    v6: false,
                 },
                 RuleSpec {
                     priority: 101,
                     fwmark: Some((0x100, 0x100)),
-                    action: RuleAction::Lookup(101)
+                    action: RuleAction::Lookup(101),
+                    v6: false,
                 },
                 RuleSpec {
                     priority: 102,
                     fwmark: Some((0x40, 0x40)),
-                    action: RuleAction::Lookup(102)
+                    action: RuleAction::Lookup(102),
+                    v6: false,
                 },
                 RuleSpec {
                     priority: 103,
                     fwmark: None,
-                    action: RuleAction::Lookup(100)
+                    action: RuleAction::Lookup(100),
+                    v6: false,
                 },
             ]
         );
@@ -523,37 +733,40 @@ mod tests {
 
     #[test]
     fn node_tables_100_101_102_as_in_the_spec() {
-        let d = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         let get = |t, dst: [u8; 4], len| {
             d.routes.get(&RouteKey {
                 table: t,
-                dst: dst.into(),
+                dst: Ipv4Addr::from(dst).into(),
                 prefix_len: len,
                 kind: RouteKind::Unicast,
             })
         };
         for t in [100, 101, 102] {
-            assert_eq!(get(t, [10, 244, 1, 2], 32), Some(&device_route("vethzt")));
+            assert_eq!(
+                get(t, [10, 244, 1, 2], 32),
+                Some(&device_route("vethzt", ZT_IP.into()))
+            );
         }
         assert_eq!(
             get(101, [0, 0, 0, 0], 0),
             Some(&via(
                 "istioout",
-                Ipv4Addr::new(192, 168, 127, 2),
+                Ipv4Addr::new(192, 168, 127, 2).into(),
                 None,
                 false
             ))
         );
         assert_eq!(
             get(102, [0, 0, 0, 0], 0),
-            Some(&via("vethzt", ZT_IP, None, true))
+            Some(&via("vethzt", ZT_IP.into(), None, true))
         );
         assert_eq!(
             get(100, [10, 244, 1, 5], 32),
             Some(&via(
                 "istioin",
-                Ipv4Addr::new(192, 168, 126, 2),
-                Some(GW),
+                Ipv4Addr::new(192, 168, 126, 2).into(),
+                Some(GW.into()),
                 false
             ))
         );
@@ -562,7 +775,7 @@ mod tests {
 
     #[test]
     fn node_tunnels_point_at_ztunnel_with_mtu_minus_50() {
-        let d = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         assert_eq!(d.tunnels.len(), 2);
         assert_eq!(
             (d.tunnels[0].end.name, d.tunnels[0].end.vni),
@@ -575,7 +788,7 @@ mod tests {
         assert!(d
             .tunnels
             .iter()
-            .all(|t| t.remote == ZT_IP && t.mtu == 1450 && t.port == 6081));
+            .all(|t| t.remote == IpAddr::V4(ZT_IP) && t.mtu == 1450 && t.port == 6081 && !t.v6));
     }
 
     #[test]
@@ -584,14 +797,14 @@ mod tests {
             bridge: Some("cni0".into()),
             ..zt()
         };
-        let d = node_desired(Some(&z), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&z), VX, &pods(), &none(), &none());
         assert_eq!(
-            d.routes.get(&host_key(101, ZT_IP)),
-            Some(&device_route("cni0"))
+            d.routes.get(&host_key(101, ZT_IP.into())),
+            Some(&device_route("cni0", ZT_IP.into()))
         );
         assert_eq!(
-            d.routes.get(&default_key(102, RouteKind::Unicast)),
-            Some(&via("cni0", ZT_IP, None, true))
+            d.routes.get(&default_key(102, RouteKind::Unicast, false)),
+            Some(&via("cni0", ZT_IP.into(), None, true))
         );
         assert!(d.sysctls.contains(&Sysctl::conf("cni0", "rp_filter", "0")));
         assert!(d
@@ -600,7 +813,7 @@ mod tests {
         assert!(d
             .sysctls
             .contains(&Sysctl::conf("all", "send_redirects", "0")));
-        let ptp = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let ptp = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         assert!(!ptp
             .sysctls
             .iter()
@@ -624,14 +837,14 @@ mod tests {
 
     #[test]
     fn without_ztunnel_nothing_is_captured() {
-        let d = node_desired(None, VX, &pods(), &BTreeSet::new());
+        let d = node_desired(None, VX, &pods(), &none(), &none());
         assert!(d.tunnels.is_empty() && d.rules.is_empty() && d.routes.is_empty());
     }
 
     #[test]
     fn node_sysctls_relax_rp_filter_where_spoofed_sources_arrive() {
         let devs = ["vethpod1".to_string()].into();
-        let d = node_desired(Some(&zt()), VX, &pods(), &devs);
+        let d = node_desired(Some(&zt()), VX, &pods(), &devs, &none());
         for key in [
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
@@ -648,33 +861,40 @@ mod tests {
 
     #[test]
     fn ztunnel_netns_rules_and_tables_as_in_the_spec() {
-        let d = ztunnel_desired(VX, GW, "eth0", 1500);
+        let d = ztunnel_desired(VX, DualAddr::new(GW.into(), None), "eth0", 1500);
         let prios: Vec<_> = d.rules.iter().map(|r| (r.priority, r.fwmark)).collect();
         assert_eq!(
             prios,
             vec![(20000, Some((0x400, 0xfff))), (20003, Some((0x4d3, 0xfff)))]
         );
         assert!(d.rules.iter().all(|r| r.action == RuleAction::Lookup(100)));
-        let local = d.routes.get(&default_key(100, RouteKind::Local)).unwrap();
+        let local = d
+            .routes
+            .get(&default_key(100, RouteKind::Local, false))
+            .unwrap();
         assert_eq!(local.dev, "lo");
         assert_eq!(
-            d.routes.get(&default_key(101, RouteKind::Unicast)).unwrap(),
-            &via("pistioout", Ipv4Addr::new(192, 168, 127, 1), None, false)
+            d.routes
+                .get(&default_key(101, RouteKind::Unicast, false))
+                .unwrap(),
+            &via("pistioout", Ipv4Addr::new(192, 168, 127, 1).into(), None, false)
         );
         assert_eq!(
-            d.routes.get(&default_key(102, RouteKind::Unicast)).unwrap(),
-            &via("pistioin", Ipv4Addr::new(192, 168, 126, 1), None, false)
+            d.routes
+                .get(&default_key(102, RouteKind::Unicast, false))
+                .unwrap(),
+            &via("pistioin", Ipv4Addr::new(192, 168, 126, 1).into(), None, false)
         );
         assert_eq!(
-            d.routes.get(&host_key(101, GW)).unwrap(),
-            &device_route("eth0")
+            d.routes.get(&host_key(101, GW.into())).unwrap(),
+            &device_route("eth0", GW.into())
         );
-        assert!(d.tunnels.iter().all(|t| t.remote == GW));
+        assert!(d.tunnels.iter().all(|t| t.remote == IpAddr::V4(GW)));
     }
 
     #[test]
     fn rule_diff_adds_missing_and_deletes_extra_and_duplicates() {
-        let d = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         let mut observed: Vec<_> = d.rules.iter().copied().collect();
         let r101 = observed.remove(1);
         observed.push(observed[0]);
@@ -682,6 +902,7 @@ mod tests {
             priority: 102,
             fwmark: Some((0x40, 0x40)),
             action: RuleAction::Lookup(7),
+            v6: false,
         };
         observed.push(stray);
         let (add, del) = diff_rules(&d.rules, &observed);
@@ -691,13 +912,13 @@ mod tests {
 
     #[test]
     fn route_diff_replaces_changed_and_deletes_stale() {
-        let d = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new());
+        let d = node_desired(Some(&zt()), VX, &pods(), &none(), &none());
         let mut observed = d.routes.clone();
         assert_eq!(diff_routes(&d.routes, &observed), (Routes::new(), vec![]));
-        let stale = host_key(100, Ipv4Addr::new(10, 244, 1, 9));
-        observed.insert(stale, device_route("x"));
-        let moved = host_key(101, ZT_IP);
-        observed.insert(moved, device_route("old"));
+        let stale = host_key(100, Ipv4Addr::new(10, 244, 1, 9).into());
+        observed.insert(stale, device_route("x", stale.dst));
+        let moved = host_key(101, ZT_IP.into());
+        observed.insert(moved, device_route("old", moved.dst));
         let (put, del) = diff_routes(&d.routes, &observed);
         assert_eq!(put.keys().copied().collect::<Vec<_>>(), vec![moved]);
         assert_eq!(del, vec![stale]);
@@ -705,12 +926,12 @@ mod tests {
 
     #[test]
     fn tunnel_changes_that_need_a_new_device() {
-        let want = node_desired(Some(&zt()), VX, &pods(), &BTreeSet::new()).tunnels[0].clone();
+        let want = node_desired(Some(&zt()), VX, &pods(), &none(), &none()).tunnels[0].clone();
         let have = TunnelObserved {
             kind: Some(TunnelKind::Vxlan),
             vni: Some(1000),
             port: Some(6081),
-            remote: Some(ZT_IP),
+            remote: Some(ZT_IP.into()),
             mtu: Some(1450),
         };
         assert_eq!(tunnel_action(&want, &have), TunnelAction::Keep);
@@ -720,7 +941,7 @@ mod tests {
         };
         assert_eq!(tunnel_action(&want, &mtu), TunnelAction::SetMtu);
         let moved = TunnelObserved {
-            remote: Some(GW),
+            remote: Some(GW.into()),
             ..have.clone()
         };
         assert_eq!(tunnel_action(&want, &moved), TunnelAction::SetRemote);
@@ -734,5 +955,121 @@ mod tests {
             ..have
         };
         assert_eq!(tunnel_action(&want, &geneve), TunnelAction::Recreate);
+    }
+
+    #[test]
+    fn dual_stack_mirrors_rules_and_tables_in_ipv6() {
+        let d = node_desired(Some(&dual()), VX, &dual_pods(), &none(), &none());
+        let v6: Vec<_> = d.rules.iter().filter(|r| r.v6).map(|r| r.priority).collect();
+        assert_eq!(v6, vec![100, 101, 102, 103]);
+        assert_eq!(d.rules.len(), 8);
+        let v6_rules: Vec<_> = d.rules.iter().filter(|r| r.v6).copied().collect();
+        let v4_rules: Vec<_> = d.rules.iter().filter(|r| !r.v6).copied().collect();
+        for (a, b) in v4_rules.iter().zip(&v6_rules) {
+            assert_eq!((a.priority, a.fwmark, a.action), (b.priority, b.fwmark, b.action));
+        }
+        let zt6: IpAddr = ZT_IP6.into();
+        for t in [100, 101, 102] {
+            assert_eq!(
+                d.routes.get(&host_key(t, zt6)),
+                Some(&device_route("vethzt", zt6))
+            );
+        }
+        let istioout6: IpAddr = "fd69:7374:696f:127::2".parse().unwrap();
+        assert_eq!(
+            d.routes.get(&default_key(101, RouteKind::Unicast, true)),
+            Some(&via("istioout", istioout6, None, false))
+        );
+        assert_eq!(
+            d.routes.get(&default_key(102, RouteKind::Unicast, true)),
+            Some(&via("vethzt", zt6, None, true))
+        );
+        let istioin6: IpAddr = "fd69:7374:696f:126::2".parse().unwrap();
+        assert_eq!(
+            d.routes.get(&host_key(100, POD6.into())),
+            Some(&via("istioin", istioin6, Some(GW6.into()), false))
+        );
+        assert_eq!(d.routes.len(), 12);
+        // IPv6 routes carry no scope; the tunnels get their /126 too.
+        assert!(d.routes.iter().filter(|(k, _)| k.dst.is_ipv6()).all(|(_, v)| !v.scope_link));
+        assert!(d.tunnels.iter().all(|t| t.v6 && t.remote == IpAddr::V4(ZT_IP)));
+        assert!(d
+            .sysctls
+            .contains(&Sysctl::new("net.ipv6.conf.all.forwarding", "1")));
+    }
+
+    #[test]
+    fn forwarding_keeps_router_advertisements_where_they_were_taken() {
+        let ra = ["eth0".to_string()].into();
+        let d = node_desired(Some(&dual()), VX, &dual_pods(), &none(), &ra);
+        assert!(d
+            .sysctls
+            .contains(&Sysctl::new("net.ipv6.conf.eth0.accept_ra", "2")));
+        let v4_only = node_desired(Some(&zt()), VX, &dual_pods(), &none(), &ra);
+        assert!(!v4_only.sysctls.iter().any(|s| s.key.starts_with("net.ipv6")));
+        // A v6 pod address without a v6 ztunnel is not routed into istioin.
+        assert!(!v4_only.routes.keys().any(|k| k.dst.is_ipv6()));
+        assert!(v4_only.rules.iter().all(|r| !r.v6));
+    }
+
+    #[test]
+    fn an_ipv6_only_ztunnel_is_the_underlay() {
+        let z = ZtunnelEndpoint {
+            ip: ZT_IP6.into(),
+            node_ip: GW6.into(),
+            ..zt()
+        };
+        let d = node_desired(Some(&z), VX, &dual_pods(), &none(), &none());
+        assert!(d.rules.iter().all(|r| r.v6) && d.rules.len() == 4);
+        assert!(d.tunnels.iter().all(|t| t.remote == IpAddr::V6(ZT_IP6) && t.v6));
+        assert!(!d.routes.keys().any(|k| k.dst.is_ipv4()));
+        assert_eq!(
+            d.routes.get(&host_key(100, POD6.into())).map(|v| v.src),
+            Some(Some(GW6.into()))
+        );
+    }
+
+    #[test]
+    fn ztunnel_netns_in_ipv6_has_rules_20000_20003_and_local_default() {
+        let node = DualAddr::new(GW.into(), Some(GW6));
+        let d = ztunnel_desired(VX, node, "eth0", 1500);
+        let v6: Vec<_> = d
+            .rules
+            .iter()
+            .filter(|r| r.v6)
+            .map(|r| (r.priority, r.fwmark, r.action))
+            .collect();
+        assert_eq!(
+            v6,
+            vec![
+                (20000, Some((0x400, 0xfff)), RuleAction::Lookup(100)),
+                (20003, Some((0x4d3, 0xfff)), RuleAction::Lookup(100))
+            ]
+        );
+        let local = d
+            .routes
+            .get(&default_key(100, RouteKind::Local, true))
+            .unwrap();
+        assert_eq!(local.dev, "lo");
+        let pistioout_peer: IpAddr = "fd69:7374:696f:127::1".parse().unwrap();
+        assert_eq!(
+            d.routes.get(&default_key(101, RouteKind::Unicast, true)),
+            Some(&via("pistioout", pistioout_peer, None, false))
+        );
+        assert_eq!(
+            d.routes.get(&host_key(102, GW6.into())),
+            Some(&device_route("eth0", GW6.into()))
+        );
+        // The underlay stays IPv4 in dual-stack.
+        assert!(d.tunnels.iter().all(|t| t.remote == IpAddr::V4(GW) && t.v6));
+    }
+
+    #[test]
+    fn saved_state_of_an_ipv4_agent_still_loads() {
+        let old = r#"{"ip":"10.244.1.2","netns":"/run/netns/zt","hostVeth":"vethzt",
+            "vethMtu":1500,"nodeIp":"10.244.1.1"}"#;
+        let z: ZtunnelEndpoint = serde_json::from_str(old).unwrap();
+        assert_eq!(z.ips(), DualAddr::new(ZT_IP.into(), None));
+        assert_eq!(z.node_ips().v4, Some(GW));
     }
 }

@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoGeneve, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -248,14 +248,30 @@ impl Netlink {
 
     /// The default IPv4 route's gateway and device index in the main table.
     pub async fn default_gateway(&self) -> Result<Option<(Ipv4Addr, u32)>, NetError> {
-        for r in self.routes_v4().await? {
+        Ok(match self.default_gateway_of(false).await? {
+            Some((IpAddr::V4(g), oif)) => Some((g, oif)),
+            _ => None,
+        })
+    }
+
+    /// The default IPv6 route's gateway and device index in the main table.
+    pub async fn default_gateway6(&self) -> Result<Option<(Ipv6Addr, u32)>, NetError> {
+        Ok(match self.default_gateway_of(true).await? {
+            Some((IpAddr::V6(g), oif)) => Some((g, oif)),
+            _ => None,
+        })
+    }
+
+    async fn default_gateway_of(&self, v6: bool) -> Result<Option<(IpAddr, u32)>, NetError> {
+        for r in self.routes_of(v6).await? {
             if table_of(&r) != u32::from(RouteHeader::RT_TABLE_MAIN)
                 || r.header.destination_prefix_length != 0
             {
                 continue;
             }
             let gw = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(IpAddr::V4(*g)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => Some(IpAddr::V6(*g)),
                 _ => None,
             });
             let oif = r.attributes.iter().find_map(|a| match a {
@@ -277,6 +293,18 @@ impl Netlink {
             .into_iter()
             .find_map(|(a, _)| match a {
                 IpAddr::V4(v4) => Some(v4),
+                _ => None,
+            }))
+    }
+
+    /// The first IPv6 address on a link that is not link-local.
+    pub async fn link_ipv6(&self, index: u32) -> Result<Option<Ipv6Addr>, NetError> {
+        Ok(self
+            .addresses(index)
+            .await?
+            .into_iter()
+            .find_map(|(a, _)| match a {
+                IpAddr::V6(v6) if !is_link_local6(&v6) => Some(v6),
                 _ => None,
             }))
     }
@@ -371,18 +399,28 @@ impl Netlink {
             },
         }
         let idx = self.link_index(t.end.name).await?;
-        let addr = IpAddr::V4(t.end.addr);
         let addrs = self.addresses(idx).await?;
-        if !addrs.contains(&(addr, crate::consts::TUNNEL_PREFIX_LEN)) {
-            self.handle
-                .address()
-                .add(idx, addr, crate::consts::TUNNEL_PREFIX_LEN)
-                .execute()
-                .await
-                .map_err(|source| NetError::Netlink {
-                    what: format!("add {}/30 to {}", t.end.addr, t.end.name),
-                    source,
-                })?;
+        let mut want = vec![(IpAddr::V4(t.end.addr), crate::consts::TUNNEL_PREFIX_LEN)];
+        if t.v6 {
+            want.push((IpAddr::V6(t.end.addr6), crate::consts::TUNNEL_PREFIX_LEN6));
+        }
+        for (addr, len) in want {
+            if addrs.contains(&(addr, len)) {
+                continue;
+            }
+            let mut req = self.handle.address().add(idx, addr, len);
+            if addr.is_ipv6() {
+                // No duplicate address detection: the /126 has exactly two ends, and a
+                // tentative address answers no neighbour solicitation (the first second of
+                // captured IPv6 traffic would be lost).
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute().await.map_err(|source| NetError::Netlink {
+                what: format!("add {addr}/{len} to {}", t.end.name),
+                source,
+            })?;
             changed = true;
         }
         let m = self
@@ -412,9 +450,11 @@ impl Netlink {
         have: &TunnelObserved,
     ) -> Result<(), NetError> {
         let idx = self.link_index(t.end.name).await?;
-        let data = match t.kind {
-            TunnelKind::Geneve => InfoData::Geneve(vec![InfoGeneve::Remote(t.remote)]),
-            TunnelKind::Vxlan => InfoData::Vxlan(vec![InfoVxlan::Group(t.remote)]),
+        let data = match (t.kind, t.remote) {
+            (TunnelKind::Geneve, IpAddr::V4(r)) => InfoData::Geneve(vec![InfoGeneve::Remote(r)]),
+            (TunnelKind::Geneve, IpAddr::V6(r)) => InfoData::Geneve(vec![InfoGeneve::Remote6(r)]),
+            (TunnelKind::Vxlan, IpAddr::V4(r)) => InfoData::Vxlan(vec![InfoVxlan::Group(r)]),
+            (TunnelKind::Vxlan, IpAddr::V6(r)) => InfoData::Vxlan(vec![InfoVxlan::Group6(r)]),
         };
         let kind = match t.kind {
             TunnelKind::Geneve => InfoKind::Geneve,
@@ -481,11 +521,14 @@ impl Netlink {
                 vni: 4242,
                 addr: Ipv4Addr::UNSPECIFIED,
                 peer: Ipv4Addr::UNSPECIFIED,
+                addr6: Ipv6Addr::UNSPECIFIED,
+                peer6: Ipv6Addr::UNSPECIFIED,
             },
             kind: TunnelKind::Geneve,
             port: 0,
-            remote: Ipv4Addr::LOCALHOST,
+            remote: Ipv4Addr::LOCALHOST.into(),
             mtu: 1400,
+            v6: false,
         };
         let mut msg = tunnel_message(&probe);
         msg.attributes
@@ -526,32 +569,37 @@ impl Netlink {
 
     // ---------------------------------------------------------------- rules
 
-    async fn rules_v4(&self) -> Result<Vec<RuleMessage>, NetError> {
+    async fn rules_of(&self, v6: bool) -> Result<Vec<RuleMessage>, NetError> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
         self.handle
             .rule()
-            .get(IpVersion::V4)
+            .get(version)
             .execute()
             .try_collect()
             .await
             .map_err(|source| NetError::Netlink {
-                what: "list rules".into(),
+                what: format!("list {} rules", family_name(v6)),
                 source,
             })
     }
 
-    /// The IPv4 rules whose priority is in `owned`.
+    /// The IPv4 and IPv6 rules whose priority is in `owned`.
     pub async fn observe_rules(&self, owned: &[u32]) -> Result<Vec<RuleSpec>, NetError> {
-        Ok(self
-            .rules_v4()
-            .await?
-            .iter()
-            .filter_map(rule_spec)
-            .filter(|r| owned.contains(&r.priority))
-            .collect())
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            out.extend(
+                self.rules_of(v6)
+                    .await?
+                    .iter()
+                    .filter_map(rule_spec)
+                    .filter(|r| owned.contains(&r.priority)),
+            );
+        }
+        Ok(out)
     }
 
     pub async fn add_rule(&self, r: &RuleSpec) -> Result<(), NetError> {
-        let mut req = self.handle.rule().add().v4().priority(r.priority);
+        let mut req = self.handle.rule().add().priority(r.priority);
         if let Some((mark, mask)) = r.fwmark {
             req = req.fw_mark(mark);
             req.message_mut()
@@ -565,14 +613,19 @@ impl Netlink {
                 req.message_mut().attributes.push(RuleAttribute::Goto(p));
             }
         }
-        req.execute().await.map_err(|source| NetError::Netlink {
-            what: format!("add rule {}", r.priority),
+        let res = if r.v6 {
+            req.v6().execute().await
+        } else {
+            req.v4().execute().await
+        };
+        res.map_err(|source| NetError::Netlink {
+            what: format!("add {} rule {}", family_name(r.v6), r.priority),
             source,
         })
     }
 
     pub async fn del_rule(&self, r: &RuleSpec) -> Result<(), NetError> {
-        let msgs = self.rules_v4().await?;
+        let msgs = self.rules_of(r.v6).await?;
         if let Some(m) = msgs.into_iter().find(|m| rule_spec(m).as_ref() == Some(r)) {
             match self.handle.rule().del(m).execute().await {
                 Ok(()) => {}
@@ -590,8 +643,12 @@ impl Netlink {
 
     // --------------------------------------------------------------- routes
 
-    async fn routes_v4(&self) -> Result<Vec<RouteMessage>, NetError> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    async fn routes_of(&self, v6: bool) -> Result<Vec<RouteMessage>, NetError> {
+        let filter = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
         self.handle
             .route()
             .get(filter)
@@ -599,29 +656,37 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(|source| NetError::Netlink {
-                what: "list routes".into(),
+                what: format!("list {} routes", family_name(v6)),
                 source,
             })
     }
 
-    /// The routes of the tables in `owned`, by device name.
+    /// The IPv4 and IPv6 routes of the tables in `owned`, by device name.
     pub async fn observe_routes(&self, owned: &[u32]) -> Result<Routes, NetError> {
         let names = self.link_names().await?;
-        Ok(self
-            .routes_v4()
-            .await?
-            .iter()
-            .filter(|m| owned.contains(&table_of(m)))
-            .filter_map(|m| route_entry(m, &names))
-            .collect())
+        let mut out = Routes::new();
+        for v6 in [false, true] {
+            out.extend(
+                self.routes_of(v6)
+                    .await?
+                    .iter()
+                    .filter(|m| owned.contains(&table_of(m)))
+                    .filter_map(|m| route_entry(m, &names)),
+            );
+        }
+        Ok(out)
     }
 
     /// Adds or replaces (atomically, per key) one route.
     pub async fn put_route(&self, k: &RouteKey, v: &RouteValue) -> Result<(), NetError> {
         let oif = self.link_index(&v.dev).await?;
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        let bad = |e: String| {
+            NetError::Other(format!("route {}/{} table {}: {e}", k.dst, k.prefix_len, k.table))
+        };
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
             .table_id(k.table)
             .destination_prefix(k.dst, k.prefix_len)
+            .map_err(|e| bad(format!("{e:?}")))?
             .output_interface(oif)
             .protocol(RouteProtocol::Static);
         b = match k.kind {
@@ -630,10 +695,10 @@ impl Netlink {
             RouteKind::Unicast => b.scope(RouteScope::Universe),
         };
         if let Some(gw) = v.gateway {
-            b = b.gateway(gw);
+            b = b.gateway(gw).map_err(|e| bad(format!("{e:?}")))?;
         }
         if let Some(src) = v.src {
-            b = b.pref_source(src);
+            b = b.pref_source(src).map_err(|e| bad(format!("{e:?}")))?;
         }
         if v.onlink {
             b = b.onlink();
@@ -651,9 +716,10 @@ impl Netlink {
     }
 
     pub async fn del_route(&self, k: &RouteKey) -> Result<(), NetError> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
             .table_id(k.table)
             .destination_prefix(k.dst, k.prefix_len)
+            .map_err(|e| NetError::Other(format!("route {}/{}: {e:?}", k.dst, k.prefix_len)))?
             // Like `ip route del`: match any scope and protocol (the kernel compares them).
             .scope(RouteScope::NoWhere)
             .protocol(RouteProtocol::Unspec);
@@ -764,20 +830,44 @@ fn link_name(m: &LinkMessage) -> Option<String> {
     })
 }
 
-/// The netlink message that creates tunnel `t` (unit-tested for both kinds).
+fn family_name(v6: bool) -> &'static str {
+    if v6 {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+/// fe80::/10
+fn is_link_local6(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// The netlink message that creates tunnel `t` (unit-tested for both kinds and families).
 pub fn tunnel_message(t: &TunnelSpec) -> LinkMessage {
     match t.kind {
-        TunnelKind::Geneve => LinkGeneve::new(t.end.name, t.end.vni)
-            .remote(t.remote)
-            .append_info_data(InfoGeneve::Port(t.port))
-            .mtu(t.mtu)
-            .build(),
-        TunnelKind::Vxlan => LinkVxlan::new(t.end.name, t.end.vni)
-            .append_info_data(InfoVxlan::Group(t.remote))
-            .port(t.port)
-            .learning(false)
-            .mtu(t.mtu)
-            .build(),
+        TunnelKind::Geneve => {
+            let b = LinkGeneve::new(t.end.name, t.end.vni);
+            let b = match t.remote {
+                IpAddr::V4(r) => b.remote(r),
+                IpAddr::V6(r) => b.remote6(r),
+            };
+            b.append_info_data(InfoGeneve::Port(t.port))
+                .mtu(t.mtu)
+                .build()
+        }
+        TunnelKind::Vxlan => {
+            let remote = match t.remote {
+                IpAddr::V4(r) => InfoVxlan::Group(r),
+                IpAddr::V6(r) => InfoVxlan::Group6(r),
+            };
+            LinkVxlan::new(t.end.name, t.end.vni)
+                .append_info_data(remote)
+                .port(t.port)
+                .learning(false)
+                .mtu(t.mtu)
+                .build()
+        }
     }
 }
 
@@ -805,7 +895,8 @@ fn tunnel_observed(m: &LinkMessage) -> TunnelObserved {
                     match n {
                         InfoGeneve::Id(v) => o.vni = Some(*v),
                         InfoGeneve::Port(p) => o.port = Some(*p),
-                        InfoGeneve::Remote(r) => o.remote = Some(*r),
+                        InfoGeneve::Remote(r) => o.remote = Some(IpAddr::V4(*r)),
+                        InfoGeneve::Remote6(r) => o.remote = Some(IpAddr::V6(*r)),
                         _ => {}
                     }
                 }
@@ -815,7 +906,8 @@ fn tunnel_observed(m: &LinkMessage) -> TunnelObserved {
                     match n {
                         InfoVxlan::Id(v) => o.vni = Some(*v),
                         InfoVxlan::Port(p) => o.port = Some(*p),
-                        InfoVxlan::Group(r) => o.remote = Some(*r),
+                        InfoVxlan::Group(r) => o.remote = Some(IpAddr::V4(*r)),
+                        InfoVxlan::Group6(r) => o.remote = Some(IpAddr::V6(*r)),
                         _ => {}
                     }
                 }
@@ -827,9 +919,11 @@ fn tunnel_observed(m: &LinkMessage) -> TunnelObserved {
 }
 
 fn rule_spec(m: &RuleMessage) -> Option<RuleSpec> {
-    if m.header.family != AddressFamily::Inet {
-        return None;
-    }
+    let v6 = match m.header.family {
+        AddressFamily::Inet => false,
+        AddressFamily::Inet6 => true,
+        _ => return None,
+    };
     let mut priority = 0;
     let mut mark = None;
     let mut mask = None;
@@ -855,6 +949,7 @@ fn rule_spec(m: &RuleMessage) -> Option<RuleSpec> {
         priority,
         fwmark,
         action,
+        v6,
     })
 }
 
@@ -874,7 +969,11 @@ fn route_entry(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<(Route
         RouteType::Local => RouteKind::Local,
         _ => return None,
     };
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst: IpAddr = match m.header.address_family {
+        AddressFamily::Inet => Ipv4Addr::UNSPECIFIED.into(),
+        AddressFamily::Inet6 => Ipv6Addr::UNSPECIFIED.into(),
+        _ => return None,
+    };
     let mut v = RouteValue {
         dev: String::new(),
         gateway: None,
@@ -884,9 +983,12 @@ fn route_entry(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<(Route
     };
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => v.gateway = Some(*g),
-            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => v.src = Some(*s),
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = (*d).into(),
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = (*d).into(),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => v.gateway = Some((*g).into()),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => v.gateway = Some((*g).into()),
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => v.src = Some((*s).into()),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(s)) => v.src = Some((*s).into()),
             RouteAttribute::Oif(i) => v.dev = names.get(i).cloned().unwrap_or_default(),
             _ => {}
         }
@@ -935,9 +1037,70 @@ mod tests {
             end: consts::ISTIOIN,
             kind,
             port: 6081,
-            remote: Ipv4Addr::new(10, 244, 1, 2),
+            remote: Ipv4Addr::new(10, 244, 1, 2).into(),
             mtu: 1450,
+            v6: false,
         }
+    }
+
+    fn spec6(kind: TunnelKind) -> TunnelSpec {
+        TunnelSpec {
+            remote: "fd00:10:244:1::2".parse().unwrap(),
+            v6: true,
+            ..spec(kind)
+        }
+    }
+
+    #[test]
+    fn an_ipv6_underlay_is_remote6_for_geneve_and_group6_for_vxlan() {
+        let want: IpAddr = "fd00:10:244:1::2".parse().unwrap();
+        for (kind, attr) in [(TunnelKind::Geneve, 7u16), (TunnelKind::Vxlan, 16u16)] {
+            let m = tunnel_message(&spec6(kind));
+            let o = tunnel_observed(&m);
+            assert_eq!((o.kind, o.remote, o.vni), (Some(kind), Some(want), Some(1000)));
+            // IFLA_GENEVE_REMOTE6 (7) / IFLA_VXLAN_GROUP6 (16): 4 bytes of header + 16.
+            let mut buf = vec![0u8; m.buffer_len()];
+            m.emit(&mut buf);
+            let [lo, hi] = attr.to_le_bytes();
+            let mut nla = vec![20, 0, lo, hi];
+            nla.extend_from_slice(&"fd00:10:244:1::2".parse::<Ipv6Addr>().unwrap().octets());
+            assert!(buf.windows(20).any(|w| w == nla.as_slice()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_and_routes_are_read_back_with_their_family() {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.action = nlrule::RuleAction::ToTable;
+        m.attributes = vec![RuleAttribute::Priority(103), RuleAttribute::Table(100)];
+        assert_eq!(
+            rule_spec(&m),
+            Some(RuleSpec {
+                priority: 103,
+                fwmark: None,
+                action: RuleAction::Lookup(100),
+                v6: true,
+            })
+        );
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet6;
+        r.header.kind = RouteType::Unicast;
+        r.header.destination_prefix_length = 128;
+        let pod: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+        r.attributes = vec![
+            RouteAttribute::Table(100),
+            RouteAttribute::Destination(RouteAddress::Inet6(pod)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(consts::ISTIOIN.peer6)),
+            RouteAttribute::Oif(7),
+        ];
+        let names = [(7, "istioin".to_string())].into();
+        let (k, v) = route_entry(&r, &names).unwrap();
+        assert_eq!((k.table, k.dst, k.prefix_len), (100, IpAddr::V6(pod), 128));
+        assert_eq!(
+            (v.dev.as_str(), v.gateway),
+            ("istioin", Some(consts::ISTIOIN.peer6.into()))
+        );
     }
 
     #[test]
@@ -950,7 +1113,7 @@ mod tests {
                 kind: Some(TunnelKind::Geneve),
                 vni: Some(1000),
                 port: Some(6081),
-                remote: Some(Ipv4Addr::new(10, 244, 1, 2)),
+                remote: Some(Ipv4Addr::new(10, 244, 1, 2).into()),
                 mtu: Some(1450),
             }
         );
@@ -970,7 +1133,11 @@ mod tests {
         assert_eq!(o.kind, Some(TunnelKind::Vxlan));
         assert_eq!(
             (o.vni, o.port, o.remote),
-            (Some(1000), Some(6081), Some(Ipv4Addr::new(10, 244, 1, 2)))
+            (
+                Some(1000),
+                Some(6081),
+                Some(Ipv4Addr::new(10, 244, 1, 2).into())
+            )
         );
         let mut buf = vec![0u8; m.buffer_len()];
         m.emit(&mut buf);
@@ -993,7 +1160,8 @@ mod tests {
             Some(RuleSpec {
                 priority: 100,
                 fwmark: Some((0x200, 0x200)),
-                action: RuleAction::Goto(32766)
+                action: RuleAction::Goto(32766),
+                v6: false,
             })
         );
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// One IPv4 sysctl, e.g. `net.ipv4.conf.all.rp_filter`.
+/// One sysctl under `net.`, e.g. `net.ipv4.conf.all.rp_filter`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Sysctl {
     pub key: String,
@@ -23,6 +23,11 @@ impl Sysctl {
     /// `net.ipv4.conf.<dev>.<name>`
     pub fn conf(dev: &str, name: &str, value: &str) -> Self {
         Self::new(format!("net.ipv4.conf.{dev}.{name}"), value)
+    }
+
+    /// `net.ipv6.conf.<dev>.<name>`
+    pub fn conf6(dev: &str, name: &str, value: &str) -> Self {
+        Self::new(format!("net.ipv6.conf.{dev}.{name}"), value)
     }
 }
 

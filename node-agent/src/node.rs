@@ -7,13 +7,13 @@
 //! the watcher (`crate::kube::Dataplane`); both end in the same [`Node::enroll_attachment`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Instant;
 
 use ambient_net::consts::{self, rule, table};
 use ambient_net::model::{
-    self, PodRoute, PodSource, RouteKey, TunnelChoice, TunnelMode, ZtunnelEndpoint,
+    self, DualAddr, PodRoute, PodSource, TunnelChoice, TunnelMode, ZtunnelEndpoint,
 };
 use ambient_net::nft::{self, NodeNft, NodeRules};
 use ambient_net::nl::{self, Netlink};
@@ -28,10 +28,11 @@ use crate::membership::{Membership, Verdict};
 use crate::store::{self, AgentState, PodRecord, Store, ZtunnelRecord};
 
 /// Node-wide sysctls whose previous values cleanup restores.
-const RESTORABLE: [&str; 3] = [
+const RESTORABLE: [&str; 4] = [
     "net.ipv4.ip_forward",
     "net.ipv4.conf.all.rp_filter",
     "net.ipv4.conf.all.send_redirects",
+    "net.ipv6.conf.all.forwarding",
 ];
 
 /// Container ids of attachments the Kubernetes watcher enrolled itself (pods that started
@@ -109,39 +110,22 @@ impl Node {
         })
     }
 
-    fn pod_routes(&self) -> BTreeSet<PodRoute> {
+    /// The families the ztunnel has an address of: a pod address of another family cannot
+    /// be captured (and gets no table-100 route).
+    fn capture_families(&self) -> DualAddr {
         self.state
-            .pods
-            .values()
-            .flat_map(|p| {
-                p.v4().map(|ip| PodRoute {
-                    ip,
-                    gateway: p.gateway,
-                })
-            })
-            .collect()
+            .ztunnel
+            .as_ref()
+            .map(|z| z.endpoint.ips())
+            .unwrap_or_default()
+    }
+
+    fn routable(&self, r: &PodRoute) -> bool {
+        self.capture_families().get(r.ip.is_ipv6()).is_some()
     }
 
     fn nft_desired(&self) -> NodeNft {
-        let mut gateways: Vec<Ipv4Addr> = self.state.pods.values().map(|p| p.gateway).collect();
-        let zt = self.state.ztunnel.as_ref().map(|z| &z.endpoint);
-        if let Some(z) = zt {
-            gateways.push(z.node_ip);
-        }
-        gateways.sort();
-        gateways.dedup();
-        NodeNft {
-            rules: zt.map(|z| NodeRules {
-                ztunnel_veth: z.host_veth.clone(),
-                ztunnel_bridge: z.bridge.clone(),
-                ztunnel_mac: z.mac.clone(),
-                bridge_mac: z.bridge_mac.clone(),
-                ztunnel_ip: z.ip,
-                node_gateways: gateways,
-                tunnel_port: self.choice().port,
-            }),
-            pods: self.state.pods.values().flat_map(pod_sources).collect(),
-        }
+        nft_desired(&self.state, self.choice())
     }
 
     /// Converges every link, rule, route, sysctl and nft object the node agent owns.
@@ -157,15 +141,13 @@ impl Node {
                 }
             }
         }
-        let devs: BTreeSet<String> = self
-            .state
-            .pods
-            .values()
-            .flat_map(|p| std::iter::once(p.host_veth.clone()).chain(p.host_bridge.clone()))
-            .collect();
+        let devs = pod_host_devs(&self.state);
         let zt = self.state.ztunnel.as_ref().map(|z| z.endpoint.clone());
-        let mut desired =
-            model::node_desired(zt.as_ref(), self.choice(), &self.pod_routes(), &devs);
+        let ra_devs = match zt.as_ref().and_then(|z| z.ips().v6) {
+            Some(_) => router_advertised_devs(&self.nl).await?,
+            None => BTreeSet::new(),
+        };
+        let mut desired = net_desired(&self.state, self.choice(), &ra_devs);
         self.remember_sysctls(&desired.sysctls);
         // The pods' rp_filter=0 is checked against one link dump ([`relax_pod_rp_filters`]),
         // not read through /proc/sys a device at a time, which took most of a reconcile with
@@ -197,7 +179,7 @@ impl Node {
             }
         }
         if !desired.tunnels.is_empty() {
-            fast_tunnel_neighbours()?;
+            fast_tunnel_neighbours(desired.tunnels.iter().any(|t| t.v6))?;
         }
         let mut changes = self.nl.apply(&desired, &rule::ALL, &table::ALL).await?;
         changes.tunnels += new_tunnels;
@@ -343,7 +325,10 @@ impl Node {
             ips: pod.ips,
             host_veth: side.veth,
             host_bridge: side.bridge,
-            gateway: side.gateway,
+            gateway: side.gateways.primary().ok_or_else(|| {
+                anyhow!("pod {} has no gateway toward the node", side.pod_name)
+            })?,
+            gateway6: side.gateways.v4.and(side.gateways.v6),
         };
         // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
         self.state.pods.insert(key.clone(), rec.clone());
@@ -378,25 +363,35 @@ impl Node {
             self.reconcile().await?;
             return Ok(());
         }
-        let v4: Vec<Ipv4Addr> = p.v4().collect();
         nft::add_pod_elements(&nft::pod_elements(&pod_sources(p)))?;
         if self.state.ztunnel.is_some() {
-            for ip in v4 {
-                let (k, v) = pod_route(ip, p.gateway);
+            for r in p.pod_routes().filter(|r| self.routable(r)) {
+                let (k, v) = model::pod_inbound_route(&r);
                 self.nl.put_route(&k, &v).await?;
             }
         }
         Ok(())
     }
 
+    /// Whether `p` brings a gateway address the output chain does not exempt yet.
     fn nft_gateways_change(&self, p: &PodRecord) -> bool {
-        self.state.ztunnel.is_some()
-            && !self
-                .state
-                .pods
-                .values()
-                .any(|o| o.container_id != p.container_id && o.gateway == p.gateway)
-            && self.state.ztunnel.as_ref().map(|z| z.endpoint.node_ip) != Some(p.gateway)
+        if self.state.ztunnel.is_none() {
+            return false;
+        }
+        let known: BTreeSet<IpAddr> = self
+            .state
+            .pods
+            .values()
+            .filter(|o| o.container_id != p.container_id)
+            .flat_map(|o| dual_list(o.gateways()))
+            .chain(
+                self.state
+                    .ztunnel
+                    .iter()
+                    .flat_map(|z| dual_list(z.endpoint.node_ips())),
+            )
+            .collect();
+        dual_list(p.gateways()).iter().any(|g| !known.contains(g))
     }
 
     /// Removes a pod's set elements and routes, except those another record still holds
@@ -420,12 +415,12 @@ impl Node {
             .filter(|e| !held.contains(e))
             .collect();
         nft::delete_pod_elements(&gone)?;
-        let v4: Vec<Ipv4Addr> = p
-            .v4()
-            .filter(|ip| !sharing.iter().any(|r| r.ips.contains(&(*ip).into())))
+        let gone: Vec<PodRoute> = p
+            .pod_routes()
+            .filter(|r| !sharing.iter().any(|o| o.ips.contains(&r.ip)))
             .collect();
-        for ip in v4 {
-            self.nl.del_route(&pod_route(ip, p.gateway).0).await?;
+        for r in gone {
+            self.nl.del_route(&model::pod_inbound_route(&r).0).await?;
         }
         Ok(())
     }
@@ -565,46 +560,67 @@ impl Node {
             Some(b) => Some(self.nl.link_mac(b).await?),
             None => None,
         };
-        let gateway = match pod.gateways.iter().find_map(|g| match g {
-            IpAddr::V4(v4) => Some(*v4),
-            _ => None,
-        }) {
-            Some(g) => g,
-            None => inner
-                .default_gateway()
-                .await?
-                .map(|(g, _)| g)
-                .ok_or_else(|| anyhow!("pod {} has no IPv4 gateway", pod.name))?,
-        };
+        // The gateways the CNI result names, else the pod's default routes'; only for the
+        // families the pod has an address of. A link-local IPv6 gateway cannot be the `src`
+        // of a node route: such a pod's IPv6 is not captured (and a warning says so).
+        let families = DualAddr::first_of(pod.ips.iter().copied());
+        let mut gateways = DualAddr::first_of(pod.gateways.iter().copied());
+        if families.v4.is_some() && gateways.v4.is_none() {
+            gateways.v4 = inner.default_gateway().await?.map(|(g, _)| g);
+        }
+        if families.v6.is_some() && gateways.v6.is_none() {
+            gateways.v6 = inner.default_gateway6().await?.map(|(g, _)| g);
+        }
+        if gateways.v6.is_some_and(|g| g.segments()[0] & 0xffc0 == 0xfe80) {
+            warn!(pod = %pod.name, gateway = ?gateways.v6, "the pod's IPv6 gateway is link-local: its IPv6 traffic is not captured");
+            gateways.v6 = None;
+        }
+        if families.v4.is_none() {
+            gateways.v4 = None;
+        }
+        if families.v6.is_none() {
+            gateways.v6 = None;
+        }
+        if gateways.primary().is_none() {
+            return Err(anyhow!("pod {} has no gateway toward the node", pod.name));
+        }
         Ok(HostSide {
             bridge,
             bridge_mac,
             mtu,
             pod_mac,
             veth: name,
-            gateway,
+            gateways,
+            pod_name: pod.name.clone(),
         })
     }
 
     async fn ztunnel_endpoint(&self, pod: &PodInfo) -> anyhow::Result<ZtunnelEndpoint> {
-        let ip = pod
-            .ips
-            .iter()
-            .find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                _ => None,
-            })
-            .ok_or_else(|| anyhow!("the ztunnel pod has no IPv4 address"))?;
+        let ips = DualAddr::first_of(pod.ips.iter().copied());
+        let ip = ips
+            .primary()
+            .ok_or_else(|| anyhow!("the ztunnel pod has no IP address"))?;
         let side = self.pod_host_side(pod).await?;
+        let node_ip = side
+            .gateways
+            .get(ip.is_ipv6())
+            .ok_or_else(|| anyhow!("no gateway toward the ztunnel pod for {ip}"))?;
+        // Dual-stack: the IPv6 path needs both ends' IPv6 addresses.
+        let (ip6, node_ip6) = match (ip, ips.v6, side.gateways.v6) {
+            (IpAddr::V4(_), Some(a), Some(g)) => (Some(a), Some(g)),
+            _ => (None, None),
+        };
         Ok(ZtunnelEndpoint {
             ip,
+            ip6,
             netns: pod.netns.clone(),
             host_veth: side.veth,
             bridge: side.bridge,
             mac: side.pod_mac,
             bridge_mac: side.bridge_mac,
             veth_mtu: side.mtu,
-            node_ip: side.gateway,
+            node_ip,
+            node_ip6,
         })
     }
 
@@ -632,8 +648,93 @@ pub(crate) struct HostSide {
     mtu: u32,
     /// The pod interface's own MAC.
     pod_mac: String,
-    /// The node's gateway address toward the pod.
-    gateway: Ipv4Addr,
+    /// The node's gateway addresses toward the pod, of the families the pod has.
+    gateways: DualAddr,
+    pod_name: String,
+}
+
+/// The node's desired links, rules, routes and sysctls for `state` (pure: the agent
+/// reconciles to it, `explain`/`doctor` compare the kernel with it). `ra_devs`: see
+/// [`model::node_desired`].
+pub fn net_desired(
+    state: &AgentState,
+    choice: TunnelChoice,
+    ra_devs: &BTreeSet<String>,
+) -> model::NetDesired {
+    let routes: BTreeSet<PodRoute> = state.pods.values().flat_map(|p| p.pod_routes()).collect();
+    let zt = state.ztunnel.as_ref().map(|z| &z.endpoint);
+    model::node_desired(zt, choice, &routes, &pod_host_devs(state), ra_devs)
+}
+
+/// The node's desired nft tables for `state` (pure).
+pub fn nft_desired(state: &AgentState, choice: TunnelChoice) -> NodeNft {
+    let mut gateways: Vec<IpAddr> = state
+        .pods
+        .values()
+        .flat_map(|p| dual_list(p.gateways()))
+        .collect();
+    if let Some(z) = &state.ztunnel {
+        gateways.extend(dual_list(z.endpoint.node_ips()));
+    }
+    gateways.sort();
+    gateways.dedup();
+    let zt = state.ztunnel.as_ref().map(|z| &z.endpoint);
+    NodeNft {
+        rules: zt.map(|z| NodeRules {
+            ztunnel_veth: z.host_veth.clone(),
+            ztunnel_bridge: z.bridge.clone(),
+            ztunnel_mac: z.mac.clone(),
+            bridge_mac: z.bridge_mac.clone(),
+            ztunnel_ip: z.ip,
+            ztunnel_ip6: z.ip6,
+            node_gateways: gateways,
+            tunnel_port: choice.port,
+        }),
+        pods: state.pods.values().flat_map(pod_sources).collect(),
+    }
+}
+
+/// The ztunnel netns' desired state as ztunnel-init makes it for `z` (pure).
+pub fn ztunnel_net_desired(
+    z: &ZtunnelEndpoint,
+    choice: TunnelChoice,
+    pod_iface: &str,
+) -> model::NetDesired {
+    model::ztunnel_desired(choice, z.node_ips(), pod_iface, z.veth_mtu)
+}
+
+/// The node devices of every enrolled pod (veths, bridges).
+pub fn pod_host_devs(state: &AgentState) -> BTreeSet<String> {
+    state
+        .pods
+        .values()
+        .flat_map(|p| std::iter::once(p.host_veth.clone()).chain(p.host_bridge.clone()))
+        .collect()
+}
+
+/// The addresses of a [`DualAddr`], IPv4 first.
+fn dual_list(d: DualAddr) -> Vec<IpAddr> {
+    d.v4.map(IpAddr::V4)
+        .into_iter()
+        .chain(d.v6.map(IpAddr::V6))
+        .collect()
+}
+
+/// The device of the node's IPv6 default route when it takes router advertisements
+/// (accept_ra 1, or the 2 we set): with IPv6 forwarding on it must say 2 to keep doing so.
+async fn router_advertised_devs(nl: &Netlink) -> anyhow::Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    if let Some((_, oif)) = nl.default_gateway6().await? {
+        if let Some((name, _)) = nl.link_name_mtu(oif).await? {
+            let key = Sysctl::conf6(&name, "accept_ra", "").key;
+            if let Ok(Some(v)) = ambient_net::sysctl::read(&key) {
+                if v == "1" || v == "2" {
+                    out.insert(name);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Removes the agent's kernel objects, whether or not any state is known.
@@ -657,7 +758,7 @@ async fn existing_tunnel_port(nl: &Netlink) -> anyhow::Result<Option<u16>> {
 }
 
 /// Each address of a pod record with the devices its packets may come from (anti-spoofing).
-fn pod_sources(p: &PodRecord) -> Vec<PodSource> {
+pub fn pod_sources(p: &PodRecord) -> Vec<PodSource> {
     p.ips
         .iter()
         .map(|ip| PodSource {
@@ -759,20 +860,20 @@ async fn relax_pod_rp_filters(nl: &Netlink, devs: &BTreeSet<String>) -> anyhow::
 /// second after the new ztunnel was ready.
 const TUNNEL_ARP_RETRANS_MS: &str = "20";
 
-fn fast_tunnel_neighbours() -> anyhow::Result<()> {
+fn fast_tunnel_neighbours(v6: bool) -> anyhow::Result<()> {
+    let families: &[&str] = if v6 { &["ipv4", "ipv6"] } else { &["ipv4"] };
     let want: Vec<Sysctl> = [consts::ISTIOIN.name, consts::ISTIOOUT.name]
         .iter()
-        .map(|dev| {
-            Sysctl::new(
-                format!("net.ipv4.neigh.{dev}.retrans_time_ms"),
-                TUNNEL_ARP_RETRANS_MS,
-            )
+        .flat_map(|dev| {
+            families.iter().map(move |f| {
+                Sysctl::new(
+                    format!("net.{f}.neigh.{dev}.retrans_time_ms"),
+                    TUNNEL_ARP_RETRANS_MS,
+                )
+            })
         })
         .collect();
     nl::apply_sysctls(&want)?;
     Ok(())
 }
 
-fn pod_route(ip: Ipv4Addr, gateway: Ipv4Addr) -> (RouteKey, model::RouteValue) {
-    model::pod_inbound_route(&PodRoute { ip, gateway })
-}

@@ -3,10 +3,10 @@
 //! restarted agent adopts the kernel state instead of rebuilding it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use ambient_net::model::{TunnelChoice, ZtunnelEndpoint};
+use ambient_net::model::{DualAddr, PodRoute, TunnelChoice, ZtunnelEndpoint};
 use serde::{Deserialize, Serialize};
 
 /// One enrolled pod attachment.
@@ -27,8 +27,11 @@ pub struct PodRecord {
     /// enters the node through it, so its rp_filter is relaxed too.
     #[serde(default)]
     pub host_bridge: Option<String>,
-    /// The node's gateway address toward the pod.
-    pub gateway: Ipv4Addr,
+    /// The node's gateway address toward the pod: IPv4 when the pod has IPv4, else IPv6.
+    pub gateway: IpAddr,
+    /// The node's IPv6 gateway toward a dual-stack pod (when [`Self::gateway`] is IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
 }
 
 impl PodRecord {
@@ -36,6 +39,20 @@ impl PodRecord {
         self.ips.iter().filter_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
             _ => None,
+        })
+    }
+
+    /// The node's addresses toward the pod, by family.
+    pub fn gateways(&self) -> DualAddr {
+        DualAddr::new(self.gateway, self.gateway6)
+    }
+
+    /// Each pod address with the node's gateway of its family (its table-100 route); an
+    /// address of a family without a gateway has none.
+    pub fn pod_routes(&self) -> impl Iterator<Item = PodRoute> + '_ {
+        let gw = self.gateways();
+        self.ips.iter().filter_map(move |ip| {
+            gw.get(ip.is_ipv6()).map(|gateway| PodRoute { ip: *ip, gateway })
         })
     }
 }
@@ -342,9 +359,33 @@ mod tests {
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
             host_veth: format!("veth{n}"),
             host_bridge: None,
-            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            gateway: Ipv4Addr::new(10, 0, 0, 1).into(),
+            gateway6: None,
         };
         (key(&rec.container_id, &rec.if_name), rec)
+    }
+
+    #[test]
+    fn a_dual_stack_pod_routes_each_address_by_its_family_gateway() {
+        let (_, mut p) = pod(5);
+        let v6: Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+        let gw6: Ipv6Addr = "fd00:10:244:1::1".parse().unwrap();
+        p.ips.push(v6.into());
+        assert_eq!(p.pod_routes().count(), 1, "no IPv6 gateway: no IPv6 route");
+        p.gateway6 = Some(gw6);
+        let routes: Vec<_> = p.pod_routes().map(|r| (r.ip, r.gateway)).collect();
+        assert_eq!(
+            routes,
+            vec![
+                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+                (v6.into(), gw6.into())
+            ]
+        );
+        // A record an IPv4-only agent wrote still loads.
+        let old = r#"{"containerId":"c","ifName":"eth0","namespace":"n","name":"p",
+            "netns":"/x","ips":["10.0.0.5"],"hostVeth":"v","gateway":"10.0.0.1"}"#;
+        let r: PodRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.gateway, r.gateway6), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), None));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! ztunnel-init: prepares the ztunnel pod's netns (SPEC §3), run inside it as an init
 //! container: `pistioin`/`pistioout` toward the node, rules 20000/20003, tables 100–102,
-//! rp_filter, and the TPROXY rules to 15001/15006/15008. Idempotent.
+//! rp_filter, and the TPROXY rules to 15001/15006/15008. Idempotent. A pod with an IPv6
+//! address gets the same in IPv6 (`ip -6` rules and tables, `local ::/0 dev lo`, `table ip6
+//! ztunnel`) wherever its node can be reached over IPv6 too.
 
 use std::path::PathBuf;
 
 use ambient_net::consts::zt_rule;
-use ambient_net::model::{self, TunnelChoice, TunnelMode};
+use ambient_net::model::{self, DualAddr, TunnelChoice, TunnelMode};
 use ambient_net::nft::{self, ZtunnelRules};
 use ambient_net::nl::{self, Netlink};
 use anyhow::{anyhow, Context};
@@ -77,21 +79,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .link_name_mtu(index)
         .await?
         .ok_or_else(|| anyhow!("{} vanished", cli.pod_iface))?;
-    let own_ip = nl
-        .link_ipv4(index)
-        .await?
-        .ok_or_else(|| anyhow!("{} has no IPv4 address", cli.pod_iface))?;
-    // The tunnels' remote is the address this pod reaches the node by: its default gateway.
-    let (node_ip, _) = nl
-        .default_gateway()
-        .await?
-        .ok_or_else(|| anyhow!("no default route: cannot tell the node's address"))?;
-    let desired = model::ztunnel_desired(choice, node_ip, &cli.pod_iface, mtu);
+    // The pod's own addresses, and the node's (its default gateways): the tunnels' remote is
+    // the IPv4 one when the pod has IPv4, else the IPv6 one.
+    let own = DualAddr {
+        v4: nl.link_ipv4(index).await?,
+        v6: nl.link_ipv6(index).await?,
+    };
+    let mut node = DualAddr::default();
+    if own.v4.is_some() {
+        node.v4 = nl.default_gateway().await?.map(|(g, _)| g);
+    }
+    if own.v6.is_some() {
+        // A link-local gateway cannot be routed to from the tunnels' tables: IPv6 is then
+        // left out (as the node agent does).
+        node.v6 = nl
+            .default_gateway6()
+            .await?
+            .map(|(g, _)| g)
+            .filter(|g| g.segments()[0] & 0xffc0 != 0xfe80);
+    }
+    let own_ip = own
+        .primary()
+        .ok_or_else(|| anyhow!("{} has no IP address", cli.pod_iface))?;
+    if node.get(own_ip.is_ipv6()).is_none() {
+        return Err(anyhow!(
+            "no default route for {own_ip}: cannot tell the node's address"
+        ));
+    }
+    // Only the families both ends have.
+    let own = DualAddr {
+        v4: own.v4.filter(|_| node.v4.is_some()),
+        v6: own.v6.filter(|_| node.v6.is_some()),
+    };
+    let node = DualAddr {
+        v4: node.v4.filter(|_| own.v4.is_some()),
+        v6: node.v6.filter(|_| own.v6.is_some()),
+    };
+    let desired = model::ztunnel_desired(choice, node, &cli.pod_iface, mtu);
     let changes = nl.apply(&desired, &zt_rule::ALL, &tables).await?;
     let nft_changed = nft::reconcile_ztunnel(&ZtunnelRules {
         ztunnel_ip: own_ip,
+        ztunnel_ip6: own.v6.filter(|_| own_ip.is_ipv4()),
         pod_iface: cli.pod_iface.clone(),
     })?;
-    info!(?choice, %node_ip, %own_ip, ?changes, nft_changed, "ztunnel netns ready");
+    info!(?choice, ?node, ?own, ?changes, nft_changed, "ztunnel netns ready");
     Ok(())
 }

@@ -53,14 +53,15 @@ pub use observe::{
     ObservedChain, ObservedNode, ObservedRule, ObservedSet, ObservedTable, ObservedZtunnel,
 };
 pub use render::{
-    bridge_chains, node_chains, rule_comment, ztunnel_chains, ChainSpec, RuleSpec, RuleTag,
+    bridge_chains, node_chains, rule_comment, ztunnel_chains, ztunnel_chains6, ChainSpec,
+    RuleSpec, RuleTag,
 };
 
 use crate::consts::{
     NODE_NFT_TABLE, POD_IIF_SET, POD_IIF_SET_V6, POD_PORT_SET, POD_PORT_SET_V6, POD_SET,
     POD_SET_V6, ZTUNNEL_NFT_TABLE,
 };
-use crate::model::PodSource;
+use crate::model::{DualAddr, PodSource};
 
 /// Chain names (ours; the SPEC names only the hooks).
 pub mod chain {
@@ -103,10 +104,13 @@ pub struct NodeRules {
     /// (`ether daddr set`, `meta pkttype set host`), so they go up to the IP layer and are
     /// captured like any other pod-to-pod connection ([`bridge_chains`]).
     pub bridge_mac: Option<String>,
-    pub ztunnel_ip: Ipv4Addr,
-    /// The node's addresses toward pods (`src` of table-100 routes); node → pod traffic from
-    /// these is not captured.
-    pub node_gateways: Vec<Ipv4Addr>,
+    /// The ztunnel's address (IPv4 when it has one) ...
+    pub ztunnel_ip: IpAddr,
+    /// ... and its IPv6 one when `ztunnel_ip` is IPv4 (dual-stack).
+    pub ztunnel_ip6: Option<Ipv6Addr>,
+    /// The node's addresses toward pods (`src` of table-100 routes), both families; node →
+    /// pod traffic from these is not captured.
+    pub node_gateways: Vec<IpAddr>,
     /// UDP port of the tunnels ([`crate::consts::TUNNEL_PORT`] by default).
     pub tunnel_port: u16,
 }
@@ -161,10 +165,14 @@ fn validate_source(p: &PodSource) -> Result<(), NftError> {
     Ok(())
 }
 
-/// The ztunnel netns rules (SPEC §3).
+/// The ztunnel netns rules (SPEC §3): `table ip ztunnel` for its IPv4 address, `table ip6
+/// ztunnel` for its IPv6 one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZtunnelRules {
-    pub ztunnel_ip: Ipv4Addr,
+    /// The ztunnel pod's address (IPv4 when it has one) ...
+    pub ztunnel_ip: IpAddr,
+    /// ... and its IPv6 one when `ztunnel_ip` is IPv4.
+    pub ztunnel_ip6: Option<Ipv6Addr>,
     /// The pod's own interface, normally `eth0`.
     pub pod_iface: String,
 }
@@ -195,6 +203,15 @@ pub enum NftError {
 }
 
 impl NodeRules {
+    /// The ztunnel's addresses, IPv4 first.
+    pub fn ztunnel_ips(&self) -> Vec<IpAddr> {
+        let d = DualAddr::new(self.ztunnel_ip, self.ztunnel_ip6);
+        d.v4.map(IpAddr::V4)
+            .into_iter()
+            .chain(d.v6.map(IpAddr::V6))
+            .collect()
+    }
+
     /// Checks what nft would otherwise refuse with a less helpful message.
     pub fn validate(&self) -> Result<(), NftError> {
         validate_ifname("ztunnel_veth", &self.ztunnel_veth)?;
@@ -225,6 +242,11 @@ fn validate_mac(what: &str, mac: &str) -> Result<(), NftError> {
 }
 
 impl ZtunnelRules {
+    /// The pod's addresses by family.
+    pub fn own_ips(&self) -> DualAddr {
+        DualAddr::new(self.ztunnel_ip, self.ztunnel_ip6)
+    }
+
     pub fn validate(&self) -> Result<(), NftError> {
         validate_ifname("pod_iface", &self.pod_iface)
     }
@@ -278,6 +300,14 @@ const ZTUNNEL: TableId = TableId {
     family: NfFamily::IP,
     family_name: "ip",
     nfproto: 2,
+    name: ZTUNNEL_NFT_TABLE,
+};
+
+/// The ztunnel netns' IPv6 twin of [`ZTUNNEL`] (TPROXY is per family: `tproxy ip6`).
+const ZTUNNEL6: TableId = TableId {
+    family: NfFamily::IP6,
+    family_name: "ip6",
+    nfproto: 10,
     name: ZTUNNEL_NFT_TABLE,
 };
 
@@ -596,12 +626,37 @@ pub fn plan_node_bridge(desired: &NodeNft, observed: Option<&ObservedTable>) -> 
     plan_table(BRIDGE, &node_sets(BRIDGE, desired), &chains, observed)
 }
 
-/// The batch that turns `observed` into the ztunnel netns table; empty when they match.
+/// The batch that turns `observed` into the ztunnel netns' IPv4 table; empty when they match.
 pub fn plan_ztunnel(
     desired: &ZtunnelRules,
     observed: Option<&ObservedZtunnel>,
 ) -> Nftables<'static> {
-    plan_table(ZTUNNEL, &[], &ztunnel_chains(desired), observed)
+    plan_family_table(ZTUNNEL, desired.own_ips().v4.is_some(), || ztunnel_chains(desired), observed)
+}
+
+/// The same for the IPv6 table: present only when the pod has an IPv6 address.
+pub fn plan_ztunnel6(
+    desired: &ZtunnelRules,
+    observed: Option<&ObservedZtunnel>,
+) -> Nftables<'static> {
+    plan_family_table(ZTUNNEL6, desired.own_ips().v6.is_some(), || ztunnel_chains6(desired), observed)
+}
+
+/// A table that exists only when `wanted`: planned as usual, or deleted if present.
+fn plan_family_table(
+    t: TableId,
+    wanted: bool,
+    chains: impl FnOnce() -> Vec<ChainSpec>,
+    observed: Option<&ObservedTable>,
+) -> Nftables<'static> {
+    if wanted {
+        return plan_table(t, &[], &chains(), observed);
+    }
+    let mut b = Batch::new();
+    if observed.is_some() {
+        b.delete(NfListObject::Table(t.table()));
+    }
+    b.to_nftables()
 }
 
 /// True when the batch holds no command.
@@ -646,9 +701,14 @@ pub fn observe_node_bridge() -> Result<Option<ObservedTable>, NftError> {
     observe(BRIDGE)
 }
 
-/// Reads the ztunnel netns table (`None` when it does not exist).
+/// Reads the ztunnel netns' IPv4 table (`None` when it does not exist).
 pub fn observe_ztunnel() -> Result<Option<ObservedZtunnel>, NftError> {
     observe(ZTUNNEL)
+}
+
+/// Reads the ztunnel netns' IPv6 table (`None` when it does not exist).
+pub fn observe_ztunnel6() -> Result<Option<ObservedZtunnel>, NftError> {
+    observe(ZTUNNEL6)
 }
 
 /// Attempts per reconcile: a concurrent change (a CNI DEL removing an element the plan
@@ -703,7 +763,10 @@ pub fn reconcile_node(desired: &NodeNft) -> Result<bool, NftError> {
 /// Brings the ztunnel netns table to `desired` in place; `Ok(true)` when something changed.
 pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, NftError> {
     desired.validate()?;
-    reconcile(&[(ZTUNNEL, &|o| plan_ztunnel(desired, o))])
+    reconcile(&[
+        (ZTUNNEL, &|o| plan_ztunnel(desired, o)),
+        (ZTUNNEL6, &|o| plan_ztunnel6(desired, o)),
+    ])
 }
 
 /// The elements grouped by set, in [`NODE_SETS`] order, each set's elements sorted.
@@ -898,7 +961,7 @@ pub fn delete_node_table() -> Result<(), NftError> {
     delete_tables(&[NODE, BRIDGE])
 }
 
-/// Cleanup: removes the ztunnel netns table; absent is fine.
+/// Cleanup: removes the ztunnel netns tables (ip and ip6); absent is fine.
 pub fn delete_ztunnel_table() -> Result<(), NftError> {
-    delete_tables(&[ZTUNNEL])
+    delete_tables(&[ZTUNNEL, ZTUNNEL6])
 }

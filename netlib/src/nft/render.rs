@@ -6,7 +6,7 @@
 //! parsing nft's normalized expressions.
 
 use std::borrow::Cow;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nftables::expr::{
     BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, CT,
@@ -178,8 +178,73 @@ fn text(s: impl Into<Cow<'static, str>>) -> Expression<'static> {
     Expression::String(s.into())
 }
 
-fn addr(a: Ipv4Addr) -> Expression<'static> {
-    text(a.to_string())
+fn addr(a: impl Into<IpAddr>) -> Expression<'static> {
+    text(a.into().to_string())
+}
+
+/// An address family of the inet table's rules: IPv6 mirrors IPv4 with the `ip6` payload
+/// and the v6 twins of the sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    pub(crate) const BOTH: [Fam; 2] = [Fam::V4, Fam::V6];
+
+    fn of(a: IpAddr) -> Fam {
+        if a.is_ipv4() {
+            Fam::V4
+        } else {
+            Fam::V6
+        }
+    }
+
+    /// The payload protocol of the network header: `ip` / `ip6`.
+    fn proto(self) -> &'static str {
+        match self {
+            Fam::V4 => "ip",
+            Fam::V6 => "ip6",
+        }
+    }
+
+    /// `meta nfproto` / `meta protocol` value: `ipv4` / `ipv6`.
+    fn nfproto(self) -> &'static str {
+        match self {
+            Fam::V4 => "ipv4",
+            Fam::V6 => "ipv6",
+        }
+    }
+
+    fn pod_set(self) -> &'static str {
+        match self {
+            Fam::V4 => consts::POD_SET,
+            Fam::V6 => consts::POD_SET_V6,
+        }
+    }
+
+    fn iif_set(self) -> &'static str {
+        match self {
+            Fam::V4 => consts::POD_IIF_SET,
+            Fam::V6 => consts::POD_IIF_SET_V6,
+        }
+    }
+
+    fn port_set(self) -> &'static str {
+        match self {
+            Fam::V4 => consts::POD_PORT_SET,
+            Fam::V6 => consts::POD_PORT_SET_V6,
+        }
+    }
+
+    /// The loopback address TPROXY hands connections to.
+    fn loopback(self) -> IpAddr {
+        match self {
+            Fam::V4 => Ipv4Addr::LOCALHOST.into(),
+            Fam::V6 => Ipv6Addr::LOCALHOST.into(),
+        }
+    }
 }
 
 fn and(a: Expression<'static>, b: Expression<'static>) -> Expression<'static> {
@@ -260,22 +325,22 @@ fn set_ref(name: &str) -> Expression<'static> {
     text(format!("@{name}"))
 }
 
-/// `iifname . ip saddr`
-fn iif_saddr() -> Expression<'static> {
+/// `iifname . ip saddr` (`ip6 saddr`)
+fn iif_saddr(f: Fam) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(vec![
         meta(MetaKey::Iifname),
-        payload("ip", "saddr"),
+        payload(f.proto(), "saddr"),
     ]))
 }
 
-/// The two rules that drop a packet claiming an enrolled address (`addrs`) from a device that
-/// is not that pod's own (`iif . saddr` not in `own`): the first logs (rate-limited), the
-/// second counts and drops.
-fn spoof_drop(addrs: &'static str, own: &'static str) -> [RuleSpec; 2] {
+/// The two rules that drop a packet claiming an enrolled address (of `f`'s pod set) from a
+/// device that is not that pod's own (`iif . saddr` not in `own`): the first logs
+/// (rate-limited), the second counts and drops.
+fn spoof_drop(f: Fam, own: &'static str) -> [RuleSpec; 2] {
     let matches = || {
         vec![
-            eq(payload("ip", "saddr"), set_ref(addrs)),
-            ne(iif_saddr(), set_ref(own)),
+            eq(payload(f.proto(), "saddr"), set_ref(f.pod_set())),
+            ne(iif_saddr(f), set_ref(own)),
         ]
     };
     let mut log = matches();
@@ -295,13 +360,17 @@ fn spoof_drop(addrs: &'static str, own: &'static str) -> [RuleSpec; 2] {
     let mut drop = matches();
     drop.push(Statement::Counter(Counter::Anonymous(None)));
     drop.push(Statement::Drop(None));
-    [
-        rule(
+    let (log_text, drop_text) = match f {
+        Fam::V4 => (
             "pod address from a device not its own: spoofed, log (rate-limited)",
-            log,
+            "pod address from a device not its own: spoofed, drop",
         ),
-        rule("pod address from a device not its own: spoofed, drop", drop),
-    ]
+        Fam::V6 => (
+            "IPv6 pod address from a device not its own: spoofed, log (rate-limited)",
+            "IPv6 pod address from a device not its own: spoofed, drop",
+        ),
+    };
+    [rule(log_text, log), rule(drop_text, drop)]
 }
 
 fn rule(text: &'static str, expr: Vec<Statement<'static>>) -> RuleSpec {
@@ -356,12 +425,13 @@ pub fn node_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
 }
 
 fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
-    let [spoof_log, spoof] = spoof_drop(consts::POD_SET, consts::POD_IIF_SET);
+    let [spoof_log, spoof] = spoof_drop(Fam::V4, Fam::V4.iif_set());
+    let [spoof_log6, spoof6] = spoof_drop(Fam::V6, Fam::V6.iif_set());
     let tunnels = Expression::Named(NamedExpression::Set(vec![
         SetItem::Element(text(consts::ISTIOIN.name)),
         SetItem::Element(text(consts::ISTIOOUT.name)),
     ]));
-    vec![
+    let mut v = vec![
         rule(
             "decapsulated from the tunnels: skip",
             vec![
@@ -381,19 +451,27 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             "connection of ztunnel or the node: skip",
             vec![ct_mark_has(mark::OWN), mark_or(mark::SKIP), ret()],
         ),
-        // The two "from ztunnel" rules come before the return rule, so that rule needs no
-        // "not from ztunnel" condition (which a bridge port could not express as one match).
-        rule(
-            "from ztunnel with a pod source: skip, spoofed",
+    ];
+    // The "from ztunnel" rules come before the return rule, so that rule needs no "not from
+    // ztunnel" condition (which a bridge port could not express as one match). One per
+    // address of the ztunnel: a packet of the other family cannot match `ip saddr` (`ip6`).
+    for zt_ip in r.ztunnel_ips() {
+        v.push(rule(
+            match Fam::of(zt_ip) {
+                Fam::V4 => "from ztunnel with a pod source: skip, spoofed",
+                Fam::V6 => "from ztunnel with an IPv6 pod source: skip, spoofed",
+            },
             from_zt(
                 r,
                 vec![
-                    ne(payload("ip", "saddr"), addr(r.ztunnel_ip)),
+                    ne(payload(Fam::of(zt_ip).proto(), "saddr"), addr(zt_ip)),
                     mark_or(mark::SPOOFED),
                     ret(),
                 ],
             ),
-        ),
+        ));
+    }
+    v.extend([
         rule(
             "from ztunnel itself: skip, own",
             from_zt(r, vec![mark_or(mark::OWN), ret()]),
@@ -404,6 +482,8 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
         // (nor returned to ztunnel) as that pod.
         spoof_log,
         spoof,
+        spoof_log6,
+        spoof6,
         rule(
             "rest of a ztunnel-spoofed flow: back to ztunnel",
             vec![ct_mark_has(mark::SPOOFED), mark_or(mark::RETURN), ret()],
@@ -416,11 +496,20 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
             "TCP from an ambient pod's own device: capture outbound",
             vec![
                 l4proto("tcp"),
-                eq(iif_saddr(), set_ref(consts::POD_IIF_SET)),
+                eq(iif_saddr(Fam::V4), set_ref(Fam::V4.iif_set())),
                 mark_or(mark::CAPTURE),
             ],
         ),
-    ]
+        rule(
+            "TCP from an ambient pod's own device (IPv6): capture outbound",
+            vec![
+                l4proto("tcp"),
+                eq(iif_saddr(Fam::V6), set_ref(Fam::V6.iif_set())),
+                mark_or(mark::CAPTURE),
+            ],
+        ),
+    ]);
+    v
 }
 
 /// The node's bridge table (anti-spoofing on bridge ports); `None` gives the chain without
@@ -441,24 +530,28 @@ fn node_prerouting(r: &NodeRules) -> Vec<RuleSpec> {
 pub fn bridge_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
     let rules = rules
         .map(|r| {
-            let [log, drop] = spoof_drop(consts::POD_SET, consts::POD_PORT_SET);
-            let mut v = vec![
-                rule(
-                    "from the ztunnel's port: pod sources are ztunnel's, not spoofed",
-                    vec![iifname(r.ztunnel_veth.clone()), ret()],
-                ),
-                log,
-                drop,
-            ];
+            let mut v = vec![rule(
+                "from the ztunnel's port: pod sources are ztunnel's, not spoofed",
+                vec![iifname(r.ztunnel_veth.clone()), ret()],
+            )];
+            for f in Fam::BOTH {
+                v.extend(spoof_drop(f, f.port_set()));
+            }
             if let (Some(_), Some(mac)) = (&r.ztunnel_bridge, &r.bridge_mac) {
-                v.push(rule(
-                    "TCP from an ambient pod to a pod of the bridge: up to the IP layer (capture)",
-                    to_ip_layer("saddr", mac),
-                ));
-                v.push(rule(
-                    "TCP to an ambient pod from a pod of the bridge: up to the IP layer (capture)",
-                    to_ip_layer("daddr", mac),
-                ));
+                for f in Fam::BOTH {
+                    let (from, to) = match f {
+                        Fam::V4 => (
+                            "TCP from an ambient pod to a pod of the bridge: up to the IP layer (capture)",
+                            "TCP to an ambient pod from a pod of the bridge: up to the IP layer (capture)",
+                        ),
+                        Fam::V6 => (
+                            "IPv6 TCP from an ambient pod to a pod of the bridge: up to the IP layer",
+                            "IPv6 TCP to an ambient pod from a pod of the bridge: up to the IP layer",
+                        ),
+                    };
+                    v.push(rule(from, to_ip_layer(f, "saddr", mac)));
+                    v.push(rule(to, to_ip_layer(f, "daddr", mac)));
+                }
             }
             v
         })
@@ -473,13 +566,18 @@ pub fn bridge_chains(rules: Option<&NodeRules>) -> Vec<ChainSpec> {
 }
 
 /// `meta pkttype other meta protocol ip meta l4proto tcp ip <field> @ztunnel-pods-ips
-/// ether daddr set <bridge mac> meta pkttype set host`
-fn to_ip_layer(field: &'static str, bridge_mac: &str) -> Vec<Statement<'static>> {
+/// ether daddr set <bridge mac> meta pkttype set host` (IPv6: `ip6`, the v6 set; neighbour
+/// discovery is ICMPv6, never TCP, so it is switched as before).
+fn to_ip_layer(f: Fam, field: &'static str, bridge_mac: &str) -> Vec<Statement<'static>> {
+    let protocol = match f {
+        Fam::V4 => "ip",
+        Fam::V6 => "ip6",
+    };
     vec![
         eq(meta(MetaKey::Pkttype), text("other")),
-        eq(meta(MetaKey::Protocol), text("ip")),
+        eq(meta(MetaKey::Protocol), text(protocol)),
         l4proto("tcp"),
-        eq(payload("ip", field), set_ref(consts::POD_SET)),
+        eq(payload(f.proto(), field), set_ref(f.pod_set())),
         Statement::Mangle(Mangle {
             key: payload("ether", "daddr"),
             value: text(bridge_mac.to_string()),
@@ -528,7 +626,10 @@ fn node_output(r: &NodeRules) -> Vec<RuleSpec> {
         .map(|gw| {
             rule(
                 "from the node gateway address (probes): not captured",
-                vec![eq(payload("ip", "saddr"), addr(gw)), mark_or(mark::OWN)],
+                vec![
+                    eq(payload(Fam::of(gw).proto(), "saddr"), addr(gw)),
+                    mark_or(mark::OWN),
+                ],
             )
         })
         .collect()
@@ -543,46 +644,88 @@ fn node_output(r: &NodeRules) -> Vec<RuleSpec> {
 /// for ztunnel, and an identity SNAT at srcnat-10 keeps masquerade off. The kernel accepts
 /// `dnat ip to ip daddr` / `snat ip to ip saddr` in an inet table (nft 1.0.6, kernel 6.18):
 /// the address is taken from the packet itself. `meta nfproto ipv4` is explicit so that an
-/// IPv6 packet can never reach an IPv4 NAT statement.
+/// IPv6 packet can never reach an IPv4 NAT statement; the IPv6 twins (`dnat ip6 to ip6 daddr`)
+/// do the same for v6 Services.
 fn nat_bypass() -> (Vec<RuleSpec>, Vec<RuleSpec>) {
-    let identity = |field: &'static str| NAT {
-        addr: Some(payload("ip", field)),
-        family: Some(NATFamily::IP),
+    let identity = |f: Fam, field: &'static str| NAT {
+        addr: Some(payload(f.proto(), field)),
+        family: Some(match f {
+            Fam::V4 => NATFamily::IP,
+            Fam::V6 => NATFamily::IP6,
+        }),
         port: None,
         flags: None,
     };
-    let nfproto = || eq(meta(MetaKey::Nfproto), text("ipv4"));
+    let nfproto = |f: Fam| eq(meta(MetaKey::Nfproto), text(f.nfproto()));
+    let dnat = |f: Fam, text: &'static str| {
+        rule(
+            text,
+            vec![
+                nfproto(f),
+                mark_has(mark::CAPTURE),
+                Statement::DNAT(Some(identity(f, "daddr"))),
+            ],
+        )
+    };
+    let snat = |f: Fam, text: &'static str| {
+        rule(
+            text,
+            vec![
+                nfproto(f),
+                mark_has(mark::CAPTURE),
+                Statement::SNAT(Some(identity(f, "saddr"))),
+            ],
+        )
+    };
     (
-        vec![rule(
-            "captured: identity DNAT, later DNAT (kube-proxy) is skipped",
-            vec![
-                nfproto(),
-                mark_has(mark::CAPTURE),
-                Statement::DNAT(Some(identity("daddr"))),
-            ],
-        )],
-        vec![rule(
-            "captured: identity SNAT, later masquerade is skipped",
-            vec![
-                nfproto(),
-                mark_has(mark::CAPTURE),
-                Statement::SNAT(Some(identity("saddr"))),
-            ],
-        )],
+        vec![
+            dnat(
+                Fam::V4,
+                "captured: identity DNAT, later DNAT (kube-proxy) is skipped",
+            ),
+            dnat(
+                Fam::V6,
+                "captured IPv6: identity DNAT, later DNAT (kube-proxy) is skipped",
+            ),
+        ],
+        vec![
+            snat(
+                Fam::V4,
+                "captured: identity SNAT, later masquerade is skipped",
+            ),
+            snat(
+                Fam::V6,
+                "captured IPv6: identity SNAT, later masquerade is skipped",
+            ),
+        ],
     )
 }
 
 // ---- ztunnel netns table (SPEC §3) --------------------------------------------------------
 
+/// The IPv4 table's chain (`table ip ztunnel`).
 pub fn ztunnel_chains(r: &ZtunnelRules) -> Vec<ChainSpec> {
+    ztunnel_chains_of(r, Fam::V4)
+}
+
+/// The IPv6 table's chain (`table ip6 ztunnel`): the same rules, TPROXY to `[::1]`.
+pub fn ztunnel_chains6(r: &ZtunnelRules) -> Vec<ChainSpec> {
+    ztunnel_chains_of(r, Fam::V6)
+}
+
+fn ztunnel_chains_of(r: &ZtunnelRules, f: Fam) -> Vec<ChainSpec> {
     let tproxy = |to: u16| {
         Statement::TProxy(TProxy {
-            family: Some(Cow::Borrowed("ip")),
+            family: Some(Cow::Borrowed(f.proto())),
             port: to,
-            addr: Some(Cow::Owned(Ipv4Addr::LOCALHOST.to_string())),
+            addr: Some(Cow::Owned(f.loopback().to_string())),
         })
     };
-    let rules = vec![
+    let own = match f {
+        Fam::V4 => r.own_ips().v4.map(IpAddr::V4),
+        Fam::V6 => r.own_ips().v6.map(IpAddr::V6),
+    };
+    let mut rules = vec![
         rule(
             "inbound HBONE: tproxy 15008",
             vec![
@@ -613,15 +756,17 @@ pub fn ztunnel_chains(r: &ZtunnelRules) -> Vec<ChainSpec> {
                 accept(),
             ],
         ),
-        rule(
+    ];
+    if let Some(own) = own {
+        rules.push(rule(
             "reply to a spoofed upstream socket: deliver locally",
             vec![
                 iifname(r.pod_iface.clone()),
                 l4proto("tcp"),
-                ne(payload("ip", "daddr"), addr(r.ztunnel_ip)),
+                ne(payload(f.proto(), "daddr"), addr(own)),
                 zt_mark_set(zt_mark::SPOOF_REPLY),
             ],
-        ),
-    ];
+        ));
+    }
     vec![filter_chain(chain::PREROUTING, NfHook::Prerouting, rules)]
 }

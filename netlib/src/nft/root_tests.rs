@@ -112,8 +112,9 @@ fn node_desired(zt: [u8; 4]) -> NodeNft {
             ztunnel_bridge: None,
             ztunnel_mac: String::new(),
             bridge_mac: None,
-            ztunnel_ip: zt.into(),
-            node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
+            ztunnel_ip: Ipv4Addr::from(zt).into(),
+            ztunnel_ip6: None,
+            node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1).into()],
             tunnel_port: consts::TUNNEL_PORT,
         }),
         pods: [src("10.4.4.19", "veth-a"), src("fd00::19", "veth-a")].into(),
@@ -170,7 +171,9 @@ fn node_table_in_a_fresh_netns() {
         "dnat ip to ip daddr",
         "type nat hook postrouting priority srcnat - 10; policy accept;",
         "snat ip to ip saddr",
-        "comment \"TCP from an ambient pod's own device: capture outbound [ambient 10/10 ",
+        "comment \"TCP from an ambient pod's own device: capture outbound [ambient 12/13 ",
+        "dnat ip6 to ip6 daddr",
+        "ip6 saddr @ztunnel-pods-ips6 iifname . ip6 saddr != @ztunnel-pods-ports6 counter packets 0 bytes 0 drop",
         "table bridge ambient-node",
         "set ztunnel-pods-ports {",
         "type filter hook prerouting priority filter; policy accept;",
@@ -182,7 +185,7 @@ fn node_table_in_a_fresh_netns() {
 
     let obs = ns.run(observe_node).unwrap().unwrap();
     assert_eq!(obs.chains.len(), 6);
-    assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 10);
+    assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 13);
     assert_eq!(obs.pods_v4(), d.pods_v4());
     assert_eq!(obs.pods_v6(), d.pods_v6());
     assert_eq!(
@@ -190,7 +193,7 @@ fn node_table_in_a_fresh_netns() {
         [("veth-a".to_string(), "10.4.4.19".parse().unwrap())].into()
     );
     let bridge = ns.run(observe_node_bridge).unwrap().unwrap();
-    assert_eq!(bridge.chains[chain::PREROUTING].rule_count(), 3);
+    assert_eq!(bridge.chains[chain::PREROUTING].rule_count(), 5);
     assert_eq!(bridge.pods_v4(), d.pods_v4());
     assert_eq!(
         bridge.set_dev_addrs(consts::POD_PORT_SET_V6),
@@ -302,7 +305,8 @@ fn ztunnel_table_in_a_fresh_netns() {
     }
     let ns = TestNs::new();
     let z = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
+        ztunnel_ip6: None,
         pod_iface: "eth0".into(),
     };
     assert!(ns.run(|| reconcile_ztunnel(&z)).unwrap());
@@ -319,7 +323,8 @@ fn ztunnel_table_in_a_fresh_netns() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
     let z2 = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 30),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 30).into(),
+        ztunnel_ip6: None,
         ..z.clone()
     };
     assert!(ns.run(|| reconcile_ztunnel(&z2)).unwrap());
@@ -449,8 +454,9 @@ fn captured_traffic_skips_kube_proxy_nat() {
             ztunnel_bridge: None,
             ztunnel_mac: String::new(),
             bridge_mac: None,
-            ztunnel_ip: Ipv4Addr::new(10, 244, 1, 2),
-            node_gateways: vec![Ipv4Addr::new(10, 244, 1, 1)],
+            ztunnel_ip: Ipv4Addr::new(10, 244, 1, 2).into(),
+            ztunnel_ip6: None,
+            node_gateways: vec![Ipv4Addr::new(10, 244, 1, 1).into()],
             tunnel_port: consts::TUNNEL_PORT,
         }),
         pods: [src(&pod_ip.to_string(), "vp0")].into(),
@@ -700,7 +706,7 @@ fn upgrade_from_the_address_only_ruleset() {
     );
     assert!(ns.run(|| reconcile_node(&d)).unwrap());
     let now = ns.run(observe_node).unwrap().unwrap();
-    assert_eq!(now.chains[chain::PREROUTING].rule_count(), 10);
+    assert_eq!(now.chains[chain::PREROUTING].rule_count(), 13);
     assert_eq!(now.pods_v4(), d.pods_v4());
     assert_eq!(
         now.set_dev_addrs(consts::POD_IIF_SET),

@@ -13,8 +13,9 @@ fn rules(zt: [u8; 4]) -> NodeRules {
         ztunnel_bridge: None,
         ztunnel_mac: String::new(),
         bridge_mac: None,
-        ztunnel_ip: Ipv4Addr::from(zt),
-        node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1)],
+        ztunnel_ip: Ipv4Addr::from(zt).into(),
+        ztunnel_ip6: None,
+        node_gateways: vec![Ipv4Addr::new(10, 4, 4, 1).into()],
         tunnel_port: consts::TUNNEL_PORT,
     }
 }
@@ -70,7 +71,7 @@ fn node_prerouting_reads_like_the_spec() {
         (pre.kind, pre.hook, pre.prio),
         (NfChainType::Filter, NfHook::Prerouting, -150)
     );
-    assert_eq!(pre.rules.len(), 10);
+    assert_eq!(pre.rules.len(), 13);
     let marks: Vec<_> = pre.rules.iter().map(|r| or_bits(r, "meta")).collect();
     let want = [
         Some(mark::SKIP),
@@ -80,20 +81,24 @@ fn node_prerouting_reads_like_the_spec() {
         Some(mark::OWN),
         None,
         None,
+        None,
+        None,
         Some(mark::RETURN),
         Some(mark::OWN),
         Some(mark::CAPTURE),
+        Some(mark::CAPTURE),
     ];
     assert_eq!(marks, want.map(|m| m.map(u64::from)));
-    for (i, r) in pre.rules[..9].iter().enumerate() {
+    for (i, r) in pre.rules[..11].iter().enumerate() {
         let verdict = match i {
-            5 => "log",
-            6 => "drop",
+            5 | 7 => "log",
+            6 | 8 => "drop",
             _ => "return",
         };
         assert!(last_is(r, verdict), "{i}: {r:?}");
     }
-    assert!(!last_is(&pre.rules[9], "return"));
+    assert!(!last_is(&pre.rules[11], "return"));
+    assert!(!last_is(&pre.rules[12], "return"));
 
     let text =
         serde_json::to_string(&pre.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
@@ -125,16 +130,21 @@ fn node_prerouting_reads_like_the_spec() {
     assert_eq!(js(&pre.rules[4].expr)[0]["match"]["right"], "veth-zt");
     // 6: the rest of a spoofed flow (ct mark has 0x210) goes back to ztunnel; every packet
     // from ztunnel already returned above, so no "not from ztunnel" match is needed.
-    let r8 = js(&pre.rules[7].expr);
-    assert_eq!(r8[0]["match"]["right"], json!(0x210));
-    // 10: tcp from an enrolled address on its own device
     let r10 = js(&pre.rules[9].expr);
-    assert_eq!(r10[0]["match"]["right"], "tcp");
-    assert_eq!(
-        r10[1]["match"],
-        json!({"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "saddr"}}]},
-               "right": format!("@{}", consts::POD_IIF_SET)})
-    );
+    assert_eq!(r10[0]["match"]["right"], json!(0x210));
+    // 12, 13: tcp from an enrolled address on its own device, IPv4 and IPv6
+    for (i, proto, set) in [
+        (11, "ip", consts::POD_IIF_SET),
+        (12, "ip6", consts::POD_IIF_SET_V6),
+    ] {
+        let r = js(&pre.rules[i].expr);
+        assert_eq!(r[0]["match"]["right"], "tcp");
+        assert_eq!(
+            r[1]["match"],
+            json!({"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": proto, "field": "saddr"}}]},
+                   "right": format!("@{set}")})
+        );
+    }
     // OR, never overwrite: every mark set reads the mark it ORs into.
     assert!(!text.contains("\"mangle\":{\"key\":{\"meta\":{\"key\":\"mark\"}},\"value\":5"));
     for r in &pre.rules {
@@ -187,15 +197,22 @@ fn spoofed_pod_sources_are_dropped_before_capture() {
         assert!(at(before) < 5, "{before}");
     }
     for after in ["ztunnel-spoofed flow", "capture outbound"] {
-        assert!(at(after) > 6, "{after}");
+        assert!(at(after) > 8, "{after}");
     }
+    // The IPv6 twins: the same checks on the v6 sets.
+    let v6 = js(&pre.rules[8].expr);
+    assert_eq!(
+        v6[0]["match"],
+        json!({"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": format!("@{}", consts::POD_SET_V6)})
+    );
+    assert_eq!(v6[1]["match"]["right"], format!("@{}", consts::POD_IIF_SET_V6));
     // No other rule of the node table drops anything.
     for c in &chains {
         for (i, r) in c.rules.iter().enumerate() {
             let dropping = r.expr.iter().any(|s| matches!(s, Statement::Drop(_)));
             assert_eq!(
                 dropping,
-                c.name == chain::PREROUTING && i == 6,
+                c.name == chain::PREROUTING && (i == 6 || i == 8),
                 "{}",
                 r.text
             );
@@ -214,18 +231,23 @@ fn bridge_table_sends_ambient_pods_tcp_up_to_the_ip_layer() {
     r.ztunnel_bridge = Some("cni0".into());
     r.ztunnel_mac = "0a:58:0a:f4:01:02".into();
     // Without the bridge's MAC (state of an older agent): only anti-spoofing.
-    assert_eq!(bridge_chains(Some(&r))[0].rules.len(), 3);
+    assert_eq!(bridge_chains(Some(&r))[0].rules.len(), 5);
     r.bridge_mac = Some("9a:41:f4:81:db:a5".into());
     let c = &bridge_chains(Some(&r))[0];
-    assert_eq!(c.rules.len(), 5);
-    for (i, field) in [(3, "saddr"), (4, "daddr")] {
+    assert_eq!(c.rules.len(), 9);
+    for (i, field, proto, set) in [
+        (5, "saddr", "ip", consts::POD_SET),
+        (6, "daddr", "ip", consts::POD_SET),
+        (7, "saddr", "ip6", consts::POD_SET_V6),
+        (8, "daddr", "ip6", consts::POD_SET_V6),
+    ] {
         assert_eq!(
             js(&c.rules[i].expr),
             json!([
                 {"match": {"op": "==", "left": {"meta": {"key": "pkttype"}}, "right": "other"}},
-                {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip"}},
+                {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": proto}},
                 {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
-                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": format!("@{}", consts::POD_SET)}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": field}}, "right": format!("@{set}")}},
                 {"mangle": {"key": {"payload": {"protocol": "ether", "field": "daddr"}}, "value": "9a:41:f4:81:db:a5"}},
                 {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}},
             ])
@@ -234,8 +256,9 @@ fn bridge_table_sends_ambient_pods_tcp_up_to_the_ip_layer() {
     // The ztunnel's port returns first: its frames are switched as before.
     assert!(last_is(&c.rules[0], "return"));
     let text = serde_json::to_string(&c.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
+    // ARP, ICMPv6 (neighbour discovery) and UDP are never matched: they are switched.
     assert!(
-        !text.contains("arp") && !text.contains("ip6") && !text.contains("udp"),
+        !text.contains("arp") && !text.contains("icmp") && !text.contains("udp"),
         "{text}"
     );
     // The fingerprint follows the bridge's MAC; a bad MAC is refused before nft sees it.
@@ -250,7 +273,7 @@ fn bridge_table_sends_ambient_pods_tcp_up_to_the_ip_layer() {
     // Without a bridge (ptp) a MAC changes nothing.
     let mut ptp = rules([10, 4, 4, 18]);
     ptp.bridge_mac = Some("9a:41:f4:81:db:a5".into());
-    assert_eq!(bridge_chains(Some(&ptp))[0].rules.len(), 3);
+    assert_eq!(bridge_chains(Some(&ptp))[0].rules.len(), 5);
 }
 
 #[test]
@@ -270,21 +293,27 @@ fn bridge_table_checks_the_port() {
             -200
         )
     );
-    assert_eq!(c.rules.len(), 3);
+    assert_eq!(c.rules.len(), 5);
     assert_eq!(
         js(&c.rules[0].expr),
         json!([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "veth-zt"}}, {"return": null}])
     );
-    for (i, verdict) in [(1, "log"), (2, "drop")] {
+    for (i, verdict, addrs, ports) in [
+        (1, "log", consts::POD_SET, consts::POD_PORT_SET),
+        (2, "drop", consts::POD_SET, consts::POD_PORT_SET),
+        (3, "log", consts::POD_SET_V6, consts::POD_PORT_SET_V6),
+        (4, "drop", consts::POD_SET_V6, consts::POD_PORT_SET_V6),
+    ] {
         let e = js(&c.rules[i].expr);
-        assert_eq!(e[0]["match"]["right"], format!("@{}", consts::POD_SET));
+        assert_eq!(e[0]["match"]["right"], format!("@{addrs}"));
         assert_eq!(e[1]["match"]["op"], "!=");
-        assert_eq!(e[1]["match"]["right"], format!("@{}", consts::POD_PORT_SET));
+        assert_eq!(e[1]["match"]["right"], format!("@{ports}"));
         assert!(last_is(&c.rules[i], verdict));
     }
-    // Only IPv4 payload matches: ARP, IPv6/ND and other ethertypes never match a rule.
+    // Only IP payload claiming an enrolled address matches: ARP and other ethertypes never
+    // match a rule; neighbour discovery from a pod carries its own address (or ::).
     let text = serde_json::to_string(&c.rules.iter().map(|r| &r.expr).collect::<Vec<_>>()).unwrap();
-    assert!(!text.contains("arp") && !text.contains("ip6"), "{text}");
+    assert!(!text.contains("arp") && !text.contains("icmp"), "{text}");
     assert!(bridge_chains(None)[0].rules.is_empty());
     // The fingerprint follows the ztunnel's port.
     let mut other = r.clone();
@@ -393,12 +422,12 @@ fn no_ztunnel_means_empty_chains() {
 #[test]
 fn gateways_are_sorted_and_deduplicated() {
     let mut a = rules([10, 4, 4, 18]);
-    a.node_gateways = vec![Ipv4Addr::new(10, 4, 4, 1), Ipv4Addr::new(10, 4, 5, 1)];
+    a.node_gateways = vec![Ipv4Addr::new(10, 4, 4, 1).into(), Ipv4Addr::new(10, 4, 5, 1).into()];
     let mut b = a.clone();
     b.node_gateways = vec![
-        Ipv4Addr::new(10, 4, 5, 1),
-        Ipv4Addr::new(10, 4, 4, 1),
-        Ipv4Addr::new(10, 4, 5, 1),
+        Ipv4Addr::new(10, 4, 5, 1).into(),
+        Ipv4Addr::new(10, 4, 4, 1).into(),
+        Ipv4Addr::new(10, 4, 5, 1).into(),
     ];
     let (ca, cb) = (node_chains(Some(&a)), node_chains(Some(&b)));
     assert_eq!(chain(&ca, chain::OUTPUT).rules.len(), 2);
@@ -411,7 +440,8 @@ fn gateways_are_sorted_and_deduplicated() {
 #[test]
 fn ztunnel_chain_reads_like_the_spec() {
     let z = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
+        ztunnel_ip6: None,
         pod_iface: "eth0".into(),
     };
     let chains = ztunnel_chains(&z);
@@ -501,7 +531,7 @@ fn fingerprints_follow_the_inputs() {
     d.ztunnel_veth = "veth-other".into();
     assert_ne!(fp(&d)[0], fa[0]);
     let mut e = a.clone();
-    e.node_gateways.push(Ipv4Addr::new(10, 9, 9, 1));
+    e.node_gateways.push(Ipv4Addr::new(10, 9, 9, 1).into());
     assert_ne!(fp(&e)[3], fa[3]);
     // Same statements in different chains never share a fingerprint.
     assert_ne!(fa[1], fa[2]);
@@ -513,7 +543,8 @@ fn fingerprints_follow_the_inputs() {
     assert!(fa.iter().zip(&empty).all(|(x, y)| x != y));
     let z = |ip: [u8; 4]| {
         ztunnel_chains(&ZtunnelRules {
-            ztunnel_ip: ip.into(),
+            ztunnel_ip: Ipv4Addr::from(ip).into(),
+            ztunnel_ip6: None,
             pod_iface: "eth0".into(),
         })[0]
             .fingerprint()
@@ -525,7 +556,8 @@ fn fingerprints_follow_the_inputs() {
 fn comments_carry_the_tag_and_fit_nft() {
     let d = desired();
     let z = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
+        ztunnel_ip6: None,
         pod_iface: "eth0".into(),
     };
     let all = node_chains(d.rules.as_ref())
@@ -736,7 +768,7 @@ fn plan_from_nothing_creates_everything() {
     );
     assert_eq!(count(&cmds, "add", "set"), 4);
     assert_eq!(count(&cmds, "add", "chain"), 6);
-    assert_eq!(count(&cmds, "add", "rule"), 10 + 2 + 2 + 1 + 1 + 1);
+    assert_eq!(count(&cmds, "add", "rule"), 13 + 2 + 2 + 1 + 2 + 2);
     assert_eq!(count(&cmds, "add", "element"), 4);
     assert_eq!(
         count(&cmds, "flush", "chain") + count(&cmds, "delete", "element"),
@@ -816,7 +848,7 @@ fn changed_ztunnel_ip_refills_only_prerouting() {
         cmds[0],
         ("flush".into(), "chain".into(), chain::PREROUTING.into())
     );
-    assert_eq!(cmds.len(), 1 + 10);
+    assert_eq!(cmds.len(), 1 + 13);
     assert!(cmds[1..]
         .iter()
         .all(|c| c.0 == "add" && c.1 == "rule" && c.2 == chain::PREROUTING));
@@ -889,7 +921,7 @@ fn tampered_rules_are_detected() {
             cmds[0],
             ("flush".into(), "chain".into(), chain::PREROUTING.into())
         );
-        assert_eq!(cmds.len(), 11);
+        assert_eq!(cmds.len(), 14);
     }
 }
 
@@ -915,6 +947,7 @@ fn wrong_base_chain_is_replaced_and_strangers_removed() {
             s("flush", "chain", chain::NAT_PREROUTING),
             s("delete", "chain", chain::NAT_PREROUTING),
             s("add", "chain", chain::NAT_PREROUTING),
+            s("add", "rule", chain::NAT_PREROUTING),
             s("add", "rule", chain::NAT_PREROUTING),
         ]
     );
@@ -942,7 +975,8 @@ fn missing_set_or_chain_is_added_alone() {
 #[test]
 fn ztunnel_plan_is_idempotent() {
     let z = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
+        ztunnel_ip6: None,
         pod_iface: "eth0".into(),
     };
     let b = plan_ztunnel(&z, None);
@@ -954,7 +988,8 @@ fn ztunnel_plan_is_idempotent() {
     let obs = model_apply(None, &b).unwrap();
     assert!(is_empty(&plan_ztunnel(&z, Some(&obs))));
     let z2 = ZtunnelRules {
-        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 30),
+        ztunnel_ip: Ipv4Addr::new(10, 4, 4, 30).into(),
+        ztunnel_ip6: None,
         ..z
     };
     assert_eq!(commands(&plan_ztunnel(&z2, Some(&obs))).len(), 5);
@@ -1017,7 +1052,8 @@ fn bad_interface_names_are_refused() {
             "{name:?}"
         );
         let z = ZtunnelRules {
-            ztunnel_ip: Ipv4Addr::new(10, 0, 0, 1),
+            ztunnel_ip: Ipv4Addr::new(10, 0, 0, 1).into(),
+            ztunnel_ip6: None,
             pod_iface: name.into(),
         };
         assert!(z.validate().is_err());
@@ -1107,7 +1143,7 @@ fn upgrade_from_the_address_only_ruleset_fills_the_new_sets_first() {
     assert!(pos(s("add", "element", consts::POD_IIF_SET)) < flush);
     assert!(pos(s("add", "set", consts::POD_IIF_SET_V6)) < flush);
     // Nothing else changes: the address sets and the other chains are current.
-    assert_eq!(count(&cmds, "add", "rule"), 10);
+    assert_eq!(count(&cmds, "add", "rule"), 13);
     assert_eq!(count(&cmds, "flush", "chain"), 1);
     assert_eq!(count(&cmds, "delete", "element"), 0);
     let after = model_apply(Some(old), &b).unwrap();
@@ -1117,7 +1153,7 @@ fn upgrade_from_the_address_only_ruleset_fills_the_new_sets_first() {
     let bcmds = commands(&bb);
     assert_eq!(count(&bcmds, "add", "table"), 1);
     assert_eq!(count(&bcmds, "add", "set"), 4);
-    assert_eq!(count(&bcmds, "add", "rule"), 3);
+    assert_eq!(count(&bcmds, "add", "rule"), 5);
     let bridge = model_apply(None, &bb).unwrap();
     assert_eq!(
         bridge.set_dev_addrs(consts::POD_PORT_SET),
