@@ -192,9 +192,7 @@ impl DualAddr {
 
     /// The one a single-family choice (the tunnels' underlay) takes: IPv4 first.
     pub fn primary(&self) -> Option<IpAddr> {
-        self.v4
-            .map(IpAddr::V4)
-            .or_else(|| self.v6.map(IpAddr::V6))
+        self.v4.map(IpAddr::V4).or_else(|| self.v6.map(IpAddr::V6))
     }
 
     /// The address of the family `v6` says.
@@ -530,7 +528,9 @@ pub fn ztunnel_desired(
         sysctls: Vec::new(),
     };
     for fam in &fams {
-        let Some(node_ip) = node.get(*fam) else { continue };
+        let Some(node_ip) = node.get(*fam) else {
+            continue;
+        };
         d.routes.insert(
             default_key(zt_rule::TABLE_LOCAL, RouteKind::Local, *fam),
             RouteValue {
@@ -877,13 +877,23 @@ mod tests {
             d.routes
                 .get(&default_key(101, RouteKind::Unicast, false))
                 .unwrap(),
-            &via("pistioout", Ipv4Addr::new(192, 168, 127, 1).into(), None, false)
+            &via(
+                "pistioout",
+                Ipv4Addr::new(192, 168, 127, 1).into(),
+                None,
+                false
+            )
         );
         assert_eq!(
             d.routes
                 .get(&default_key(102, RouteKind::Unicast, false))
                 .unwrap(),
-            &via("pistioin", Ipv4Addr::new(192, 168, 126, 1).into(), None, false)
+            &via(
+                "pistioin",
+                Ipv4Addr::new(192, 168, 126, 1).into(),
+                None,
+                false
+            )
         );
         assert_eq!(
             d.routes.get(&host_key(101, GW.into())).unwrap(),
@@ -960,13 +970,21 @@ mod tests {
     #[test]
     fn dual_stack_mirrors_rules_and_tables_in_ipv6() {
         let d = node_desired(Some(&dual()), VX, &dual_pods(), &none(), &none());
-        let v6: Vec<_> = d.rules.iter().filter(|r| r.v6).map(|r| r.priority).collect();
+        let v6: Vec<_> = d
+            .rules
+            .iter()
+            .filter(|r| r.v6)
+            .map(|r| r.priority)
+            .collect();
         assert_eq!(v6, vec![100, 101, 102, 103]);
         assert_eq!(d.rules.len(), 8);
         let v6_rules: Vec<_> = d.rules.iter().filter(|r| r.v6).copied().collect();
         let v4_rules: Vec<_> = d.rules.iter().filter(|r| !r.v6).copied().collect();
         for (a, b) in v4_rules.iter().zip(&v6_rules) {
-            assert_eq!((a.priority, a.fwmark, a.action), (b.priority, b.fwmark, b.action));
+            assert_eq!(
+                (a.priority, a.fwmark, a.action),
+                (b.priority, b.fwmark, b.action)
+            );
         }
         let zt6: IpAddr = ZT_IP6.into();
         for t in [100, 101, 102] {
@@ -991,8 +1009,15 @@ mod tests {
         );
         assert_eq!(d.routes.len(), 12);
         // IPv6 routes carry no scope; the tunnels get their /126 too.
-        assert!(d.routes.iter().filter(|(k, _)| k.dst.is_ipv6()).all(|(_, v)| !v.scope_link));
-        assert!(d.tunnels.iter().all(|t| t.v6 && t.remote == IpAddr::V4(ZT_IP)));
+        assert!(d
+            .routes
+            .iter()
+            .filter(|(k, _)| k.dst.is_ipv6())
+            .all(|(_, v)| !v.scope_link));
+        assert!(d
+            .tunnels
+            .iter()
+            .all(|t| t.v6 && t.remote == IpAddr::V4(ZT_IP)));
         assert!(d
             .sysctls
             .contains(&Sysctl::new("net.ipv6.conf.all.forwarding", "1")));
@@ -1006,7 +1031,10 @@ mod tests {
             .sysctls
             .contains(&Sysctl::new("net.ipv6.conf.eth0.accept_ra", "2")));
         let v4_only = node_desired(Some(&zt()), VX, &dual_pods(), &none(), &ra);
-        assert!(!v4_only.sysctls.iter().any(|s| s.key.starts_with("net.ipv6")));
+        assert!(!v4_only
+            .sysctls
+            .iter()
+            .any(|s| s.key.starts_with("net.ipv6")));
         // A v6 pod address without a v6 ztunnel is not routed into istioin.
         assert!(!v4_only.routes.keys().any(|k| k.dst.is_ipv6()));
         assert!(v4_only.rules.iter().all(|r| !r.v6));
@@ -1021,7 +1049,10 @@ mod tests {
         };
         let d = node_desired(Some(&z), VX, &dual_pods(), &none(), &none());
         assert!(d.rules.iter().all(|r| r.v6) && d.rules.len() == 4);
-        assert!(d.tunnels.iter().all(|t| t.remote == IpAddr::V6(ZT_IP6) && t.v6));
+        assert!(d
+            .tunnels
+            .iter()
+            .all(|t| t.remote == IpAddr::V6(ZT_IP6) && t.v6));
         assert!(!d.routes.keys().any(|k| k.dst.is_ipv4()));
         assert_eq!(
             d.routes.get(&host_key(100, POD6.into())).map(|v| v.src),

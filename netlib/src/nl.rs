@@ -681,7 +681,10 @@ impl Netlink {
     pub async fn put_route(&self, k: &RouteKey, v: &RouteValue) -> Result<(), NetError> {
         let oif = self.link_index(&v.dev).await?;
         let bad = |e: String| {
-            NetError::Other(format!("route {}/{} table {}: {e}", k.dst, k.prefix_len, k.table))
+            NetError::Other(format!(
+                "route {}/{} table {}: {e}",
+                k.dst, k.prefix_len, k.table
+            ))
         };
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .table_id(k.table)
@@ -1057,7 +1060,10 @@ mod tests {
         for (kind, attr) in [(TunnelKind::Geneve, 7u16), (TunnelKind::Vxlan, 16u16)] {
             let m = tunnel_message(&spec6(kind));
             let o = tunnel_observed(&m);
-            assert_eq!((o.kind, o.remote, o.vni), (Some(kind), Some(want), Some(1000)));
+            assert_eq!(
+                (o.kind, o.remote, o.vni),
+                (Some(kind), Some(want), Some(1000))
+            );
             // IFLA_GENEVE_REMOTE6 (7) / IFLA_VXLAN_GROUP6 (16): 4 bytes of header + 16.
             let mut buf = vec![0u8; m.buffer_len()];
             m.emit(&mut buf);

@@ -79,7 +79,13 @@ async fn node_state_converges_in_place_and_cleans_up() {
             gateway: zt.node_ip,
         })
         .collect();
-    let d = model::node_desired(Some(&zt), vxlan(), &pods, &BTreeSet::new(), &BTreeSet::new());
+    let d = model::node_desired(
+        Some(&zt),
+        vxlan(),
+        &pods,
+        &BTreeSet::new(),
+        &BTreeSet::new(),
+    );
     let first = nl.apply(&d, &rule::ALL, &table::ALL).await.unwrap();
     assert_eq!((first.tunnels, first.rules, first.routes), (2, 4, 8));
     let again = nl.apply(&d, &rule::ALL, &table::ALL).await.unwrap();
@@ -115,7 +121,13 @@ async fn node_state_converges_in_place_and_cleans_up() {
         ..zt.clone()
     };
     let fewer: BTreeSet<_> = pods.iter().skip(1).cloned().collect();
-    let d2 = model::node_desired(Some(&moved), vxlan(), &fewer, &BTreeSet::new(), &BTreeSet::new());
+    let d2 = model::node_desired(
+        Some(&moved),
+        vxlan(),
+        &fewer,
+        &BTreeSet::new(),
+        &BTreeSet::new(),
+    );
     let c = nl.apply(&d2, &rule::ALL, &table::ALL).await.unwrap();
     assert_eq!(c.rules, 0, "rules stay in place");
     assert_eq!(c.tunnels, 2);
@@ -211,11 +223,11 @@ async fn dual_stack_node_state_converges_in_place() {
         (IpAddr::from(gw6), 128),
     ] {
         let mut req = nl.handle().address().add(idx, a, len);
-        req.message_mut().attributes.push(
-            netlink_packet_route::address::AddressAttribute::Flags(
+        req.message_mut()
+            .attributes
+            .push(netlink_packet_route::address::AddressAttribute::Flags(
                 netlink_packet_route::address::AddressFlags::Nodad,
-            ),
-        );
+            ));
         req.execute().await.unwrap();
     }
     let zt = ZtunnelEndpoint {

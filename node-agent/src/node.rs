@@ -325,9 +325,10 @@ impl Node {
             ips: pod.ips,
             host_veth: side.veth,
             host_bridge: side.bridge,
-            gateway: side.gateways.primary().ok_or_else(|| {
-                anyhow!("pod {} has no gateway toward the node", side.pod_name)
-            })?,
+            gateway: side
+                .gateways
+                .primary()
+                .ok_or_else(|| anyhow!("pod {} has no gateway toward the node", side.pod_name))?,
             gateway6: side.gateways.v4.and(side.gateways.v6),
         };
         // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
@@ -571,7 +572,10 @@ impl Node {
         if families.v6.is_some() && gateways.v6.is_none() {
             gateways.v6 = inner.default_gateway6().await?.map(|(g, _)| g);
         }
-        if gateways.v6.is_some_and(|g| g.segments()[0] & 0xffc0 == 0xfe80) {
+        if gateways
+            .v6
+            .is_some_and(|g| g.segments()[0] & 0xffc0 == 0xfe80)
+        {
             warn!(pod = %pod.name, gateway = ?gateways.v6, "the pod's IPv6 gateway is link-local: its IPv6 traffic is not captured");
             gateways.v6 = None;
         }
@@ -876,4 +880,3 @@ fn fast_tunnel_neighbours(v6: bool) -> anyhow::Result<()> {
     nl::apply_sysctls(&want)?;
     Ok(())
 }
-

@@ -52,7 +52,8 @@ impl PodRecord {
     pub fn pod_routes(&self) -> impl Iterator<Item = PodRoute> + '_ {
         let gw = self.gateways();
         self.ips.iter().filter_map(move |ip| {
-            gw.get(ip.is_ipv6()).map(|gateway| PodRoute { ip: *ip, gateway })
+            gw.get(ip.is_ipv6())
+                .map(|gateway| PodRoute { ip: *ip, gateway })
         })
     }
 }
@@ -377,7 +378,10 @@ mod tests {
         assert_eq!(
             routes,
             vec![
-                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+                (
+                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
+                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
+                ),
                 (v6.into(), gw6.into())
             ]
         );
@@ -385,7 +389,10 @@ mod tests {
         let old = r#"{"containerId":"c","ifName":"eth0","namespace":"n","name":"p",
             "netns":"/x","ips":["10.0.0.5"],"hostVeth":"v","gateway":"10.0.0.1"}"#;
         let r: PodRecord = serde_json::from_str(old).unwrap();
-        assert_eq!((r.gateway, r.gateway6), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), None));
+        assert_eq!(
+            (r.gateway, r.gateway6),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), None)
+        );
     }
 
     #[test]

@@ -122,6 +122,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ztunnel_ip6: own.v6.filter(|_| own_ip.is_ipv4()),
         pod_iface: cli.pod_iface.clone(),
     })?;
-    info!(?choice, ?node, ?own, ?changes, nft_changed, "ztunnel netns ready");
+    info!(
+        ?choice,
+        ?node,
+        ?own,
+        ?changes,
+        nft_changed,
+        "ztunnel netns ready"
+    );
     Ok(())
 }

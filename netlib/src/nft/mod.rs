@@ -53,8 +53,8 @@ pub use observe::{
     ObservedChain, ObservedNode, ObservedRule, ObservedSet, ObservedTable, ObservedZtunnel,
 };
 pub use render::{
-    bridge_chains, node_chains, rule_comment, ztunnel_chains, ztunnel_chains6, ChainSpec,
-    RuleSpec, RuleTag,
+    bridge_chains, node_chains, rule_comment, ztunnel_chains, ztunnel_chains6, ChainSpec, RuleSpec,
+    RuleTag,
 };
 
 use crate::consts::{
@@ -631,7 +631,12 @@ pub fn plan_ztunnel(
     desired: &ZtunnelRules,
     observed: Option<&ObservedZtunnel>,
 ) -> Nftables<'static> {
-    plan_family_table(ZTUNNEL, desired.own_ips().v4.is_some(), || ztunnel_chains(desired), observed)
+    plan_family_table(
+        ZTUNNEL,
+        desired.own_ips().v4.is_some(),
+        || ztunnel_chains(desired),
+        observed,
+    )
 }
 
 /// The same for the IPv6 table: present only when the pod has an IPv6 address.
@@ -639,7 +644,12 @@ pub fn plan_ztunnel6(
     desired: &ZtunnelRules,
     observed: Option<&ObservedZtunnel>,
 ) -> Nftables<'static> {
-    plan_family_table(ZTUNNEL6, desired.own_ips().v6.is_some(), || ztunnel_chains6(desired), observed)
+    plan_family_table(
+        ZTUNNEL6,
+        desired.own_ips().v6.is_some(),
+        || ztunnel_chains6(desired),
+        observed,
+    )
 }
 
 /// A table that exists only when `wanted`: planned as usual, or deleted if present.

@@ -205,7 +205,10 @@ fn spoofed_pod_sources_are_dropped_before_capture() {
         v6[0]["match"],
         json!({"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": format!("@{}", consts::POD_SET_V6)})
     );
-    assert_eq!(v6[1]["match"]["right"], format!("@{}", consts::POD_IIF_SET_V6));
+    assert_eq!(
+        v6[1]["match"]["right"],
+        format!("@{}", consts::POD_IIF_SET_V6)
+    );
     // No other rule of the node table drops anything.
     for c in &chains {
         for (i, r) in c.rules.iter().enumerate() {
@@ -422,7 +425,10 @@ fn no_ztunnel_means_empty_chains() {
 #[test]
 fn gateways_are_sorted_and_deduplicated() {
     let mut a = rules([10, 4, 4, 18]);
-    a.node_gateways = vec![Ipv4Addr::new(10, 4, 4, 1).into(), Ipv4Addr::new(10, 4, 5, 1).into()];
+    a.node_gateways = vec![
+        Ipv4Addr::new(10, 4, 4, 1).into(),
+        Ipv4Addr::new(10, 4, 5, 1).into(),
+    ];
     let mut b = a.clone();
     b.node_gateways = vec![
         Ipv4Addr::new(10, 4, 5, 1).into(),
