@@ -6,7 +6,12 @@ cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh must run as root (it builds network namespaces)" >&2; exit 1; }
 manifests/validate.sh
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads=2
+# Bounded: a test that hangs fails the run (named in the output above) well inside CI's budget
+# instead of eating it. The whole suite takes under 10 minutes on 2 cores.
+rc=0
+timeout -k 30 2400 cargo test --workspace -- --test-threads=2 || rc=$?
+if [ "$rc" = 124 ]; then echo "test.sh: cargo test did not finish in 40 minutes (a hung test: see 'has been running for over 60 seconds' above)" >&2; fi
+[ "$rc" = 0 ] || exit "$rc"
 # Nothing may be left behind.
 left=$(ls /run/netns 2>/dev/null | grep -E '^(amb|t[0-9a-z]+|nfttest)' || true)
 if [ -n "$left" ]; then echo "leftover network namespaces: $left" >&2; exit 1; fi

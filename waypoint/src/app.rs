@@ -115,7 +115,7 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         upstream: upstream.clone(),
         drain: drain.clone(),
     });
-    tokio::spawn(server::serve(inputs, ztunnel::socket::to_tokio(hbone_l)?));
+    drain.spawn_listener(server::serve(inputs, ztunnel::socket::to_tokio(hbone_l)?));
     tokio::spawn(hbone.clone().reaper(background.clone()));
     {
         let (up, stop) = (upstream.clone(), background.clone());

@@ -208,15 +208,15 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     });
     for l in outbound_l {
         let serve = outbound::serve(inputs.clone(), crate::socket::to_tokio(l)?);
-        tokio::spawn(gate(Box::pin(serve)));
+        drain.spawn_listener(gate(Box::pin(serve)));
     }
     for l in inbound_l {
         let serve = inbound::serve(inputs.clone(), crate::socket::to_tokio(l)?);
-        tokio::spawn(gate(Box::pin(serve)));
+        drain.spawn_listener(gate(Box::pin(serve)));
     }
     for l in plaintext_l {
         let serve = inbound_passthrough::serve(inputs.clone(), crate::socket::to_tokio(l)?);
-        tokio::spawn(gate(Box::pin(serve)));
+        drain.spawn_listener(gate(Box::pin(serve)));
     }
     tokio::spawn(pool.clone().reaper(background.clone()));
 

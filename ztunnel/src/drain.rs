@@ -10,6 +10,9 @@ use tokio_util::task::TaskTracker;
 pub struct Drain {
     token: CancellationToken,
     tracker: TaskTracker,
+    /// The accept loops: drain waits for them to return, so their listening sockets are
+    /// closed once it is over (a proxy started again on the same ports binds them).
+    listeners: TaskTracker,
 }
 
 impl Drain {
@@ -35,17 +38,30 @@ impl Drain {
         self.tracker.spawn(f)
     }
 
+    /// Spawns an accept loop (it must return when [`Drain::signal`] fires).
+    pub fn spawn_listener<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.listeners.spawn(f)
+    }
+
     pub fn active(&self) -> usize {
         self.tracker.len()
     }
 
-    /// Stops listeners and waits up to `timeout` for open connections. True if all finished.
+    /// Stops listeners (their sockets closed when this returns) and waits up to `timeout` for
+    /// open connections. True if all finished.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.token.cancel();
+        self.listeners.close();
         self.tracker.close();
-        tokio::time::timeout(timeout, self.tracker.wait())
-            .await
-            .is_ok()
+        let all = async {
+            self.listeners.wait().await;
+            self.tracker.wait().await;
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
     }
 }
 

@@ -369,8 +369,19 @@ async fn concurrent_streams_spread_over_connections() {
             tcp_echo(s, &data).await.unwrap() == data
         }));
     }
-    for t in tasks {
-        assert!(t.await.unwrap());
+    // Bounded: a stall (this once hung a CI run) fails with what the pool held instead.
+    let all = async {
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), all).await.is_err() {
+        panic!(
+            "8 concurrent 2 MiB echoes stalled: {} pooled connections, A {} / B {} open connections",
+            a.pool.connections(),
+            a.active_connections(),
+            b.active_connections()
+        );
     }
     // spread = 2 worker threads: more than one connection, far fewer than streams.
     let n = a.pool.connections();
