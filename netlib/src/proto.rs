@@ -53,6 +53,13 @@ pub enum Request {
     Gc { valid: Vec<Attachment> },
 }
 
+impl Request {
+    /// One request line as the agent reads it from its socket.
+    pub fn decode(line: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "camelCase")]
 pub enum Reply {

@@ -136,7 +136,7 @@ where
         // Never parsed nor passed on: a refused caller reaches nothing of the node.
         Some(reply) => reply,
         None if n == 0 => return Ok(()),
-        None => match serde_json::from_str::<Request>(&line) {
+        None => match Request::decode(&line) {
             Ok(req) => {
                 debug!(?req, "CNI request");
                 handler(req).await

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod cni;
 pub mod demo;
 pub mod down;
+pub mod drill;
 pub mod exec;
 pub mod harness;
 pub mod http;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ambient_lab::cni::Primary;
+use ambient_lab::drill;
 use ambient_lab::topology::IpFamily;
 use ambient_lab::up::{Dataplane, UpOptions};
 use ambient_lab::{bench, demo, down, exec, paths, serve, status, tproxy, up};
@@ -139,6 +140,11 @@ enum Cmd {
         /// Leave the lab up afterwards, e.g. to profile it (`ambient-lab down --prefix bench`).
         #[arg(long)]
         keep: bool,
+    },
+    /// Reliability drills on a lab of their own (`drill cni`: ADD/DEL at kubelet's concurrency).
+    Drill {
+        #[command(subcommand)]
+        drill: drill::DrillCmd,
     },
     /// Test server run inside pods.
     #[command(hide = true)]
@@ -282,6 +288,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 report.targets.len()
             );
         }
+        Cmd::Drill { drill } => drill::run(drill)?,
         Cmd::Serve {
             port,
             http_port,
