@@ -1,0 +1,219 @@
+//! IPv6 and dual-stack on the lab (issue 11 part 1): the capture matrix of `redirection.rs` in
+//! each family, with ptp and bridge primaries, and the HBONE path with the real ztunnel over
+//! IPv6 (the client address the server sees, only TLS on the underlay, a policy by v6 block).
+//! Needs root.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambient_lab::serve::parse_greeting;
+use ambient_lab::state::LabState;
+use ambient_lab::tproxy::TproxyRecord;
+use ambient_lab::{unique_prefix, ztunnel, Lab, LabOptions};
+use ambient_net::netns;
+use serde_json::json;
+
+const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
+/// The `demo/app` Service's IPv6 ClusterIP (the lab's fd00:10:96::/112 range).
+const SERVICE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// A lab whose ztunnel netns run the transparent test listener instead of ztunnel.
+fn listener_lab(tag: &str, family: &str, primary: &str) -> Lab {
+    let opts = LabOptions::new(LAB)
+        .ip_family(family)
+        .primary(primary)
+        .arg("--dataplane")
+        .arg("none");
+    Lab::up(&unique_prefix(tag), opts).expect("lab up")
+}
+
+/// Asserts the connection reached the test listener on `listener` with this original
+/// destination, from `from`'s own address of the destination's family.
+fn captured(lab: &Lab, from: &str, ip: IpAddr, port: u16, listener: u16) {
+    let got = lab
+        .connect(from, ip, port)
+        .unwrap_or_else(|e| panic!("{from} -> {ip}:{port}: {e:#}"));
+    let r = TproxyRecord::parse_line(&got)
+        .unwrap_or_else(|| panic!("{from} -> {ip}:{port} was not captured: {got:?}"));
+    assert_eq!(r.port, listener, "{from} -> {ip}:{port}: {got}");
+    assert_eq!(r.orig_dst, SocketAddr::new(ip, port), "{got}");
+    assert_eq!(r.peer.ip(), own(lab, from, ip), "{got}");
+}
+
+/// Asserts the connection reached the real server, which saw `from`'s own address.
+fn direct(lab: &Lab, from: &str, ip: IpAddr) {
+    let got = lab
+        .connect(from, ip, 9080)
+        .unwrap_or_else(|e| panic!("{from} -> {ip}: {e:#}"));
+    let (server, client) = parse_greeting(&got)
+        .unwrap_or_else(|| panic!("{from} -> {ip}:9080 did not reach the server: {got:?}"));
+    assert_eq!(server, SocketAddr::new(ip, 9080), "{got}");
+    assert_eq!(client.ip(), own(lab, from, ip), "{got}");
+}
+
+/// `pod`'s address of `like`'s family.
+fn own(lab: &Lab, pod: &str, like: IpAddr) -> IpAddr {
+    lab.pod_ips(pod)
+        .into_iter()
+        .find(|a| a.is_ipv6() == like.is_ipv6())
+        .unwrap_or_else(|| panic!("{pod} has no address of the family of {like}"))
+}
+
+fn v6(lab: &Lab, pod: &str) -> IpAddr {
+    lab.pod_ip6(pod).into()
+}
+
+/// The matrix of `redirection.rs`, over IPv6 (the test listeners run in both ztunnel netns).
+fn ipv6_matrix(lab: &Lab) {
+    let (a_app, b_app, b_plain) = (v6(lab, "a-app"), v6(lab, "b-app"), v6(lab, "b-plain"));
+    // Outbound, to another node, to a pod of the same node, to the v6 ClusterIP (whose
+    // kube-proxy-style DNAT the identity NAT skips: the VIP stays the destination).
+    captured(lab, "a-client", b_app, 9080, 15001);
+    captured(lab, "a-client", b_plain, 9080, 15001);
+    captured(lab, "a-client", a_app, 9080, 15001);
+    captured(lab, "a-client", SERVICE_IP6.into(), 80, 15001);
+    // Inbound from outside the mesh: 15006; to the pod's 15008: 15008; across the underlay on
+    // the destination's node.
+    captured(lab, "a-plain", a_app, 9080, 15006);
+    captured(lab, "a-plain", a_app, 15008, 15008);
+    captured(lab, "b-plain", a_app, 9080, 15006);
+    // Not captured: plain pods, node → pod, ztunnel's own.
+    direct(lab, "a-plain", b_plain);
+    direct(lab, "a-ztunnel", a_app);
+}
+
+#[test]
+fn dual_stack_pods_are_captured_over_each_family_with_ptp() {
+    let lab = listener_lab("v6dp", "dual", "ptp");
+    let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
+    let _zt_b = lab.tproxy_listen("b-ztunnel").unwrap();
+    ipv6_matrix(&lab);
+    // The same pods over IPv4, in the same lab.
+    captured(&lab, "a-client", lab.pod_ip("b-app").into(), 9080, 15001);
+    captured(&lab, "a-plain", lab.pod_ip("a-app").into(), 9080, 15006);
+    direct(&lab, "a-plain", lab.pod_ip("b-plain").into());
+}
+
+#[test]
+fn dual_stack_pods_are_captured_with_a_bridge_too() {
+    let lab = listener_lab("v6db", "dual", "bridge");
+    let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
+    let _zt_b = lab.tproxy_listen("b-ztunnel").unwrap();
+    ipv6_matrix(&lab);
+}
+
+#[test]
+fn an_ipv6_only_lab_captures_with_an_ipv6_underlay() {
+    let lab = listener_lab("v6o", "ipv6", "ptp");
+    let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
+    let _zt_b = lab.tproxy_listen("b-ztunnel").unwrap();
+    ipv6_matrix(&lab);
+    // The tunnels' underlay is the ztunnel's IPv6 address.
+    let out = lab
+        .exec("nodeA", &["ip", "-d", "link", "show", "istioout"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let zt = lab.pod_ip6("a-ztunnel");
+    assert!(text.contains(&format!("remote {zt}")), "{text}");
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The client address the server saw, or an error when the connection was refused.
+fn client_seen(lab: &Lab, from: &str, ip: IpAddr, port: u16) -> Result<SocketAddr, String> {
+    let line = lab.connect(from, ip, port).map_err(|e| format!("{e:#}"))?;
+    parse_greeting(&line)
+        .map(|(_, client)| client)
+        .ok_or_else(|| format!("no greeting: {line:?}"))
+}
+
+/// The real data plane over IPv6: ztunnel A → HBONE to `[b-app v6]:15008` → ztunnel B → the
+/// pod, which sees the client's own v6 address; the underlay carries only TLS; a policy by v6
+/// address block admits one client and refuses another.
+#[test]
+fn hbone_over_ipv6_keeps_the_client_address_and_only_tls_crosses_the_underlay() {
+    let lab = Lab::up(
+        &unique_prefix("v6hb"),
+        LabOptions::new(LAB).ip_family("dual"),
+    )
+    .expect("lab up");
+    let (client, app) = (v6(&lab, "a-client"), v6(&lab, "b-app"));
+
+    let pcap = lab.status().run_dir.join("ul0-v6.pcap");
+    let mut dump = Command::new("tcpdump");
+    dump.args(["-i", "ul0", "--immediate-mode", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    netns::command_in(&mut dump, &lab.netns_path("nodeA")).unwrap();
+    let mut dump = dump.spawn().expect("tcpdump (Debian package tcpdump)");
+    eventually("tcpdump listens", || pcap.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let secret = b"AMBIENT-V6-PLAINTEXT-MARKER-5be2";
+    for (ip, port) in [(app, 9080), (SERVICE_IP6.into(), 80)] {
+        let (greeting, echoed) = lab.exchange("a-client", ip, port, secret).unwrap();
+        let (_, seen) = parse_greeting(&greeting).unwrap_or_else(|| panic!("{greeting:?}"));
+        assert_eq!(
+            seen.ip(),
+            client,
+            "the server must see the client's v6 pod address"
+        );
+        assert_eq!(echoed, secret);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    dump.wait().unwrap();
+    let raw = std::fs::read(&pcap).unwrap();
+    assert!(
+        !raw.windows(secret.len()).any(|w| w == secret),
+        "the payload crossed the underlay in clear"
+    );
+    let text = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("{app}.15008")),
+        "no HBONE to [{app}]:15008:\n{text}"
+    );
+    assert!(
+        !text.contains(&format!("{app}.9080")),
+        "plain 9080 on the underlay:\n{text}"
+    );
+
+    // A bulk transfer over v6 arrives intact both ways.
+    let (sent, got, total) = lab
+        .echo_transfer("a-client", SocketAddr::new(app, 9080), 8 << 20)
+        .unwrap();
+    assert_eq!((total, sent), (8 << 20, got));
+
+    // Policy by v6 address block: allow a-client's /128 only; a-app (same namespace, other
+    // address) is refused, and so is a-client over IPv4 (a v6 block never matches v4).
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let policies = json!([{
+        "name": "only-a-client-v6", "namespace": "demo", "scope": "Namespace", "action": "Allow",
+        "rules": [{"sourceIps": [format!("{client}/128")]}]
+    }]);
+    ztunnel::write_config(&state.run_dir, &ztunnel::render_config(&state, &policies)).unwrap();
+    eventually("the v6 block refuses a-app", || {
+        client_seen(&lab, "a-app", app, 9080).is_err()
+    });
+    assert_eq!(
+        client_seen(&lab, "a-client", app, 9080).map(|c| c.ip()),
+        Ok(client)
+    );
+    assert!(client_seen(&lab, "a-client", lab.pod_ip("b-app").into(), 9080).is_err());
+}
