@@ -217,3 +217,112 @@ fn hbone_over_ipv6_keeps_the_client_address_and_only_tls_crosses_the_underlay() 
     );
     assert!(client_seen(&lab, "a-client", lab.pod_ip("b-app").into(), 9080).is_err());
 }
+
+/// The node's count of packets its IPv6 anti-spoofing rules dropped: the inet table's (by
+/// input device) plus the bridge table's (by bridge port: with a bridge primary the spoofed
+/// frame is dropped there, before routing).
+fn v6_spoof_drops(lab: &Lab, node: &str) -> u64 {
+    ["inet", "bridge"]
+        .iter()
+        .map(|family| {
+            let out = lab
+                .exec(
+                    node,
+                    &["nft", "list", "chain", family, "ambient-node", "prerouting"],
+                )
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text
+                .lines()
+                .find(|l| l.contains("IPv6 pod address from a device not its own: spoofed, drop"))
+                .unwrap_or_else(|| panic!("no IPv6 anti-spoofing rule in {family}:\n{text}"));
+            let after = line.split("counter packets ").nth(1).unwrap();
+            after
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Connects from `from` bound to `src` (an address of its interface) to `dst`:9080 within 2 s.
+fn connect_from(lab: &Lab, from: &str, src: IpAddr, dst: IpAddr) -> Result<String, String> {
+    use std::io::{BufRead, BufReader};
+    lab.run_in(from, move || -> Result<String, String> {
+        let sock = std::net::TcpListener::bind(SocketAddr::new(src, 0)).map_err(|e| e.to_string());
+        drop(sock?);
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet6,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let timeout = nix::sys::time::TimeVal::new(2, 0);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SendTimeout, &timeout)
+            .map_err(|e| e.to_string())?;
+        let to = |a: IpAddr, port: u16| match SocketAddr::new(a, port) {
+            SocketAddr::V6(v6) => nix::sys::socket::SockaddrIn6::from(v6),
+            SocketAddr::V4(_) => unreachable!("IPv6 only"),
+        };
+        use std::os::fd::AsRawFd;
+        nix::sys::socket::bind(fd.as_raw_fd(), &to(src, 0)).map_err(|e| e.to_string())?;
+        nix::sys::socket::connect(fd.as_raw_fd(), &to(dst, 9080)).map_err(|e| e.to_string())?;
+        let stream = std::net::TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim_end().to_string())
+    })
+    .map_err(|e| format!("{e:#}"))?
+}
+
+/// A pod that sends with an enrolled neighbour's IPv6 address is dropped at the node, not
+/// captured as that neighbour; its own address is captured as before (ptp and bridge).
+#[test]
+fn a_neighbours_ipv6_address_is_dropped_not_captured() {
+    for primary in ["ptp", "bridge"] {
+        let lab = listener_lab("v6sp", "dual", primary);
+        let _zt_a = lab.tproxy_listen("a-ztunnel").unwrap();
+        let (own, neighbour, dst) = (v6(&lab, "a-app"), v6(&lab, "a-client"), v6(&lab, "b-app"));
+        let got = connect_from(&lab, "a-app", own, dst).unwrap();
+        assert!(
+            TproxyRecord::parse_line(&got).is_some(),
+            "{primary}: a-app's own v6 address is captured: {got:?}"
+        );
+        // a-app takes a-client's address on its interface (root in its netns can).
+        let add = lab
+            .exec(
+                "a-app",
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{neighbour}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        assert!(add.status.success(), "{add:?}");
+        let before = v6_spoof_drops(&lab, "nodeA");
+        let spoofed = connect_from(&lab, "a-app", neighbour, dst);
+        assert!(
+            spoofed.is_err(),
+            "{primary}: the spoofed connection got through: {spoofed:?}"
+        );
+        assert!(
+            v6_spoof_drops(&lab, "nodeA") > before,
+            "{primary}: the node did not count the spoofed SYNs as dropped"
+        );
+        drop(_zt_a);
+    }
+}
