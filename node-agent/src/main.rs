@@ -6,6 +6,7 @@ mod install_cni;
 mod kube;
 mod membership;
 mod node;
+mod ops;
 mod server;
 mod store;
 
@@ -63,6 +64,10 @@ enum Cmd {
     },
     /// Put the ambient-cni plugin into the node's CNI chain (and keep it there with --watch).
     InstallCni(install_cni::Args),
+    /// The path of one connection through this node, hop by hop, from the kernel now.
+    Explain(ops::explain::Args),
+    /// Check this node's kernel, sysctls, CNI chain, ztunnel and drift; non-zero when unwell.
+    Doctor(ops::doctor::Args),
     /// Remove every link, rule, route, nft table and saved state the agent created.
     Cleanup {
         #[arg(long, default_value = "/var/run/ambient/state")]
@@ -103,6 +108,8 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Cmd::InstallCni(args) => install_cni::run(args).await,
+            Cmd::Explain(args) => ops::explain::run(args).await,
+            Cmd::Doctor(args) => ops::doctor::run(args).await,
             Cmd::Cleanup { state_dir } => cleanup(state_dir).await,
         }
     });

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod down;
 pub mod drill;
 pub mod exec;
+pub mod explain;
 pub mod harness;
 pub mod http;
 pub mod paths;

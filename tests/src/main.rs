@@ -8,7 +8,7 @@ use ambient_lab::cni::Primary;
 use ambient_lab::drill;
 use ambient_lab::topology::IpFamily;
 use ambient_lab::up::{Dataplane, UpOptions};
-use ambient_lab::{bench, demo, down, exec, paths, serve, status, tproxy, up};
+use ambient_lab::{bench, demo, down, exec, explain, paths, serve, status, tproxy, up};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
@@ -111,6 +111,21 @@ enum Cmd {
         netns: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// One connection's path across the lab: both nodes' `ambient-agent explain` and both
+    /// ztunnels' decisions, stitched (`a-client b-app:9080`, `nodeA a-app:9080`).
+    Explain {
+        #[command(flatten)]
+        prefix: PrefixArg,
+        /// A pod (`a-client`) or a node (`nodeA`).
+        from: String,
+        /// `<pod>:<port>` or `<ip>:<port>`.
+        to: String,
+        /// Also probe with nftrace set and show the rules the packet hit.
+        #[arg(long)]
+        trace: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Bring up a lab of its own, measure the meshed path against the unmeshed one and the
     /// control plane's costs, print a table with the targets, tear the lab down.
@@ -254,6 +269,25 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
         Cmd::Demo { prefix } => emit(&demo::run(&prefix.prefix)?)?,
+        Cmd::Explain {
+            prefix,
+            from,
+            to,
+            trace,
+            json,
+        } => {
+            let p = explain::run(&explain::ExplainOptions {
+                prefix: prefix.prefix,
+                from,
+                to,
+                trace,
+            })?;
+            emit(&if json {
+                serde_json::to_string_pretty(&p)? + "\n"
+            } else {
+                explain::render(&p)
+            })?;
+        }
         Cmd::Bench {
             prefix,
             json,

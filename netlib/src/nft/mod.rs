@@ -29,6 +29,7 @@ mod exec;
 pub mod netlink;
 mod observe;
 mod render;
+pub mod trace;
 
 #[cfg(test)]
 mod root_tests;

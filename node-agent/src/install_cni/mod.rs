@@ -29,7 +29,7 @@
 //! converted becomes its original `.conf` again byte for byte, unless someone changed the list
 //! since (then it stays a `.conflist`, minus our entry). The binary is removed.
 
-mod chain;
+pub(crate) mod chain;
 mod files;
 mod span;
 
