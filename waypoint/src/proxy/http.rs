@@ -317,6 +317,9 @@ fn endpoints(st: &WaypointState, target: &Target, v4: bool) -> Vec<(Arc<Workload
             .endpoints(svc)
             .iter()
             .filter(|w| w.healthy() && w.capacity > 0)
+            // Only endpoints with an address of the request's family: a v6 VIP's request
+            // goes to a v6 endpoint address, never falls back to v4 (as ztunnel does).
+            .filter(|w| w.workload_ips.iter().any(|ip| ip.is_ipv4() == v4))
             .map(|w| endpoint(w, svc.endpoint_target(w, *port, v4), &svc.subject_alt_names))
             .collect(),
         Target::Workload(w, port) => {

@@ -31,7 +31,13 @@ pub async fn relay(pi: Arc<Inputs>, down: Arc<Downstream>, mut io: H2Io) {
     let target = match &down.dest {
         Destination::Service(svc, port) => {
             log.dst_service = Some(svc.key());
-            ztunnel::proxy::outbound::pick_endpoint(st.mesh.endpoints(svc), &mut rng).map(|ep| {
+            // An endpoint with an address of the dialed VIP's family (as ztunnel picks).
+            ztunnel::proxy::outbound::pick_endpoint_like(
+                st.mesh.endpoints(svc),
+                down.authority.ip(),
+                &mut rng,
+            )
+            .map(|ep| {
                 let mut ids = vec![ep.identity.clone()];
                 ids.extend(svc.subject_alt_names.iter().cloned());
                 (
