@@ -96,12 +96,13 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
     let bind = |addr: SocketAddr, what: &str| {
         ztunnel::socket::listen(addr, false).with_context(|| format!("{what} listener {addr}"))
     };
-    let hbone_l = bind(cfg.hbone_addr, "HBONE")?;
+    let hbone_ls = ztunnel::socket::listen_all(&cfg.hbone_addrs, false, "HBONE")?;
     let admin_l = bind(cfg.admin_addr, "admin")?;
     let metrics_l = bind(cfg.metrics_addr, "metrics")?;
     let readiness_l = bind(cfg.readiness_addr, "readiness")?;
     let addrs = BoundAddrs {
-        hbone: hbone_l.local_addr()?,
+        // listen_all never returns an empty set.
+        hbone: hbone_ls[0].local_addr()?,
         admin: admin_l.local_addr()?,
         metrics: metrics_l.local_addr()?,
         readiness: readiness_l.local_addr()?,
@@ -115,7 +116,9 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         upstream: upstream.clone(),
         drain: drain.clone(),
     });
-    drain.spawn_listener(server::serve(inputs, ztunnel::socket::to_tokio(hbone_l)?));
+    for l in hbone_ls {
+        drain.spawn_listener(server::serve(inputs.clone(), ztunnel::socket::to_tokio(l)?));
+    }
     tokio::spawn(hbone.clone().reaper(background.clone()));
     {
         let (up, stop) = (upstream.clone(), background.clone());

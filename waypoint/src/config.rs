@@ -46,9 +46,11 @@ pub struct Cli {
     /// Data-plane worker threads.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
-    /// The HBONE listener (mTLS HTTP/2 CONNECT from ztunnels).
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], port::INBOUND_HBONE)))]
-    pub hbone_addr: SocketAddr,
+    /// The HBONE listeners (mTLS HTTP/2 CONNECT from ztunnels): repeat or comma-separate; by
+    /// default `0.0.0.0` and `[::]` (one socket per family; IPv6 skipped with a warning where
+    /// the host has none), as ztunnel reaches a waypoint in the connection's family.
+    #[arg(long = "hbone-addr", value_delimiter = ',', default_values_t = ztunnel::config::dual_stack(port::INBOUND_HBONE))]
+    pub hbone_addrs: Vec<SocketAddr>,
     /// `/config_dump` (localhost only by default).
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], port::ADMIN)))]
     pub admin_addr: SocketAddr,
@@ -127,7 +129,7 @@ pub struct Config {
     pub cert_source: CertSource,
     pub cert_lifetime: Duration,
     pub worker_threads: usize,
-    pub hbone_addr: SocketAddr,
+    pub hbone_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -161,7 +163,7 @@ impl From<Cli> for Config {
             },
             cert_lifetime: cli.cert_lifetime,
             worker_threads: cli.worker_threads.max(1),
-            hbone_addr: cli.hbone_addr,
+            hbone_addrs: cli.hbone_addrs,
             admin_addr: cli.admin_addr,
             metrics_addr: cli.metrics_addr,
             readiness_addr: cli.readiness_addr,
@@ -182,7 +184,7 @@ impl Config {
         cfg.config_file = Some(config_file);
         cfg.cert_source = cert_source;
         let any = SocketAddr::new(ip, 0);
-        cfg.hbone_addr = any;
+        cfg.hbone_addrs = vec![any];
         cfg.admin_addr = any;
         cfg.metrics_addr = any;
         cfg.readiness_addr = any;
@@ -640,9 +642,19 @@ mod tests {
         assert!(cfg.admin_addr.ip().is_loopback(), "{:?}", cfg.admin_addr);
         assert_eq!(cfg.admin_addr.port(), port::ADMIN);
         // HBONE, metrics and readiness face the node; only the dump is kept local.
-        for a in [cfg.hbone_addr, cfg.metrics_addr, cfg.readiness_addr] {
+        for a in [cfg.metrics_addr, cfg.readiness_addr]
+            .into_iter()
+            .chain(cfg.hbone_addrs.iter().copied())
+        {
             assert!(!a.ip().is_loopback(), "{a}");
         }
+        assert_eq!(
+            cfg.hbone_addrs,
+            [
+                "0.0.0.0:15008".parse().unwrap(),
+                "[::]:15008".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -499,7 +499,7 @@ async fn http_through_a_discovered_waypoint_with_a_weighted_route() {
         cluster_domain: "cluster.local".into(),
         excluded_namespaces: vec!["kube-system".into()],
     });
-    cfg.hbone_addr = SocketAddr::new(ip(9), 15008);
+    cfg.hbone_addrs = vec![SocketAddr::new(ip(9), 15008)];
     cfg.connect_timeout = Duration::from_secs(2);
     let wp = tokio::time::timeout(
         Duration::from_secs(15),
