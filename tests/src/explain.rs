@@ -236,15 +236,16 @@ pub fn render(p: &LabPath) -> String {
             for ns in ["node", "ztunnel"] {
                 for h in t[ns].as_array().into_iter().flatten() {
                     s += &format!(
-                        "    {ns:<8} {} {} {}: {}{} → {}, mark {}\n",
+                        "    {ns:<8} {} {} {}: {} → {}, mark {}\n",
                         h["family"].as_str().unwrap_or(""),
                         h["table"].as_str().unwrap_or(""),
                         h["chain"].as_str().unwrap_or(""),
-                        h["kind"].as_str().unwrap_or(""),
-                        h["comment"]
-                            .as_str()
-                            .map(|c| format!(" \"{c}\""))
-                            .unwrap_or_default(),
+                        match (h["handle"].as_u64(), h["comment"].as_str()) {
+                            (Some(n), Some(c)) => format!("rule handle {n} \"{c}\""),
+                            (Some(n), None) => format!("rule handle {n}"),
+                            // The chain's end: no rule matched.
+                            (None, _) => "no rule matched".to_string(),
+                        },
                         h["verdict"].as_str().unwrap_or(""),
                         h["mark"]
                             .as_u64()
@@ -267,6 +268,15 @@ fn decision_line(z: &Value) -> String {
         if let Some(v) = r[key].as_str() {
             s += &format!(" {key} {v}");
         }
+    }
+    let ids: Vec<&str> = r["expectedIdentities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !ids.is_empty() {
+        s += &format!(", expects {}", ids.join(" or "));
     }
     if let Some(reason) = z["reason"].as_str() {
         s += &format!(" ({reason})");

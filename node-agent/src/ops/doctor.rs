@@ -127,10 +127,7 @@ pub async fn doctor(args: &Args) -> Result<Report, OpsError> {
             "sysctl",
             &s.subject.replace("sysctl ", ""),
             Level::Fail,
-            format!(
-                "{} is {}, the path needs {}",
-                s.subject, s.kernel, s.desired
-            ),
+            format!("is {}, the path needs {}", s.kernel, s.desired),
             &s.fix,
         ));
     }
@@ -148,10 +145,7 @@ pub async fn doctor(args: &Args) -> Result<Report, OpsError> {
             "drift",
             &x.subject,
             Level::Fail,
-            format!(
-                "{}: kernel has {}, the agent wants {}",
-                x.subject, x.kernel, x.desired
-            ),
+            format!("kernel: {}; the agent wants: {}", x.kernel, x.desired),
             &x.fix,
         ));
     }

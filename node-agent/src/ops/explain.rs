@@ -876,7 +876,7 @@ pub fn render(e: &Explanation) -> String {
         for d in &st.drift {
             drift += 1;
             s += &format!(
-                "       DRIFT {}: kernel has {}, the agent wants {}; {}\n",
+                "       DRIFT {}: kernel: {}; the agent wants: {}; {}\n",
                 d.subject, d.kernel, d.desired, d.fix
             );
         }

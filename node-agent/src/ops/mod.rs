@@ -18,7 +18,7 @@ pub mod explain;
 pub mod kernel;
 pub mod probe;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
@@ -81,6 +81,11 @@ pub fn http_get(netns: &Path, port: u16, path: &str) -> Result<(u16, String), Op
     });
     match r {
         Ok(Ok(v)) => Ok(v),
+        // A read timeout shows as EAGAIN: say what it means.
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            let msg = format!("no answer within {} s", HTTP_TIMEOUT.as_secs());
+            Err(OpsError::io(what, std::io::Error::new(e.kind(), msg)))
+        }
         Ok(Err(e)) | Err(e) => Err(OpsError::io(what, e)),
     }
 }
