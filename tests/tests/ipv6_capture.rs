@@ -326,3 +326,39 @@ fn a_neighbours_ipv6_address_is_dropped_not_captured() {
         drop(_zt_a);
     }
 }
+
+/// L7 over IPv6: a request to the reviews Service's v6 ClusterIP goes through the waypoint
+/// (reached at its v6 address) and on to a v6 endpoint address; the route by header holds.
+#[test]
+fn http_through_the_waypoint_over_ipv6() {
+    use ambient_lab::http::HttpRequest;
+    let lab = Lab::up(
+        &unique_prefix("v6wp"),
+        LabOptions::new(LAB).ip_family("dual").waypoint(),
+    )
+    .expect("lab up");
+    let vip = SocketAddr::new(ambient_lab::service::REVIEWS_IP6.into(), 80);
+    let reqs = [
+        HttpRequest::get("/").header("x-version", "v2"),
+        HttpRequest::get("/v6"),
+    ];
+    let answers = lab.http1("a-client", vip, &reqs).unwrap();
+    assert_eq!(answers.len(), 2);
+    let v2 = answers[0].echo().unwrap();
+    assert_eq!(v2.pod, "b-reviews-v2", "{v2:?}");
+    for a in &answers {
+        assert_eq!(a.status, 200);
+        let e = a.echo().unwrap();
+        // The endpoint saw the waypoint, over IPv6.
+        assert_eq!(
+            e.peer.parse::<SocketAddr>().unwrap().ip(),
+            v6(&lab, "b-waypoint")
+        );
+    }
+    let log = lab.waypoint_access_log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("authority=[fd00:10:96::20]") && l.contains("code=200")),
+        "{log:?}"
+    );
+}
