@@ -151,10 +151,13 @@ fn ns_drift(
 
 pub fn tunnel_want(t: &TunnelSpec) -> String {
     format!(
-        "{:?} VNI {} port {} remote {} mtu {}",
-        t.kind, t.end.vni, t.port, t.remote, t.mtu
+        "{} VNI {} port {} remote {} mtu {}",
+        format!("{:?}", t.kind).to_lowercase(),
+        t.end.vni,
+        t.port,
+        t.remote,
+        t.mtu
     )
-    .to_lowercase()
 }
 
 pub fn tunnel_have(h: &model::TunnelObserved) -> String {

@@ -649,17 +649,26 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
     );
     if let Some(r) = remote {
         let ul = k.node.lookup(mark, r);
+        // The encapsulated packet must leave by the ztunnel's veth, not by a tunnel again.
+        let circular = ul.route.as_ref().is_some_and(|(_, v)| {
+            [consts::ISTIOIN.name, consts::ISTIOOUT.name].contains(&v.dev.as_str())
+        });
         w.step(
             "node",
             "underlay",
             format!(
-                "the encapsulated packet to {r}:{} keeps mark {}: {}",
+                "the encapsulated packet to {r}:{} keeps mark {}: {}{}",
                 have.as_ref().and_then(|h| h.port).unwrap_or_default(),
                 mark_text(mark),
-                lookup_text(&ul)
+                lookup_text(&ul),
+                if circular {
+                    " (back into a tunnel: circular route, dropped)"
+                } else {
+                    ""
+                }
             ),
             Some(mark),
-            ul.route.is_some(),
+            ul.route.is_some() && !circular,
             &lookup_subjects(&ul, ""),
         );
     }
