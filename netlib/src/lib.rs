@@ -3,9 +3,12 @@
 //! The SPEC's names and numbers live in [`consts`]; [`netns`] enters namespaces;
 //! [`nl`] drives links, addresses, rules and routes over rtnetlink; [`nft`] renders and
 //! applies the nftables rules in atomic batches; [`sysctl`] reads and writes `/proc/sys/net`;
-//! [`proto`] is the wire format between the CNI plugin and the agent.
+//! [`proto`] is the wire format between the CNI plugin and the agent; [`firewall`] puts the
+//! nftables backend and the [`iptables`] + ipset one behind one trait.
 
 pub mod consts;
+pub mod firewall;
+pub mod iptables;
 pub mod logging;
 pub mod model;
 pub mod netns;
