@@ -375,7 +375,10 @@ async fn concurrent_streams_spread_over_connections() {
             assert!(t.await.unwrap());
         }
     };
-    if tokio::time::timeout(Duration::from_secs(60), all).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .is_err()
+    {
         panic!(
             "8 concurrent 2 MiB echoes stalled: {} pooled connections, A {} / B {} open connections",
             a.pool.connections(),
@@ -407,4 +410,66 @@ async fn new_connections_work_right_after_the_peer_ztunnel_restarts() {
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A flood of clients that open 15008 and stall — some before TLS, some after TLS without
+/// HTTP/2 — holds nothing past the handshake timeout (2 s in these tests), and a good client
+/// is served meanwhile (no global starvation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_time_out_and_starve_nobody() {
+    let test = async {
+        let m = Mesh::new(11).await;
+        let b = m.node_b().await;
+        let mut stalled = Vec::new();
+        for _ in 0..100 {
+            stalled.push(TcpStream::connect(hbone(&m)).await.unwrap());
+        }
+        // TLS done (with a good certificate), then silence: no HTTP/2 preface.
+        let cert =
+            m.ca.mint_workload_cert(
+                &id("sleep"),
+                SystemTime::now() - Duration::from_secs(5),
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let cfg = ztunnel::tls::client_config(
+            m.roots(),
+            vec![id("echo")],
+            std::sync::Arc::new(ztunnel::tls::FixedCert(cert.certified.clone())),
+        )
+        .unwrap();
+        let mut tls_only = Vec::new();
+        for _ in 0..20 {
+            let tcp = TcpStream::connect(hbone(&m)).await.unwrap();
+            let name = rustls_pki_types::ServerName::IpAddress(hbone(&m).ip().into());
+            tls_only.push(
+                tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert!(b.active_connections() >= 100, "{}", b.active_connections());
+        // Served while the stalled ones are still open.
+        let mut c = m.default_client(&id("echo")).await.unwrap();
+        assert_eq!(connect(&mut c, m.echo.addr, None).await.0, 200);
+        drop(c);
+        // Every stalled connection is closed by the server within the timeout (+ slack); the
+        // TLS-only ones first get the server's HTTP/2 SETTINGS, then the end.
+        for s in stalled.iter_mut().take(5) {
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "a silent TCP client was not closed");
+        }
+        for s in tls_only.iter_mut().take(5) {
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "a TLS client without HTTP/2 was not closed");
+        }
+        eventually(|| b.active_connections() == 0).await;
+        b.shutdown().await;
+    };
+    tokio::time::timeout(Duration::from_secs(30), test)
+        .await
+        .expect("bounded");
 }

@@ -140,7 +140,9 @@ impl Dataplane for Node {
             namespace: z.namespace.clone(),
             name: z.name.clone(),
             uid: String::new(),
-            ips: vec![z.endpoint.ip.into()],
+            ips: std::iter::once(z.endpoint.ip)
+                .chain(z.endpoint.ip6.map(std::net::IpAddr::V6))
+                .collect(),
             fresh: false,
         })
     }

@@ -63,14 +63,17 @@ pub struct Tunnel {
     conn: Conn,
 }
 
-/// TLS with `cfg` (within `timeout`; the client certificate is checked by `cfg`'s verifier),
-/// ALPN h2, the peer's SPIFFE identity, then the HTTP/2 handshake.
+/// TLS with `cfg` (the client certificate is checked by `cfg`'s verifier), ALPN h2, the
+/// peer's SPIFFE identity, then the HTTP/2 handshake (the client's preface and SETTINGS), all
+/// within `timeout` from the accept: a client that opens connections and then stalls (half-open
+/// TLS, or TLS without HTTP/2) holds a socket and a task for at most that long.
 pub async fn accept_hbone(
     tcp: TcpStream,
     cfg: Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<Tunnel, Error> {
-    let tls = tokio::time::timeout(timeout, TlsAcceptor::from(cfg).accept(BufIo::new(tcp)))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(cfg).accept(BufIo::new(tcp)))
         .await
         .map_err(|_| Error::Timeout("TLS handshake"))?
         .map_err(Error::Tls)?;
@@ -80,9 +83,9 @@ pub async fn accept_hbone(
     }
     let peer_identity = crate::tls::peer_identity(conn)
         .ok_or_else(|| Error::Tls(std::io::Error::other("no peer identity")))?;
-    let conn = server_builder()
-        .handshake::<_, Bytes>(tls)
+    let conn = tokio::time::timeout_at(deadline, server_builder().handshake::<_, Bytes>(tls))
         .await
+        .map_err(|_| Error::Timeout("HTTP/2 handshake"))?
         .map_err(Error::H2)?;
     Ok(Tunnel {
         peer_identity,
