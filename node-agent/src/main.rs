@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambient_net::firewall::FirewallMode;
 use ambient_net::model::TunnelMode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
@@ -53,6 +54,10 @@ enum Cmd {
         /// The tunnels' UDP port; the next free one is used when it is taken.
         #[arg(long, default_value_t = ambient_net::consts::TUNNEL_PORT)]
         tunnel_port: u16,
+        /// auto: nftables when the kernel and `nft` have it, else iptables + ipset. Recorded
+        /// in the state, so a restart keeps the backend.
+        #[arg(long, default_value = "auto")]
+        firewall: FirewallMode,
         /// Seconds between full reconciles that repair drift.
         #[arg(long, default_value_t = 30)]
         resync: u64,
@@ -90,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 health_addr,
                 tunnel,
                 tunnel_port,
+                firewall,
                 resync,
                 cleanup_on_exit,
                 kube,
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                     health_addr,
                     tunnel,
                     tunnel_port,
+                    firewall,
                     resync,
                     cleanup_on_exit,
                     kube,
@@ -127,6 +134,7 @@ async fn run(
     health_addr: SocketAddr,
     tunnel: TunnelMode,
     tunnel_port: u16,
+    firewall: FirewallMode,
     resync: u64,
     cleanup_on_exit: bool,
     kube_args: kube::KubeArgs,
@@ -156,7 +164,7 @@ async fn run(
         membership::Membership::Standalone(config)
     };
     let store = store::Store::new(&state_dir);
-    let mut node = node::Node::open(membership, store, tunnel, tunnel_port).await?;
+    let mut node = node::Node::open(membership, store, tunnel, tunnel_port, firewall).await?;
     node.netns_scan = kube_args.netns_scan();
     info!(
         pods = node.state.pods.len(),

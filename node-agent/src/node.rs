@@ -12,10 +12,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use ambient_net::consts::{self, rule, table};
+use ambient_net::firewall::{self, FirewallDriver, FirewallKind, FirewallMode};
 use ambient_net::model::{
     self, DualAddr, PodRoute, PodSource, TunnelChoice, TunnelMode, ZtunnelEndpoint,
 };
-use ambient_net::nft::{self, NodeNft, NodeRules};
+use ambient_net::nft::{NodeNft, NodeRules, PodElement};
 use ambient_net::nl::{self, Netlink};
 use ambient_net::proto::{Attachment, PodInfo, Reply, Request};
 use ambient_net::sysctl::Sysctl;
@@ -48,6 +49,8 @@ pub struct Node {
     pub netns_scan: NetnsScan,
     pub(crate) netns_index: NetnsIndex,
     pub(crate) nl: Netlink,
+    /// The firewall backend ([`AgentState::firewall`]); nothing else knows which it is.
+    pub(crate) fw: &'static dyn FirewallDriver,
     port: u16,
     /// Kubernetes mode: the last CNI ADD of each pod, by (namespace, name), whatever its
     /// verdict, so the watcher can enroll the pod later (a namespace relabelled, a namespace
@@ -66,9 +69,11 @@ impl Node {
         store: Store,
         mode: TunnelMode,
         port: u16,
+        firewall: FirewallMode,
     ) -> anyhow::Result<Self> {
         let nl = Netlink::current()?;
         let mut state = store.load()?;
+        let fw = settle_firewall(&mut state, firewall)?;
         let kind_ok = |c: &TunnelChoice| match mode {
             TunnelMode::Auto => true,
             TunnelMode::Geneve => c.kind == model::TunnelKind::Geneve,
@@ -95,6 +100,7 @@ impl Node {
             netns_scan: NetnsScan::default(),
             netns_index: NetnsIndex::default(),
             nl,
+            fw,
             port,
             cni_seen: BTreeMap::new(),
             cni_added: HashMap::new(),
@@ -184,7 +190,7 @@ impl Node {
         let mut changes = self.nl.apply(&desired, &rule::ALL, &table::ALL).await?;
         changes.tunnels += new_tunnels;
         changes.sysctls += relax_pod_rp_filters(&self.nl, &devs).await?;
-        let nft_changed = nft::reconcile_node(&self.nft_desired())?;
+        let nft_changed = self.fw.reconcile_node(&self.nft_desired())?;
         let changed = !changes.is_empty() || nft_changed;
         if changed {
             info!(?changes, nft_changed, "reconciled node state");
@@ -364,7 +370,8 @@ impl Node {
             self.reconcile().await?;
             return Ok(());
         }
-        nft::add_pod_elements(&nft::pod_elements(&pod_sources(p)))?;
+        self.fw
+            .add_pod_elements(&firewall::pod_elements(&pod_sources(p)))?;
         if self.state.ztunnel.is_some() {
             for r in p.pod_routes().filter(|r| self.routable(r)) {
                 let (k, v) = model::pod_inbound_route(&r);
@@ -407,15 +414,15 @@ impl Node {
             .filter(|(k, r)| k.as_str() != key && r.ips.iter().any(|ip| p.ips.contains(ip)))
             .map(|(_, r)| r)
             .collect();
-        let held: BTreeSet<nft::PodElement> = sharing
+        let held: BTreeSet<PodElement> = sharing
             .iter()
-            .flat_map(|r| nft::pod_elements(&pod_sources(r)))
+            .flat_map(|r| firewall::pod_elements(&pod_sources(r)))
             .collect();
-        let gone: Vec<nft::PodElement> = nft::pod_elements(&pod_sources(p))
+        let gone: Vec<PodElement> = firewall::pod_elements(&pod_sources(p))
             .into_iter()
             .filter(|e| !held.contains(e))
             .collect();
-        nft::delete_pod_elements(&gone)?;
+        self.fw.delete_pod_elements(&gone)?;
         let gone: Vec<PodRoute> = p
             .pod_routes()
             .filter(|r| !sharing.iter().any(|o| o.ips.contains(&r.ip)))
@@ -464,7 +471,9 @@ impl Node {
         let Some(rec) = self.state.pods.get(&key) else {
             return Ok(Reply::ok(false, "not enrolled"));
         };
-        let missing = nft::missing_pod_elements(&nft::pod_elements(&pod_sources(rec)))?;
+        let missing = self
+            .fw
+            .missing_pod_elements(&firewall::pod_elements(&pod_sources(rec)))?;
         if let Some(e) = missing.first() {
             return Ok(Reply::error(format!("{e} is missing"), false));
         }
@@ -750,8 +759,33 @@ pub async fn cleanup_kernel(nl: &Netlink) -> anyhow::Result<()> {
         &table::ALL,
     )
     .await?;
-    nft::delete_node_table()?;
+    // Both backends: state may be gone, or name the other one after a --firewall change.
+    for k in FirewallKind::ALL {
+        match k.driver().cleanup_node() {
+            Err(e) if e.is_missing() => {}
+            r => r?,
+        }
+    }
     Ok(())
+}
+
+/// The firewall backend: the one recorded in `state` when `mode` accepts it, else `mode`
+/// resolved now (and recorded). Switching backends removes the old one's node rules first,
+/// so the two never both program the node.
+fn settle_firewall(
+    state: &mut AgentState,
+    mode: FirewallMode,
+) -> anyhow::Result<&'static dyn FirewallDriver> {
+    if let Some(k) = state.firewall.filter(|k| mode.accepts(*k)) {
+        return Ok(k.driver());
+    }
+    let k = mode.resolve();
+    if let Some(old) = state.firewall.replace(k) {
+        warn!(from = %old, to = %k, "firewall backend changed: removing the old one's rules");
+        old.driver().cleanup_node()?;
+    }
+    info!(firewall = %k, "firewall backend chosen");
+    Ok(k.driver())
 }
 
 async fn existing_tunnel_port(nl: &Netlink) -> anyhow::Result<Option<u16>> {
@@ -879,4 +913,26 @@ fn fast_tunnel_neighbours(v6: bool) -> anyhow::Result<()> {
         .collect();
     nl::apply_sysctls(&want)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recorded_firewall_is_kept_across_restarts() {
+        // First start with --firewall iptables: recorded.
+        let mut state = AgentState::default();
+        let fw = settle_firewall(&mut state, "iptables".parse().unwrap()).unwrap();
+        assert_eq!(fw.kind(), FirewallKind::Iptables);
+        assert_eq!(state.firewall, Some(FirewallKind::Iptables));
+        // Restart with the default (auto): the recorded backend stays, whatever auto finds.
+        let fw = settle_firewall(&mut state, FirewallMode::Auto).unwrap();
+        assert_eq!(fw.kind(), FirewallKind::Iptables);
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains("\"firewall\":\"iptables\""), "{json}");
+        // State written before the field existed loads as "not chosen yet".
+        let old: AgentState = serde_json::from_str("{\"tunnel\":null,\"ztunnel\":null}").unwrap();
+        assert_eq!(old.firewall, None);
+    }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
+use ambient_net::firewall::FirewallKind;
 use ambient_net::model::{DualAddr, PodRoute, TunnelChoice, ZtunnelEndpoint};
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,10 @@ pub struct AgentState {
     /// Node-wide sysctls the agent changed, with the value they had before, for cleanup.
     #[serde(default)]
     pub saved_sysctls: BTreeMap<String, String>,
+    /// The firewall backend chosen at first start (`--firewall`), kept across restarts so
+    /// `auto` never switches backends under live traffic; absent in older state: resolved.
+    #[serde(default)]
+    pub firewall: Option<FirewallKind>,
 }
 
 pub fn key(container_id: &str, if_name: &str) -> String {

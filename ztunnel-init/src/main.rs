@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 
 use ambient_net::consts::zt_rule;
+use ambient_net::firewall::{FirewallKind, FirewallMode};
 use ambient_net::model::{self, DualAddr, TunnelChoice, TunnelMode};
-use ambient_net::nft::{self, ZtunnelRules};
+use ambient_net::nft::ZtunnelRules;
 use ambient_net::nl::{self, Netlink};
 use anyhow::{anyhow, Context};
 use clap::Parser;
@@ -28,6 +29,10 @@ struct Cli {
     tunnel: TunnelMode,
     #[arg(long, default_value_t = ambient_net::consts::TUNNEL_PORT)]
     tunnel_port: u16,
+    /// The TPROXY rules' backend. auto: nftables when the kernel and `nft` have it, else
+    /// iptables. The ztunnel netns is its own, so it need not match the node agent's.
+    #[arg(long, default_value = "auto")]
+    firewall: FirewallMode,
     /// The pod's interface toward the node.
     #[arg(long, default_value = "eth0")]
     pod_iface: String,
@@ -58,7 +63,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ambient_net::consts::PISTIOOUT.name,
         ];
         nl::remove_all(&nl, &links, &zt_rule::ALL, &tables).await?;
-        nft::delete_ztunnel_table()?;
+        // Both backends: whichever made the rules (an absent binary has nothing to remove).
+        for k in FirewallKind::ALL {
+            match k.driver().cleanup_ztunnel() {
+                Err(e) if e.is_missing() => {}
+                r => r?,
+            }
+        }
         info!("ztunnel netns cleaned up");
         return Ok(());
     }
@@ -117,7 +128,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let desired = model::ztunnel_desired(choice, node, &cli.pod_iface, mtu);
     let changes = nl.apply(&desired, &zt_rule::ALL, &tables).await?;
-    let nft_changed = nft::reconcile_ztunnel(&ZtunnelRules {
+    let fw = cli.firewall.resolve().driver();
+    let nft_changed = fw.reconcile_ztunnel(&ZtunnelRules {
         ztunnel_ip: own_ip,
         ztunnel_ip6: own.v6.filter(|_| own_ip.is_ipv4()),
         pod_iface: cli.pod_iface.clone(),
@@ -127,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ?node,
         ?own,
         ?changes,
+        firewall = fw.name(),
         nft_changed,
         "ztunnel netns ready"
     );
