@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "test.sh must run as root (it builds network namespaces)" >&2; exit 1; }
 manifests/validate.sh
 cargo build --workspace --bins
+fuzz/run.sh 5  # every fuzz harness for 5 s, in its own build (fuzz/run.sh 600: a long run)
 # Bounded: a test that hangs fails the run (named in the output above) well inside CI's budget
 # instead of eating it. The whole suite takes under 10 minutes on 2 cores.
 rc=0

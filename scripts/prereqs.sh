@@ -10,11 +10,13 @@ export DEBIAN_FRONTEND=noninteractive
 
 # nft is a runtime dependency of the agent and ztunnel-init; ptp/bridge/host-local are the
 # primary CNI plugins; the lab's CNI runtime is a libcni client built from golang + appc-cni;
-# iperf3 (bench), conntrack/tcpdump (tests and debugging), curl (the README's examples).
+# iperf3 (bench), conntrack/tcpdump (tests and debugging), curl (the README's examples);
+# iptables + ipset: the agent's second firewall backend (--firewall iptables).
 need=(nftables iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev
-      iperf3 conntrack tcpdump curl)
+      iperf3 conntrack tcpdump curl iptables ipset)
 if [ "${1:-}" = "--tests" ]; then
-  need+=(python3-venv python3-pip)
+  # g++: libfuzzer-sys builds libFuzzer for the fuzz harnesses (fuzz/run.sh).
+  need+=(python3-venv python3-pip g++)
 fi
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
