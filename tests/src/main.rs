@@ -54,6 +54,9 @@ enum Cmd {
         /// Tunnel kind passed to the agent.
         #[arg(long, default_value = "auto", value_parser = ["auto", "geneve", "vxlan"])]
         tunnel: String,
+        /// The agent's firewall backend (`--firewall`): auto, nftables or iptables.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "nftables", "iptables"])]
+        firewall: String,
         /// rp_filter for conf.all/default in every new netns (a distro-like baseline).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
         rp_filter: u8,
@@ -216,6 +219,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             dataplane,
             no_agent,
             tunnel,
+            firewall,
             rp_filter,
             bin_dir,
             agent_bin,
@@ -232,6 +236,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 dataplane,
                 agent: !no_agent,
                 tunnel,
+                firewall,
                 rp_filter,
                 bin_dir,
                 agent_bin,

@@ -50,6 +50,9 @@ pub struct UpOptions {
     /// Run the agent, chain ambient-cni and run ztunnel-init.
     pub agent: bool,
     pub tunnel: String,
+    /// The agent's `--firewall` (auto, nftables, iptables); a restarted agent keeps the one
+    /// it recorded in its state.
+    pub firewall: String,
     pub rp_filter: u8,
     pub bin_dir: Option<PathBuf>,
     pub agent_bin: Option<PathBuf>,
@@ -102,6 +105,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
     }
     if !["auto", "geneve", "vxlan"].contains(&opts.tunnel.as_str()) {
         bail!("--tunnel must be auto, geneve or vxlan");
+    }
+    if !["auto", "nftables", "iptables"].contains(&opts.firewall.as_str()) {
+        bail!("--firewall must be auto, nftables or iptables");
     }
     let progress = Progress {
         prefix: opts.prefix.clone(),
@@ -467,7 +473,8 @@ impl Builder<'_> {
         .with_context(|| format!("write {}", a.config.display()))?;
         self.state.add_file(&agent_dir);
         let bin = self.bins.agent.as_ref().context("no agent binary")?;
-        let argv = agent::argv(bin, &a.config, &a.socket, &a.state_dir, &a.tunnel);
+        let mut argv = agent::argv(bin, &a.config, &a.socket, &a.state_dir, &a.tunnel);
+        argv.extend(["--firewall".to_string(), self.opts.firewall.clone()]);
         let mut child = self.spawn(&a.process, &netns_name, &argv, &a.log)?;
         agent::wait_ready(&netns_name, &a.socket, &mut child, &a.log)?;
         self.progress.say(format!(
