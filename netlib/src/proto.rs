@@ -109,6 +109,24 @@ mod tests {
     }
 
     #[test]
+    fn decode_reads_the_line_as_the_agent_reads_it() {
+        // read_line keeps the newline.
+        assert_eq!(
+            Request::decode("{\"op\":\"status\"}\n").unwrap(),
+            Request::Status
+        );
+        for bad in [
+            "",
+            "{}",
+            "{\"op\":\"add\"}",
+            "{\"op\":\"status\"} x",
+            "\u{0}",
+        ] {
+            assert!(Request::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn reply_error_defaults_retry_false() {
         let r: Reply = serde_json::from_str(r#"{"result":"error","message":"x"}"#).unwrap();
         assert_eq!(r, Reply::error("x", false));
