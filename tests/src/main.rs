@@ -54,8 +54,10 @@ enum Cmd {
         /// Tunnel kind passed to the agent.
         #[arg(long, default_value = "auto", value_parser = ["auto", "geneve", "vxlan"])]
         tunnel: String,
-        /// The agent's firewall backend (`--firewall`): auto, nftables or iptables.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "nftables", "iptables"])]
+        /// The agent's firewall backend (`--firewall`): auto, nftables or iptables. The
+        /// environment variable lets a test suite run its labs on either backend.
+        #[arg(long, env = "AMBIENT_LAB_FIREWALL", default_value = "auto",
+              value_parser = ["auto", "nftables", "iptables"])]
         firewall: String,
         /// rp_filter for conf.all/default in every new netns (a distro-like baseline).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
