@@ -7,6 +7,7 @@ mod kube;
 mod membership;
 mod node;
 mod ops;
+mod recover;
 mod server;
 mod store;
 
@@ -34,6 +35,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the Run variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: adopt and converge the kernel state, then serve the CNI plugin.
@@ -58,6 +61,10 @@ enum Cmd {
         /// in the state, so a restart keeps the backend.
         #[arg(long, default_value = "auto")]
         firewall: FirewallMode,
+        /// The runtime's CNI cache (libcni's `results` directory): what a lost or damaged
+        /// state directory is rebuilt from.
+        #[arg(long, default_value = "/var/lib/cni/results")]
+        cni_cache_dir: PathBuf,
         /// Seconds between full reconciles that repair drift.
         #[arg(long, default_value_t = 30)]
         resync: u64,
@@ -96,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel,
                 tunnel_port,
                 firewall,
+                cni_cache_dir,
                 resync,
                 cleanup_on_exit,
                 kube,
@@ -108,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                     tunnel,
                     tunnel_port,
                     firewall,
+                    cni_cache_dir,
                     resync,
                     cleanup_on_exit,
                     kube,
@@ -135,6 +144,7 @@ async fn run(
     tunnel: TunnelMode,
     tunnel_port: u16,
     firewall: FirewallMode,
+    cni_cache_dir: PathBuf,
     resync: u64,
     cleanup_on_exit: bool,
     kube_args: kube::KubeArgs,
@@ -166,6 +176,9 @@ async fn run(
     let store = store::Store::new(&state_dir);
     let mut node = node::Node::open(membership, store, tunnel, tunnel_port, firewall).await?;
     node.netns_scan = kube_args.netns_scan();
+    if node.rebuild_pending {
+        node.rebuild_state(&cni_cache_dir).await;
+    }
     info!(
         pods = node.state.pods.len(),
         ztunnel = node.state.ztunnel.is_some(),

@@ -59,6 +59,9 @@ pub struct Node {
     /// When attachments were enrolled through CNI: the watcher leaves a pod it cannot see yet
     /// alone for a grace period (its watch event may lag behind the CNI ADD).
     pub(crate) cni_added: HashMap<String, Instant>,
+    /// The saved state was missing or damaged: [`Node::rebuild_state`] must run before the
+    /// first reconcile.
+    pub rebuild_pending: bool,
 }
 
 impl Node {
@@ -72,7 +75,9 @@ impl Node {
         firewall: FirewallMode,
     ) -> anyhow::Result<Self> {
         let nl = Netlink::current()?;
-        let mut state = store.load()?;
+        let loaded = crate::recover::load(&store)?;
+        let rebuild_pending = loaded.needs_rebuild();
+        let mut state = loaded.state;
         let fw = settle_firewall(&mut state, firewall)?;
         let kind_ok = |c: &TunnelChoice| match mode {
             TunnelMode::Auto => true,
@@ -104,8 +109,13 @@ impl Node {
             port,
             cni_seen: BTreeMap::new(),
             cni_added: HashMap::new(),
+            rebuild_pending,
         };
-        node.store.save(&node.state)?;
+        // A lost state is saved once rebuilt ([`Node::rebuild_state`]): saved empty now, a
+        // crash before the rebuild would leave a state that looks intact and forgets pods.
+        if !node.rebuild_pending {
+            node.store.save(&node.state)?;
+        }
         Ok(node)
     }
 
@@ -320,23 +330,7 @@ impl Node {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        let side = self.pod_host_side(&pod).await?;
-        let rec = PodRecord {
-            container_id: pod.container_id,
-            if_name: pod.if_name,
-            namespace: pod.namespace,
-            name: pod.name,
-            uid: pod.uid,
-            netns: pod.netns,
-            ips: pod.ips,
-            host_veth: side.veth,
-            host_bridge: side.bridge,
-            gateway: side
-                .gateways
-                .primary()
-                .ok_or_else(|| anyhow!("pod {} has no gateway toward the node", side.pod_name))?,
-            gateway6: side.gateways.v4.and(side.gateways.v6),
-        };
+        let rec = self.pod_record(pod).await?;
         // Record first: if the kernel change fails half-way, the next reconcile rolls forward.
         self.state.pods.insert(key.clone(), rec.clone());
         self.store.save_pod(&self.state, &key)?;
@@ -359,6 +353,27 @@ impl Node {
                 "enrolled; capture starts when the ztunnel is ready"
             },
         ))
+    }
+
+    /// The record of a pod attachment: its host side read from its netns.
+    pub(crate) async fn pod_record(&self, pod: PodInfo) -> anyhow::Result<PodRecord> {
+        let side = self.pod_host_side(&pod).await?;
+        Ok(PodRecord {
+            container_id: pod.container_id,
+            if_name: pod.if_name,
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+            netns: pod.netns,
+            ips: pod.ips,
+            host_veth: side.veth,
+            host_bridge: side.bridge,
+            gateway: side
+                .gateways
+                .primary()
+                .ok_or_else(|| anyhow!("pod {} has no gateway toward the node", side.pod_name))?,
+            gateway6: side.gateways.v4.and(side.gateways.v6),
+        })
     }
 
     async fn enroll_in_kernel(&mut self, p: &PodRecord) -> anyhow::Result<()> {
@@ -608,7 +623,7 @@ impl Node {
         })
     }
 
-    async fn ztunnel_endpoint(&self, pod: &PodInfo) -> anyhow::Result<ZtunnelEndpoint> {
+    pub(crate) async fn ztunnel_endpoint(&self, pod: &PodInfo) -> anyhow::Result<ZtunnelEndpoint> {
         let ips = DualAddr::first_of(pod.ips.iter().copied());
         let ip = ips
             .primary()
@@ -776,16 +791,24 @@ fn settle_firewall(
     state: &mut AgentState,
     mode: FirewallMode,
 ) -> anyhow::Result<&'static dyn FirewallDriver> {
-    if let Some(k) = state.firewall.filter(|k| mode.accepts(*k)) {
-        return Ok(k.driver());
+    let k = match state.firewall.filter(|k| mode.accepts(*k)) {
+        Some(k) => k,
+        None => switch_firewall(state, mode.resolve())?,
+    };
+    if k == FirewallKind::Iptables && firewall::kube_proxy_uses_nftables() {
+        warn!("kube-proxy runs in nftables mode: the iptables backend cannot keep captured Service traffic's ClusterIP (run with --firewall nftables)");
     }
-    let k = mode.resolve();
+    Ok(k.driver())
+}
+
+/// Records `k` as the backend, removing the old one's node rules first.
+fn switch_firewall(state: &mut AgentState, k: FirewallKind) -> anyhow::Result<FirewallKind> {
     if let Some(old) = state.firewall.replace(k) {
         warn!(from = %old, to = %k, "firewall backend changed: removing the old one's rules");
         old.driver().cleanup_node()?;
     }
     info!(firewall = %k, "firewall backend chosen");
-    Ok(k.driver())
+    Ok(k)
 }
 
 async fn existing_tunnel_port(nl: &Netlink) -> anyhow::Result<Option<u16>> {

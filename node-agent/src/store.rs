@@ -132,7 +132,7 @@ impl Written {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-enum JournalEntry {
+pub(crate) enum JournalEntry {
     Put { key: String, pod: Box<PodRecord> },
     Del { key: String },
 }

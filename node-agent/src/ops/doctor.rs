@@ -454,7 +454,7 @@ fn pod_checks(f: &mut Vec<Finding>, d: &Desired, k: &Kernel, cache: &Path) {
         f.push(found("pods", "pods-present", Level::Fail, format!("{} of {n} enrolled pods are gone: {}", gone.len(), gone.join(", ")), "a CNI DEL was missed: the runtime's CNI GC (or, with --kube, the watcher) removes them; `ambient-agent cleanup` resets the node"));
     }
     // The runtime's view: attachments libcni cached that the agent has no record of.
-    let Ok(rd) = std::fs::read_dir(cache) else {
+    let Ok(cached) = crate::recover::read_cni_cache(cache) else {
         f.push(found(
             "pods",
             "runtime-pods",
@@ -479,34 +479,12 @@ fn pod_checks(f: &mut Vec<Finding>, d: &Desired, k: &Kernel, cache: &Path) {
                 .map(|z| (z.container_id.clone(), z.if_name.clone())),
         )
         .collect();
-    let mut unknown = Vec::new();
-    let mut total = 0;
-    for e in rd.filter_map(Result::ok) {
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let (Some(c), Some(i)) = (v["containerId"].as_str(), v["ifName"].as_str()) else {
-            continue;
-        };
-        total += 1;
-        if !known.contains(&(c.to_string(), i.to_string())) {
-            let arg = |key: &str| {
-                v["cniArgs"].as_array().and_then(|a| {
-                    a.iter()
-                        .find(|kv| kv[0].as_str() == Some(key))
-                        .and_then(|kv| kv[1].as_str())
-                        .map(str::to_string)
-                })
-            };
-            unknown.push(match (arg("K8S_POD_NAMESPACE"), arg("K8S_POD_NAME")) {
-                (Some(ns), Some(n)) => format!("{ns}/{n}"),
-                _ => c.to_string(),
-            });
-        }
-    }
+    let total = cached.len();
+    let mut unknown: Vec<String> = cached
+        .iter()
+        .filter(|a| !known.contains(&(a.container_id.clone(), a.if_name.clone())))
+        .map(|a| a.label())
+        .collect();
     unknown.sort();
     f.push(found(
         "pods",

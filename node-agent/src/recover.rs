@@ -1,0 +1,614 @@
+//! Starting from a damaged state directory: a snapshot that is gone, truncated or garbage, or
+//! a journal with bad lines. The agent must still start, say what it found, and rebuild its
+//! records from what outlives it — the runtime's libcni cache (which attachments exist, with
+//! their pods' names, addresses and netns) and the kernel (each pod's veth and bridge, seen
+//! from its netns) — so the first reconcile finds every live pod recorded and changes nothing,
+//! instead of flushing the routes and set elements of pods it forgot.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ambient_net::consts::table;
+use ambient_net::proto::PodInfo;
+use tracing::{error, info, warn};
+
+use crate::install_cni::chain::PLUGIN_TYPE;
+use crate::membership::Verdict;
+use crate::node::Node;
+use crate::store::{self, AgentState, JournalEntry, Store, ZtunnelRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("move the damaged {path} aside: {source}")]
+    MoveAside {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the state directory held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A snapshot that parsed.
+    Intact,
+    /// No snapshot (a first start, or the directory was deleted).
+    Missing,
+    /// A snapshot that could not be read or parsed (empty, cut, garbage), now at `moved_to`.
+    Corrupt { moved_to: PathBuf, error: String },
+}
+
+#[derive(Debug)]
+pub struct Loaded {
+    pub state: AgentState,
+    pub found: Found,
+    /// Journal lines that did not parse (a torn last line included) and were skipped.
+    pub journal_dropped: usize,
+}
+
+impl Loaded {
+    /// Whether records may be missing (no snapshot, or a journal line lost, which may have
+    /// been a pod's record): the runtime and the kernel have to fill them in.
+    pub fn needs_rebuild(&self) -> bool {
+        self.found != Found::Intact || self.journal_dropped > 0
+    }
+}
+
+/// Loads the state directory whatever it holds; only a damaged snapshot that cannot be moved
+/// aside is an error (the agent would otherwise overwrite the evidence).
+pub fn load(store: &Store) -> Result<Loaded, RecoverError> {
+    let path = store.state_path();
+    let (mut state, found) = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<AgentState>(&bytes) {
+            Ok(s) => (s, Found::Intact),
+            Err(e) => corrupt(&path, format!("{} bytes: {e}", bytes.len()))?,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            (AgentState::default(), Found::Missing)
+        }
+        Err(e) => corrupt(&path, e.to_string())?,
+    };
+    let journal = match std::fs::read(store.journal_path()) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            error!(path = %store.journal_path().display(), "cannot read the journal: {e}");
+            Vec::new()
+        }
+    };
+    let journal_dropped = replay(&mut state, &journal);
+    if journal_dropped > 0 {
+        warn!(path = %store.journal_path().display(), dropped = journal_dropped,
+              "journal lines that did not parse were skipped; the others were replayed");
+    }
+    match &found {
+        Found::Intact => {}
+        Found::Missing => info!(
+            dir = %path.parent().unwrap_or(Path::new(".")).display(),
+            "no saved state: rebuilding from the runtime's CNI cache and the kernel"
+        ),
+        Found::Corrupt { moved_to, error } => error!(
+            file = %path.display(), moved_to = %moved_to.display(), %error,
+            "the saved state is damaged: moved aside; rebuilding from the runtime's CNI cache and the kernel"
+        ),
+    }
+    Ok(Loaded {
+        state,
+        found,
+        journal_dropped,
+    })
+}
+
+/// Moves a damaged snapshot to `state.json.corrupt-<unix seconds>`.
+fn corrupt(path: &Path, error: String) -> Result<(AgentState, Found), RecoverError> {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{ts}"));
+    let moved_to = PathBuf::from(name);
+    std::fs::rename(path, &moved_to).map_err(|source| RecoverError::MoveAside {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok((AgentState::default(), Found::Corrupt { moved_to, error }))
+}
+
+/// Applies every journal line that parses, in order; returns how many did not.
+fn replay(state: &mut AgentState, journal: &[u8]) -> usize {
+    let mut dropped = 0;
+    for line in journal.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<JournalEntry>(line) {
+            Ok(JournalEntry::Put { key, pod }) => {
+                state.pods.insert(key, *pod);
+            }
+            Ok(JournalEntry::Del { key }) => {
+                state.pods.remove(&key);
+            }
+            Err(_) => dropped += 1,
+        }
+    }
+    dropped
+}
+
+/// One attachment in the runtime's libcni cache (`<cache>/results/<net>-<id>-<ifname>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedAttachment {
+    pub container_id: String,
+    pub if_name: String,
+    pub network: String,
+    /// Whether the cached network config chains ambient-cni.
+    pub chained: bool,
+    /// The pod interface's `sandbox` in the cached result (the netns path), if named.
+    pub netns: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub gateways: Vec<IpAddr>,
+    /// `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID` of its CNI_ARGS.
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: Option<String>,
+}
+
+impl CachedAttachment {
+    /// `namespace/name`, or the container id when the runtime did not say.
+    pub fn label(&self) -> String {
+        match (&self.namespace, &self.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            _ => self.container_id.clone(),
+        }
+    }
+}
+
+/// Every attachment in a libcni cache directory; files that are not cache entries are skipped.
+pub fn read_cni_cache(dir: &Path) -> std::io::Result<Vec<CachedAttachment>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        if let Some(a) = parse_cache_entry(&bytes) {
+            out.push(a);
+        }
+    }
+    out.sort_by(|a, b| (&a.container_id, &a.if_name).cmp(&(&b.container_id, &b.if_name)));
+    Ok(out)
+}
+
+fn parse_cache_entry(bytes: &[u8]) -> Option<CachedAttachment> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let container_id = v["containerId"].as_str()?.to_string();
+    let if_name = v["ifName"].as_str()?.to_string();
+    let arg = |key: &str| {
+        v["cniArgs"].as_array().and_then(|a| {
+            a.iter()
+                .find(|kv| kv[0].as_str() == Some(key))
+                .and_then(|kv| kv[1].as_str())
+                .map(str::to_string)
+        })
+    };
+    // libcni stores the network config as bytes (base64 in JSON).
+    let chained = v["config"]
+        .as_str()
+        .and_then(base64_decode)
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+        .is_some_and(|c| {
+            c["plugins"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(std::iter::once(&c))
+                .any(|p| p["type"].as_str() == Some(PLUGIN_TYPE))
+        });
+    let result = &v["result"];
+    let interfaces = result["interfaces"].as_array();
+    let iface = |i: &serde_json::Value| {
+        i.as_u64()
+            .and_then(|i| interfaces.and_then(|ifs| ifs.get(i as usize)))
+    };
+    let mut netns = v["netns"].as_str().map(str::to_string);
+    let (mut ips, mut gateways) = (Vec::new(), Vec::new());
+    for ip in result["ips"].as_array().into_iter().flatten() {
+        if let Some(i) = iface(&ip["interface"]) {
+            if i["name"].as_str() != Some(if_name.as_str()) {
+                continue;
+            }
+            if netns.is_none() {
+                netns = i["sandbox"].as_str().map(str::to_string);
+            }
+        }
+        let addr = ip["address"].as_str().and_then(|a| a.split('/').next());
+        if let Some(a) = addr.and_then(|a| a.parse().ok()) {
+            ips.push(a);
+        }
+        if let Some(g) = ip["gateway"].as_str().and_then(|g| g.parse().ok()) {
+            gateways.push(g);
+        }
+    }
+    Some(CachedAttachment {
+        container_id,
+        if_name,
+        network: v["networkName"].as_str().unwrap_or_default().to_string(),
+        chained,
+        netns: netns.filter(|n| !n.is_empty()),
+        ips,
+        gateways,
+        namespace: arg("K8S_POD_NAMESPACE"),
+        name: arg("K8S_POD_NAME"),
+        uid: arg("K8S_POD_UID"),
+    })
+}
+
+/// Standard base64 (with or without padding); `None` on any other byte.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let body = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    for chunk in body.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// What a rebuild did.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    pub pods: usize,
+    pub ztunnel: bool,
+    /// `namespace/name: why` of pods that should be enrolled but could not be rebuilt.
+    pub failed: Vec<String>,
+    /// Attachments left alone: other networks, or pods the membership does not enroll.
+    pub skipped: usize,
+}
+
+impl Node {
+    /// Fills in the records a lost state forgot, from the runtime's CNI cache and the kernel;
+    /// changes nothing in the kernel (the reconcile after it converges). Records already
+    /// present (a journal that survived) are kept.
+    pub async fn rebuild_state(&mut self, cni_cache_dir: &Path) -> Rebuilt {
+        let started = std::time::Instant::now();
+        self.rebuild_pending = false;
+        let mut done = Rebuilt::default();
+        let cached = match read_cni_cache(cni_cache_dir) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(dir = %cni_cache_dir.display(), "no runtime view to rebuild from (--cni-cache-dir): {e}; pods are enrolled again by their next CNI ADD/CHECK or the watcher");
+                return done;
+            }
+        };
+        // Pod addresses the kernel captures now (table 100): in Kubernetes mode, before the
+        // watch has synced, this is the evidence that a pod was enrolled.
+        let routed: BTreeSet<IpAddr> = match self.nl.observe_routes(&[table::INBOUND]).await {
+            Ok(r) => r.keys().map(|k| k.dst).collect(),
+            Err(e) => {
+                warn!("cannot read table {}: {e}", table::INBOUND);
+                BTreeSet::new()
+            }
+        };
+        let mut pods = Vec::new();
+        for a in cached {
+            let (Some(namespace), Some(name)) = (a.namespace.clone(), a.name.clone()) else {
+                done.skipped += 1;
+                continue;
+            };
+            if !a.chained {
+                done.skipped += 1;
+                continue;
+            }
+            let info = PodInfo {
+                container_id: a.container_id.clone(),
+                if_name: a.if_name.clone(),
+                netns: a.netns.clone().unwrap_or_default(),
+                namespace,
+                name,
+                uid: a.uid.clone().unwrap_or_default(),
+                ips: a.ips.clone(),
+                gateways: a.gateways.clone(),
+            };
+            let verdict = match self.membership.verdict(&info) {
+                Verdict::NamespaceUnknown if a.ips.iter().any(|ip| routed.contains(ip)) => {
+                    Verdict::Enroll
+                }
+                v => v,
+            };
+            match verdict {
+                Verdict::Ztunnel | Verdict::Enroll => pods.push((verdict, a, info)),
+                _ => done.skipped += 1,
+            }
+        }
+        // The ztunnel first: the pods' records do not depend on it, but its log line leads.
+        pods.sort_by_key(|(v, _, _)| *v != Verdict::Ztunnel);
+        for (verdict, a, mut info) in pods {
+            let key = store::key(&info.container_id, &info.if_name);
+            if self.state.pods.contains_key(&key) {
+                continue;
+            }
+            if let Err(e) = self.find_netns(&mut info).await {
+                done.failed.push(format!("{}: {e:#}", a.label()));
+                continue;
+            }
+            if verdict == Verdict::Ztunnel {
+                if self.state.ztunnel.is_some() {
+                    continue;
+                }
+                match self.ztunnel_endpoint(&info).await {
+                    Ok(endpoint) => {
+                        self.state.ztunnel = Some(ZtunnelRecord {
+                            container_id: info.container_id,
+                            if_name: info.if_name,
+                            namespace: info.namespace,
+                            name: info.name,
+                            endpoint,
+                        });
+                        done.ztunnel = true;
+                    }
+                    Err(e) => done.failed.push(format!("{}: {e:#}", a.label())),
+                }
+                continue;
+            }
+            match self.pod_record(info).await {
+                Ok(rec) => {
+                    let gone: Vec<_> = rec.ips.iter().filter(|ip| !routed.contains(ip)).collect();
+                    if self.state.ztunnel.is_some() && !gone.is_empty() {
+                        info!(pod = %a.label(), ips = ?gone, "rebuilt pod had no table-100 route: the reconcile adds it");
+                    }
+                    self.state.pods.insert(key, rec);
+                    done.pods += 1;
+                }
+                Err(e) => done.failed.push(format!("{}: {e:#}", a.label())),
+            }
+        }
+        // Captured addresses no record holds now: the reconcile removes them.
+        let held: BTreeSet<IpAddr> = self
+            .state
+            .pods
+            .values()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        let orphans: Vec<&IpAddr> = routed.iter().filter(|ip| !held.contains(ip)).collect();
+        if let Err(e) = self.store.save(&self.state) {
+            error!("save the rebuilt state: {e:#}");
+        }
+        info!(
+            pods = done.pods,
+            ztunnel = done.ztunnel,
+            skipped = done.skipped,
+            failed = done.failed.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "rebuilt the state from the runtime's CNI cache and the kernel"
+        );
+        for f in &done.failed {
+            error!("not rebuilt (its next CNI ADD/CHECK/GC or the watcher enrolls it again): {f}");
+        }
+        if !orphans.is_empty() {
+            warn!(ips = ?orphans, "table-100 routes of no attachment the runtime knows: the reconcile removes them");
+        }
+        done
+    }
+
+    /// A netns path for `info`: the cached one if it still exists, else the namespace that
+    /// holds the pod's address and whose veth peer is on this node.
+    async fn find_netns(&mut self, info: &mut PodInfo) -> anyhow::Result<()> {
+        if !info.netns.is_empty() && Path::new(&info.netns).exists() {
+            return Ok(());
+        }
+        let found = self
+            .netns_scan
+            .lookup(&mut self.netns_index, &info.ips)
+            .await;
+        for f in found.into_iter().filter(|f| f.if_name == info.if_name) {
+            let mut probe = info.clone();
+            probe.netns = f.netns.display().to_string();
+            if self.pod_host_side(&probe).await.is_ok() {
+                info.netns = probe.netns;
+                return Ok(());
+            }
+        }
+        anyhow::bail!(
+            "no netns on this node holds {:?} on {}",
+            info.ips,
+            info.if_name
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PodRecord;
+    use std::net::Ipv4Addr;
+
+    fn pod(n: u8) -> PodRecord {
+        PodRecord {
+            container_id: format!("c{n}"),
+            if_name: "eth0".into(),
+            namespace: "demo".into(),
+            name: format!("p{n}"),
+            uid: String::new(),
+            netns: format!("/run/netns/p{n}"),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
+            host_veth: format!("veth{n}"),
+            host_bridge: None,
+            gateway: Ipv4Addr::new(10, 0, 0, 1).into(),
+            gateway6: None,
+        }
+    }
+
+    fn saved(dir: &Path, pods: &[u8]) -> (Store, AgentState) {
+        let store = Store::new(dir);
+        let mut s = AgentState::default();
+        for n in pods {
+            let p = pod(*n);
+            s.pods.insert(store::key(&p.container_id, &p.if_name), p);
+        }
+        store.save(&s).unwrap();
+        (store, s)
+    }
+
+    fn aside(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("state.json.corrupt-"))
+            .collect()
+    }
+
+    #[test]
+    fn an_intact_state_loads_and_needs_no_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, s) = saved(dir.path(), &[1, 2]);
+        let l = load(&store).unwrap();
+        assert!(!l.needs_rebuild());
+        assert_eq!((l.state, l.found, l.journal_dropped), (s, Found::Intact, 0));
+    }
+
+    #[test]
+    fn a_missing_dir_is_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("gone"));
+        let l = load(&store).unwrap();
+        assert_eq!(l.found, Found::Missing);
+        assert!(l.needs_rebuild());
+        assert_eq!(l.state, AgentState::default());
+    }
+
+    #[test]
+    fn truncated_empty_and_garbage_snapshots_are_moved_aside() {
+        let full = {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = saved(dir.path(), &[1, 2, 3]);
+            std::fs::read(store.state_path()).unwrap()
+        };
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("half", full[..full.len() / 2].to_vec()),
+            ("empty", Vec::new()),
+            ("garbage", vec![0xff, 0x00, 0x13, b'{', 0x80, 0xfe]),
+        ];
+        for (what, bytes) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::new(dir.path());
+            std::fs::write(store.state_path(), &bytes).unwrap();
+            let l = load(&store).unwrap();
+            let Found::Corrupt { moved_to, error } = &l.found else {
+                panic!("{what}: {:?}", l.found);
+            };
+            assert!(!error.is_empty(), "{what}");
+            assert_eq!(std::fs::read(moved_to).unwrap(), bytes, "{what}");
+            assert_eq!(aside(dir.path()), vec![moved_to.clone()], "{what}");
+            assert!(!store.state_path().exists(), "{what}");
+            assert!(l.needs_rebuild());
+            assert_eq!(l.state, AgentState::default(), "{what}");
+        }
+    }
+
+    #[test]
+    fn bad_journal_lines_anywhere_are_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut s) = saved(dir.path(), &[1]);
+        for n in [2, 3] {
+            let p = pod(n);
+            s.pods.insert(store::key(&p.container_id, &p.if_name), p);
+            store.save(&s).unwrap();
+        }
+        let journal = std::fs::read_to_string(store.journal_path()).unwrap();
+        let lines: Vec<&str> = journal.lines().collect();
+        assert_eq!(lines.len(), 2);
+        // A garbage line between the two, and a torn one at the end.
+        let damaged = format!("{}\n\u{1}garbage\n{}\n{{\"put\":{{\"ke", lines[0], lines[1]);
+        std::fs::write(store.journal_path(), damaged).unwrap();
+        let l = load(&store).unwrap();
+        assert_eq!(l.found, Found::Intact);
+        assert_eq!(l.journal_dropped, 2);
+        assert_eq!(l.state, s, "every line that parsed was replayed");
+        assert!(
+            l.needs_rebuild(),
+            "a lost line may have been a pod's record"
+        );
+    }
+
+    #[test]
+    fn cache_entries_parse_with_their_pod_netns_and_chain() {
+        let conf = br#"{"name":"lab","plugins":[{"type":"ptp"},{"type":"ambient-cni"}]}"#;
+        let entry = serde_json::json!({
+            "kind": "cniCacheV1",
+            "containerId": "abc",
+            "config": base64_encode(conf),
+            "ifName": "eth0",
+            "networkName": "lab",
+            "cniArgs": [["K8S_POD_NAMESPACE", "demo"], ["K8S_POD_NAME", "app"], ["K8S_POD_UID", "u1"]],
+            "result": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "veth1"}, {"name": "eth0", "sandbox": "/run/netns/p"}],
+                "ips": [{"interface": 1, "address": "10.244.1.3/24", "gateway": "10.244.1.1"},
+                        {"interface": 0, "address": "10.9.9.9/24"}]
+            }
+        });
+        let a = parse_cache_entry(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(a.label(), "demo/app");
+        assert!(a.chained);
+        assert_eq!(a.netns.as_deref(), Some("/run/netns/p"));
+        assert_eq!(a.ips, vec!["10.244.1.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(a.gateways, vec!["10.244.1.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(a.uid.as_deref(), Some("u1"));
+
+        let mut other = entry.clone();
+        other["config"] = base64_encode(br#"{"name":"x","plugins":[{"type":"ptp"}]}"#).into();
+        assert!(
+            !parse_cache_entry(other.to_string().as_bytes())
+                .unwrap()
+                .chained
+        );
+        assert!(parse_cache_entry(b"{\"containerId\":\"x\"}").is_none());
+        assert!(parse_cache_entry(b"\xff\xfe").is_none());
+    }
+
+    #[test]
+    fn base64_decodes_every_padding() {
+        for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
+            assert_eq!(
+                base64_decode(&base64_encode(s.as_bytes())).unwrap(),
+                s.as_bytes()
+            );
+        }
+        assert_eq!(base64_decode("Zm9vYmFy").unwrap(), b"foobar");
+        assert!(base64_decode("Zm9v!").is_none());
+        assert!(base64_decode("Z").is_none());
+    }
+
+    fn base64_encode(b: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in b.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, c)| n | (*c as u32) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+            out.extend(std::iter::repeat_n('=', 3 - chunk.len()));
+        }
+        out
+    }
+}
