@@ -146,6 +146,24 @@ fn nftables_usable() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether kube-proxy runs in nftables mode here (`table ip kube-proxy` / `ip6 kube-proxy`).
+/// The iptables backend's ACCEPT ahead of KUBE-SERVICES cannot stop that table's DNAT (an
+/// accept ends only its own chain; only a NAT binding skips later NAT chains), so captured
+/// Service traffic would reach ztunnel with the endpoint, not the ClusterIP: use nftables.
+pub fn kube_proxy_uses_nftables() -> bool {
+    std::process::Command::new(nft::nft_program())
+        .args(["list", "tables"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                let l = l.trim();
+                l == "table ip kube-proxy" || l == "table ip6 kube-proxy"
+            })
+        })
+}
+
 /// The nftables backend: the functions of [`crate::nft`], unchanged.
 pub struct Nftables;
 
