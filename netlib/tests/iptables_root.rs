@@ -342,6 +342,22 @@ fn ztunnel_tproxy_rules_in_a_fresh_netns() {
     assert!(!ns.save(Fam::V4).contains("AMBIENT"));
 }
 
+/// The variant follows kube-proxy's chains, as kube-proxy's iptables-wrapper decides.
+#[test]
+fn the_iptables_variant_follows_kube_proxy() {
+    if !can_run() {
+        return;
+    }
+    let ns = TestNs::new();
+    assert_eq!(ns.run(iptables::detect_variant), iptables::Variant::Default);
+    let kube = "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n";
+    ns.cmd("iptables-legacy-restore", &["--noflush"], Some(kube));
+    assert_eq!(ns.run(iptables::detect_variant), iptables::Variant::Legacy);
+    // Chains in both: the default, as the wrapper does when nft has any.
+    ns.cmd("iptables-nft-restore", &["--noflush"], Some(kube));
+    assert_eq!(ns.run(iptables::detect_variant), iptables::Variant::Default);
+}
+
 /// Waits for a connection on either listener: (which port accepted, local, peer).
 fn accept_either(listeners: &[&TcpListener]) -> (u16, SocketAddr, SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -22,7 +22,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-pub use exec::{program, IPTABLES_ENV};
+pub use exec::{detect_variant, program, variant, Variant, IPTABLES_ENV};
 pub use render::{chain, node_chains, ztunnel_chain, ChainRules, Fam, RuleLine, JUMP_COMMENT};
 
 use crate::nft::{NodeNft, PodElement, RuleTag, ZtunnelRules};
@@ -285,6 +285,16 @@ fn cleanup_chains(f: Fam, ours: &[(&str, &str)]) -> Result<bool, IptablesError> 
     Ok(!text.is_empty())
 }
 
+/// The families to program: IPv6 only where the kernel has it (`ipv6.disable=1` leaves no
+/// ip6tables to restore into; the nft backend's inet table needs no such care).
+fn families() -> Vec<Fam> {
+    let v6 = std::path::Path::new("/proc/thread-self/net/if_inet6").exists();
+    Fam::BOTH
+        .into_iter()
+        .filter(|f| *f == Fam::V4 || v6)
+        .collect()
+}
+
 fn invalid(e: crate::nft::NftError) -> IptablesError {
     IptablesError::Invalid(e.to_string())
 }
@@ -304,7 +314,7 @@ pub fn reconcile_node(desired: &NodeNft) -> Result<bool, IptablesError> {
     let lines = ipset::plan(&ipset::desired(&desired.pods), &ipset::members()?);
     ipset::restore(&lines)?;
     let mut changed = !lines.is_empty();
-    for f in Fam::BOTH {
+    for f in families() {
         changed |= reconcile_chains(f, &node_chains(desired.rules.as_ref(), f))?;
     }
     Ok(changed)
@@ -327,7 +337,7 @@ pub fn missing_pod_elements(elems: &[PodElement]) -> Result<Vec<PodElement>, Ipt
 
 /// Cleanup: our node chains and the jumps to them (both families), then our sets.
 pub fn cleanup_node() -> Result<(), IptablesError> {
-    for f in Fam::BOTH {
+    for f in families() {
         cleanup_chains(f, &node_chain_names())?;
     }
     ipset::destroy()
@@ -338,7 +348,7 @@ pub fn cleanup_node() -> Result<(), IptablesError> {
 pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, IptablesError> {
     desired.validate().map_err(invalid)?;
     let mut changed = false;
-    for f in Fam::BOTH {
+    for f in families() {
         changed |= match ztunnel_chain(desired, f) {
             Some(c) => reconcile_chains(f, &[c])?,
             None => cleanup_chains(f, &[("mangle", chain::PREROUTING)])?,
@@ -349,7 +359,7 @@ pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, IptablesError> 
 
 /// Cleanup of the ztunnel netns chains (both families).
 pub fn cleanup_ztunnel() -> Result<(), IptablesError> {
-    for f in Fam::BOTH {
+    for f in families() {
         cleanup_chains(f, &[("mangle", chain::PREROUTING)])?;
     }
     Ok(())

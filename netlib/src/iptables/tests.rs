@@ -155,6 +155,13 @@ fn saved_rules_parse() {
         Some("ambient-node")
     );
     assert_eq!(target_of("-p tcp"), None);
+    // iptables-save escapes a quote inside the comment; the tag at the end still reads.
+    let escaped = "-p udp -m comment --comment \"the tunnels\\' own UDP: stop [ambient 5/18 2feb4802851a0ba0]\" -j RETURN";
+    let tag = comment_of(escaped).and_then(RuleTag::parse).unwrap();
+    assert_eq!(
+        (tag.index, tag.count, tag.fingerprint),
+        (5, 18, 0x2feb4802851a0ba0)
+    );
     assert_eq!(comment_of("-p tcp"), None);
 }
 
