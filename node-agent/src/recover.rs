@@ -392,6 +392,7 @@ impl Node {
         }
         info!(
             pods = done.pods,
+            records = self.state.pods.len(),
             ztunnel = done.ztunnel,
             skipped = done.skipped,
             failed = done.failed.len(),

@@ -462,6 +462,7 @@ impl Builder<'_> {
         let ns = self.node_state(node)?;
         let a = ns.agent.clone().context("agent layout missing")?;
         let netns_name = ns.netns.clone();
+        let results = ns.cni.cache_dir.join("results").display().to_string();
         let agent_dir = a.socket.parent().context("socket dir")?.to_path_buf();
         std::fs::create_dir_all(&a.state_dir)
             .with_context(|| format!("create {}", a.state_dir.display()))?;
@@ -475,6 +476,8 @@ impl Builder<'_> {
         let bin = self.bins.agent.as_ref().context("no agent binary")?;
         let mut argv = agent::argv(bin, &a.config, &a.socket, &a.state_dir, &a.tunnel);
         argv.extend(["--firewall".to_string(), self.opts.firewall.clone()]);
+        // libcni keeps its results under `<cache dir>/results`: what a lost state is rebuilt from.
+        argv.extend(["--cni-cache-dir".to_string(), results]);
         let mut child = self.spawn(&a.process, &netns_name, &argv, &a.log)?;
         agent::wait_ready(&netns_name, &a.socket, &mut child, &a.log)?;
         self.progress.say(format!(

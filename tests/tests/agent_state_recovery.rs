@@ -1,0 +1,263 @@
+//! The agent's state directory damaged under a running node (issue 13): `state.json` cut in
+//! half, overwritten with garbage, or the whole directory deleted while the agent is dead. The
+//! restarted agent must start, say what it found, rebuild its records from the runtime's CNI
+//! cache and the kernel, and converge without flushing: the node's kernel state is exactly as
+//! before, a held connection through the path is not cut, and a CNI DEL afterwards removes
+//! exactly that pod's route and elements (its record was rebuilt with the runtime's container
+//! id). Needs root.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ambient_lab::state::{LabState, ProcessRecord};
+use ambient_lab::{cni, procs, unique_prefix, Lab, LabOptions};
+
+const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
+/// How long a restarted agent may take to serve (it answers in well under a second).
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Rules, tables 100–102, tunnels and both nft tables of a node, one set element a line.
+fn node_snapshot(lab: &Lab, node: &str) -> String {
+    let run = |argv: &[&str]| {
+        let out = lab.exec(node, argv).expect("exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut s = run(&["ip", "rule"]);
+    for t in ["100", "101", "102"] {
+        s += &format!("table {t}\n{}", run(&["ip", "route", "show", "table", t]));
+    }
+    s += &run(&["ip", "-o", "-d", "link", "show", "istioin"]);
+    s += &run(&["ip", "-o", "-d", "link", "show", "istioout"]);
+    for family in ["inet", "bridge"] {
+        let nft = run(&["nft", "list", "table", family, "ambient-node"]);
+        let mut in_elements = false;
+        for line in nft.lines() {
+            let t = line.trim();
+            let body = match t.strip_prefix("elements = {") {
+                Some(rest) => rest,
+                None if in_elements => t,
+                None => {
+                    s += line;
+                    s.push('\n');
+                    continue;
+                }
+            };
+            let (body, last) = match body.strip_suffix('}') {
+                Some(b) => (b, true),
+                None => (body, false),
+            };
+            for e in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                s += &format!("\t\telement {e}\n");
+            }
+            in_elements = !last;
+        }
+    }
+    s
+}
+
+fn lines_only_in(a: &str, b: &str) -> Vec<String> {
+    let bl: Vec<&str> = b.lines().collect();
+    a.lines()
+        .filter(|l| !bl.contains(l))
+        .map(str::to_string)
+        .collect()
+}
+
+fn sigkill(rec: &ProcessRecord) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rec.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while procs::is_alive(rec) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!procs::is_alive(rec), "agent survived SIGKILL");
+}
+
+/// Waits for the agent's "serving" line (after its first reconcile); returns its log.
+fn wait_serving(log: &Path, rec: &ProcessRecord) -> String {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("serving") {
+            return text;
+        }
+        assert!(procs::is_alive(rec), "the restarted agent exited:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent did not serve within {START_TIMEOUT:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    TruncatedToHalf,
+    Garbage,
+    DirDeleted,
+}
+
+impl Damage {
+    fn apply(self, state_dir: &Path) {
+        let snapshot = state_dir.join("state.json");
+        match self {
+            Damage::TruncatedToHalf => {
+                let bytes = std::fs::read(&snapshot).unwrap();
+                assert!(
+                    bytes.len() > 100,
+                    "a state with pods: {} bytes",
+                    bytes.len()
+                );
+                std::fs::write(&snapshot, &bytes[..bytes.len() / 2]).unwrap();
+            }
+            Damage::Garbage => {
+                let junk: Vec<u8> = (0..4096u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                    .collect();
+                std::fs::write(&snapshot, junk).unwrap();
+            }
+            Damage::DirDeleted => std::fs::remove_dir_all(state_dir).unwrap(),
+        }
+    }
+
+    /// What the agent's log must say it found.
+    fn reported(self) -> &'static str {
+        match self {
+            Damage::TruncatedToHalf | Damage::Garbage => "the saved state is damaged: moved aside",
+            Damage::DirDeleted => "no saved state: rebuilding",
+        }
+    }
+}
+
+#[test]
+fn damaged_state_dir_is_rebuilt_without_flushing() {
+    let lab = Lab::up(
+        &unique_prefix("rcv"),
+        LabOptions::new(LAB).arg("--dataplane").arg("none"),
+    )
+    .expect("lab up");
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let node = state.node("A").unwrap().clone();
+    let agent = node.agent.clone().unwrap();
+    let mut rec = state.process(&agent.process).unwrap().clone();
+    assert!(
+        rec.argv.iter().any(|a| a == "--cni-cache-dir"),
+        "the lab's agent is given the lab's CNI cache: {:?}",
+        rec.argv
+    );
+    let before = node_snapshot(&lab, "nodeA");
+    let enrolled: Vec<&str> = state
+        .pods
+        .iter()
+        .filter(|p| p.node == "A")
+        .map(|p| p.id.as_str())
+        .collect();
+
+    // A long-lived captured connection: a-client -> b-app, captured to ztunnel A's test
+    // listener, which echoes.
+    let _zt = lab.tproxy_listen("a-ztunnel").unwrap();
+    let b_app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
+    let conn = lab
+        .run_in("a-client", move || {
+            TcpStream::connect_timeout(&b_app, Duration::from_secs(3))
+        })
+        .unwrap()
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("tproxy port=15001"), "{greeting}");
+    let mut w = conn;
+
+    let mut restarted = Vec::new();
+    for (i, damage) in [Damage::TruncatedToHalf, Damage::Garbage, Damage::DirDeleted]
+        .into_iter()
+        .enumerate()
+    {
+        sigkill(&rec);
+        damage.apply(&agent.state_dir);
+        let started = Instant::now();
+        let spawned = lab
+            .spawn(&format!("agent-a-recover{i}"), "nodeA", &rec.argv)
+            .unwrap();
+        rec = spawned.rec.clone();
+        let log = wait_serving(&rec.log, &rec);
+        let took = started.elapsed();
+        restarted.push(spawned);
+        eprintln!("{damage:?}: serving after {} ms", took.as_millis());
+
+        assert!(log.contains(damage.reported()), "{damage:?}:\n{log}");
+        let rebuilt = log
+            .lines()
+            .find(|l| l.contains("rebuilt the state from the runtime"))
+            .unwrap_or_else(|| panic!("{damage:?}: no rebuild line:\n{log}"));
+        eprintln!("{damage:?}: {rebuilt}");
+        // Every enrolled pod of node A but the ztunnel (and the opted-out waypoint, if any)
+        // has a record again; none failed.
+        assert!(rebuilt.contains("ztunnel=true"), "{rebuilt}");
+        assert!(rebuilt.contains("failed=0"), "{damage:?}:\n{log}");
+        assert!(!log.contains("not rebuilt"), "{damage:?}:\n{log}");
+        if !matches!(damage, Damage::DirDeleted) {
+            let aside = std::fs::read_dir(&agent.state_dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("state.json.corrupt-")
+                });
+            assert!(aside, "{damage:?}: the damaged snapshot was kept aside");
+        }
+        assert!(
+            agent.state_dir.join("state.json").exists(),
+            "{damage:?}: the rebuilt state is saved"
+        );
+
+        let after = node_snapshot(&lab, "nodeA");
+        assert!(
+            after == before,
+            "{damage:?}: the restart changed the kernel state\nlost: {:?}\nadded: {:?}",
+            lines_only_in(&before, &after),
+            lines_only_in(&after, &before)
+        );
+        let msg = format!("still here {i}\n");
+        w.write_all(msg.as_bytes()).unwrap();
+        let mut echoed = vec![0u8; msg.len()];
+        reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, msg.as_bytes(), "{damage:?}: the held connection");
+    }
+
+    // The rebuilt record of a-app has the runtime's container id: its CNI DEL removes exactly
+    // its route and elements.
+    let pod = state.pod("a-app").unwrap().clone();
+    let ip = pod.ip.unwrap().to_string();
+    let client = cni::ensure_client().unwrap();
+    cni::del(&client, &node, &pod).unwrap();
+    let removed = node_snapshot(&lab, "nodeA");
+    let gone = lines_only_in(&before, &removed);
+    assert!(
+        gone.iter().any(|l| l.contains(&format!("{ip} via"))),
+        "DEL removed a-app's route: {gone:?}"
+    );
+    assert!(
+        gone.iter()
+            .any(|l| l.contains("element") && l.contains(&ip)),
+        "DEL removed a-app's elements: {gone:?}"
+    );
+    assert!(
+        gone.iter().all(|l| l.contains(&ip)),
+        "DEL removed more than a-app's route and elements: {gone:?}"
+    );
+    assert_eq!(lines_only_in(&removed, &before), Vec::<String>::new());
+    eprintln!(
+        "node A pods {enrolled:?}; DEL of a-app removed {} lines",
+        gone.len()
+    );
+    drop(restarted);
+}
