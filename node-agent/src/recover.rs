@@ -5,19 +5,21 @@
 //! from its netns) — so the first reconcile finds every live pod recorded and changes nothing,
 //! instead of flushing the routes and set elements of pods it forgot.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ambient_net::consts::table;
+use ambient_net::consts::{table, POD_IIF_SET, POD_IIF_SET_V6, POD_PORT_SET, POD_PORT_SET_V6};
+use ambient_net::firewall::FirewallKind;
+use ambient_net::nft::ObservedTable;
 use ambient_net::proto::PodInfo;
 use tracing::{error, info, warn};
 
 use crate::install_cni::chain::PLUGIN_TYPE;
 use crate::membership::Verdict;
 use crate::node::Node;
-use crate::store::{self, AgentState, JournalEntry, Store, ZtunnelRecord};
+use crate::store::{self, AgentState, JournalEntry, PodRecord, Store, ZtunnelRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -276,10 +278,73 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 pub struct Rebuilt {
     pub pods: usize,
     pub ztunnel: bool,
+    /// Of [`Self::pods`], those whose netns was not found: rebuilt from what the kernel holds
+    /// for their addresses, so their capture stays exactly as it was.
+    pub from_kernel: usize,
     /// `namespace/name: why` of pods that should be enrolled but could not be rebuilt.
     pub failed: Vec<String>,
     /// Attachments left alone: other networks, or pods the membership does not enroll.
     pub skipped: usize,
+}
+
+/// What the node's kernel holds for pod addresses: the pieces of a record that outlive the
+/// state directory (set elements name the veth and routed device, table-100 routes the
+/// node's gateway address as their `src`).
+#[derive(Debug, Default)]
+struct KernelPods {
+    /// `host veth . address` of the bridge table's port sets.
+    veth: BTreeMap<IpAddr, String>,
+    /// `routed device . address` of the inet table's iif sets (the bridge of a bridge port).
+    routed: BTreeMap<IpAddr, String>,
+    /// The `src` of each pod address's table-100 route.
+    src: BTreeMap<IpAddr, IpAddr>,
+}
+
+impl KernelPods {
+    fn add_set(map: &mut BTreeMap<IpAddr, String>, table: Option<&ObservedTable>, sets: [&str; 2]) {
+        let Some(t) = table else { return };
+        for name in sets {
+            for (dev, ip) in t.sets.get(name).iter().flat_map(|s| &s.dev_elems) {
+                map.insert(*ip, dev.clone());
+            }
+        }
+    }
+
+    /// The record of `info` from the kernel alone; `None` when the kernel lacks a piece.
+    fn record(&self, info: &PodInfo) -> Option<PodRecord> {
+        let first = info.ips.first()?;
+        let veth = self.veth.get(first)?.clone();
+        let routed = self.routed.get(first).unwrap_or(&veth);
+        let host_bridge = (*routed != veth).then(|| routed.clone());
+        // The route's `src`, else the cached result's gateway, of each family the pod has.
+        let gw = |v6: bool| {
+            let own = info.ips.iter().filter(|ip| ip.is_ipv6() == v6);
+            own.clone()
+                .find_map(|ip| self.src.get(ip).copied())
+                .or_else(|| {
+                    own.clone()
+                        .next()
+                        .and(info.gateways.iter().find(|g| g.is_ipv6() == v6).copied())
+                })
+        };
+        let (g4, g6) = (gw(false), gw(true));
+        Some(PodRecord {
+            container_id: info.container_id.clone(),
+            if_name: info.if_name.clone(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            uid: info.uid.clone(),
+            netns: info.netns.clone(),
+            ips: info.ips.clone(),
+            host_veth: veth,
+            host_bridge,
+            gateway: g4.or(g6)?,
+            gateway6: match (g4, g6) {
+                (Some(_), Some(IpAddr::V6(v6))) => Some(v6),
+                _ => None,
+            },
+        })
+    }
 }
 
 impl Node {
@@ -299,13 +364,32 @@ impl Node {
         };
         // Pod addresses the kernel captures now (table 100): in Kubernetes mode, before the
         // watch has synced, this is the evidence that a pod was enrolled.
-        let routed: BTreeSet<IpAddr> = match self.nl.observe_routes(&[table::INBOUND]).await {
-            Ok(r) => r.keys().map(|k| k.dst).collect(),
-            Err(e) => {
-                warn!("cannot read table {}: {e}", table::INBOUND);
-                BTreeSet::new()
+        let mut kernel = KernelPods::default();
+        match self.nl.observe_routes(&[table::INBOUND]).await {
+            Ok(r) => {
+                for (k, v) in r {
+                    if let Some(src) = v.src {
+                        kernel.src.insert(k.dst, src);
+                    }
+                }
             }
-        };
+            Err(e) => warn!("cannot read table {}: {e}", table::INBOUND),
+        }
+        let routed: BTreeSet<IpAddr> = kernel.src.keys().copied().collect();
+        if self.fw.kind() == FirewallKind::Nftables {
+            match (
+                ambient_net::nft::observe_node(),
+                ambient_net::nft::observe_node_bridge(),
+            ) {
+                (Ok(inet), Ok(bridge)) => {
+                    let v4v6 = [POD_PORT_SET, POD_PORT_SET_V6];
+                    KernelPods::add_set(&mut kernel.veth, bridge.as_ref(), v4v6);
+                    let v4v6 = [POD_IIF_SET, POD_IIF_SET_V6];
+                    KernelPods::add_set(&mut kernel.routed, inet.as_ref(), v4v6);
+                }
+                (Err(e), _) | (_, Err(e)) => warn!("cannot read the node's nft sets: {e}"),
+            }
+        }
         let mut pods = Vec::new();
         for a in cached {
             let (Some(namespace), Some(name)) = (a.namespace.clone(), a.name.clone()) else {
@@ -345,7 +429,17 @@ impl Node {
                 continue;
             }
             if let Err(e) = self.find_netns(&mut info).await {
-                done.failed.push(format!("{}: {e:#}", a.label()));
+                // A pod whose netns is not found (gone, or where the scan does not look): its
+                // capture stays as the kernel holds it, until its CNI DEL or GC.
+                match kernel.record(&info).filter(|_| verdict == Verdict::Enroll) {
+                    Some(rec) => {
+                        warn!(pod = %a.label(), veth = %rec.host_veth, "{e:#}: rebuilt from the kernel's elements and routes");
+                        self.state.pods.insert(key, rec);
+                        done.pods += 1;
+                        done.from_kernel += 1;
+                    }
+                    None => done.failed.push(format!("{}: {e:#}", a.label())),
+                }
                 continue;
             }
             if verdict == Verdict::Ztunnel {
@@ -394,6 +488,7 @@ impl Node {
             pods = done.pods,
             records = self.state.pods.len(),
             ztunnel = done.ztunnel,
+            from_kernel = done.from_kernel,
             skipped = done.skipped,
             failed = done.failed.len(),
             ms = started.elapsed().as_millis() as u64,
@@ -582,6 +677,54 @@ mod tests {
         );
         assert!(parse_cache_entry(b"{\"containerId\":\"x\"}").is_none());
         assert!(parse_cache_entry(b"\xff\xfe").is_none());
+    }
+
+    fn info(ips: &[&str], gateways: &[&str]) -> PodInfo {
+        PodInfo {
+            container_id: "c1".into(),
+            if_name: "eth0".into(),
+            netns: String::new(),
+            namespace: "demo".into(),
+            name: "app".into(),
+            uid: "u".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            gateways: gateways.iter().map(|i| i.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_pod_without_netns_is_rebuilt_from_its_elements_and_routes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut k = KernelPods::default();
+        // A ptp pod (routed by its veth) and a bridge port (routed by the bridge), the first
+        // dual-stack and captured (table-100 routes), the second not captured yet.
+        k.veth.insert(ip("10.0.0.5"), "veth5".into());
+        k.veth.insert(ip("fd00::5"), "veth5".into());
+        k.routed.insert(ip("10.0.0.5"), "veth5".into());
+        k.src.insert(ip("10.0.0.5"), ip("10.0.0.1"));
+        k.src.insert(ip("fd00::5"), ip("fd00::1"));
+        k.veth.insert(ip("10.0.1.7"), "veth7".into());
+        k.routed.insert(ip("10.0.1.7"), "br0".into());
+
+        let r = k.record(&info(&["10.0.0.5", "fd00::5"], &[])).unwrap();
+        assert_eq!((r.host_veth.as_str(), r.host_bridge), ("veth5", None));
+        assert_eq!(
+            (r.gateway, r.gateway6),
+            (ip("10.0.0.1"), Some("fd00::1".parse().unwrap()))
+        );
+        assert_eq!((r.container_id.as_str(), r.name.as_str()), ("c1", "app"));
+
+        // No route: the cached result's gateway, of the pod's own family only.
+        let r = k
+            .record(&info(&["10.0.1.7"], &["fd00::9", "10.0.1.1"]))
+            .unwrap();
+        assert_eq!(r.host_bridge.as_deref(), Some("br0"));
+        assert_eq!((r.gateway, r.gateway6), (ip("10.0.1.1"), None));
+
+        // Nothing in the kernel, or no gateway anywhere: not rebuilt.
+        assert!(k.record(&info(&["10.0.9.9"], &["10.0.9.1"])).is_none());
+        assert!(k.record(&info(&["10.0.1.7"], &[])).is_none());
+        assert!(k.record(&info(&[], &[])).is_none());
     }
 
     #[test]
