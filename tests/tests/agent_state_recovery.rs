@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ambient_lab::state::{LabState, ProcessRecord};
 use ambient_lab::{cni, procs, unique_prefix, Lab, LabOptions};
+use ambient_net::netns;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 /// How long a restarted agent may take to serve (it answers in well under a second).
@@ -95,11 +96,14 @@ fn wait_serving(log: &Path, rec: &ProcessRecord) -> String {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Damage {
     TruncatedToHalf,
     Garbage,
     DirDeleted,
+    /// The directory deleted and a-app's netns not found (its cached sandbox path made stale,
+    /// the netns scan pointed nowhere): a-app is rebuilt from the kernel alone.
+    DirDeletedNetnsUnknown,
 }
 
 impl Damage {
@@ -121,7 +125,9 @@ impl Damage {
                     .collect();
                 std::fs::write(&snapshot, junk).unwrap();
             }
-            Damage::DirDeleted => std::fs::remove_dir_all(state_dir).unwrap(),
+            Damage::DirDeleted | Damage::DirDeletedNetnsUnknown => {
+                std::fs::remove_dir_all(state_dir).unwrap()
+            }
         }
     }
 
@@ -129,7 +135,7 @@ impl Damage {
     fn reported(self) -> &'static str {
         match self {
             Damage::TruncatedToHalf | Damage::Garbage => "the saved state is damaged: moved aside",
-            Damage::DirDeleted => "no saved state: rebuilding",
+            Damage::DirDeleted | Damage::DirDeletedNetnsUnknown => "no saved state: rebuilding",
         }
     }
 }
@@ -175,16 +181,38 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
     assert!(greeting.starts_with("tproxy port=15001"), "{greeting}");
     let mut w = conn;
 
+    // a-app's entry in the runtime's CNI cache.
+    let app = state.pod("a-app").unwrap().clone();
+    let app_cache = std::fs::read_dir(node.cni.cache_dir.join("results"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains(&app.container_id))
+        .expect("a-app's libcni cache entry");
+    let app_cached = std::fs::read_to_string(&app_cache).unwrap();
+
     let mut restarted = Vec::new();
-    for (i, damage) in [Damage::TruncatedToHalf, Damage::Garbage, Damage::DirDeleted]
-        .into_iter()
-        .enumerate()
-    {
+    let mut argv = rec.argv.clone();
+    let damages = [
+        Damage::TruncatedToHalf,
+        Damage::Garbage,
+        Damage::DirDeleted,
+        Damage::DirDeletedNetnsUnknown,
+    ];
+    for (i, damage) in damages.into_iter().enumerate() {
         sigkill(&rec);
         damage.apply(&agent.state_dir);
+        if damage == Damage::DirDeletedNetnsUnknown {
+            let sandbox = netns::named_path(&app.netns).display().to_string();
+            assert!(app_cached.contains(&sandbox), "{app_cached}");
+            let stale = app_cached.replace(&sandbox, "/run/netns/gone-by-now");
+            std::fs::write(&app_cache, stale).unwrap();
+            let nowhere = ["--netns-dirs", "/nonexistent", "--proc-netns", "false"];
+            argv.extend(nowhere.map(String::from));
+        }
         let started = Instant::now();
         let spawned = lab
-            .spawn(&format!("agent-a-recover{i}"), "nodeA", &rec.argv)
+            .spawn(&format!("agent-a-recover{i}"), "nodeA", &argv)
             .unwrap();
         rec = spawned.rec.clone();
         let log = wait_serving(&rec.log, &rec);
@@ -202,8 +230,13 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
         // has a record again; none failed.
         assert!(rebuilt.contains("ztunnel=true"), "{rebuilt}");
         assert!(rebuilt.contains("failed=0"), "{damage:?}:\n{log}");
+        let from_kernel = match damage {
+            Damage::DirDeletedNetnsUnknown => "from_kernel=1",
+            _ => "from_kernel=0",
+        };
+        assert!(rebuilt.contains(from_kernel), "{damage:?}:\n{log}");
         assert!(!log.contains("not rebuilt"), "{damage:?}:\n{log}");
-        if !matches!(damage, Damage::DirDeleted) {
+        if matches!(damage, Damage::TruncatedToHalf | Damage::Garbage) {
             let aside = std::fs::read_dir(&agent.state_dir)
                 .unwrap()
                 .filter_map(|e| e.ok())
@@ -233,9 +266,10 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
         assert_eq!(echoed, msg.as_bytes(), "{damage:?}: the held connection");
     }
 
-    // The rebuilt record of a-app has the runtime's container id: its CNI DEL removes exactly
-    // its route and elements.
-    let pod = state.pod("a-app").unwrap().clone();
+    std::fs::write(&app_cache, &app_cached).unwrap();
+    // The rebuilt record of a-app (from the kernel alone, last) has the runtime's container
+    // id: its CNI DEL removes exactly its route and elements.
+    let pod = app;
     let ip = pod.ip.unwrap().to_string();
     let client = cni::ensure_client().unwrap();
     cni::del(&client, &node, &pod).unwrap();
