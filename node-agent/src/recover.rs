@@ -287,6 +287,27 @@ pub struct Rebuilt {
     pub skipped: usize,
 }
 
+/// The verdict on a cached attachment. Before the Kubernetes watch has synced (every verdict
+/// is then "namespace unknown"), the kernel's capture is the evidence: an address with a
+/// table-100 route was an enrolled pod, the gateway of table 102 is the ztunnel. The watcher
+/// corrects either once it has listed.
+fn verdict_with_kernel(
+    v: Verdict,
+    ips: &[IpAddr],
+    routed: &BTreeSet<IpAddr>,
+    ztunnel: &BTreeSet<IpAddr>,
+) -> Verdict {
+    if v != Verdict::NamespaceUnknown {
+        v
+    } else if ips.iter().any(|ip| ztunnel.contains(ip)) {
+        Verdict::Ztunnel
+    } else if ips.iter().any(|ip| routed.contains(ip)) {
+        Verdict::Enroll
+    } else {
+        v
+    }
+}
+
 /// What the node's kernel holds for pod addresses: the pieces of a record that outlive the
 /// state directory (set elements name the veth and routed device, table-100 routes the
 /// node's gateway address as their `src`).
@@ -365,15 +386,31 @@ impl Node {
         // Pod addresses the kernel captures now (table 100): in Kubernetes mode, before the
         // watch has synced, this is the evidence that a pod was enrolled.
         let mut kernel = KernelPods::default();
-        match self.nl.observe_routes(&[table::INBOUND]).await {
+        let mut ztunnel_ips = BTreeSet::new();
+        match self
+            .nl
+            .observe_routes(&[table::INBOUND, table::RETURN])
+            .await
+        {
             Ok(r) => {
                 for (k, v) in r {
-                    if let Some(src) = v.src {
-                        kernel.src.insert(k.dst, src);
+                    match (k.table, v.src, v.gateway) {
+                        (table::INBOUND, Some(src), _) => {
+                            kernel.src.insert(k.dst, src);
+                        }
+                        // Table 102's default route is via the ztunnel pod.
+                        (table::RETURN, _, Some(gw)) => {
+                            ztunnel_ips.insert(gw);
+                        }
+                        _ => {}
                     }
                 }
             }
-            Err(e) => warn!("cannot read table {}: {e}", table::INBOUND),
+            Err(e) => warn!(
+                "cannot read tables {}/{}: {e}",
+                table::INBOUND,
+                table::RETURN
+            ),
         }
         let routed: BTreeSet<IpAddr> = kernel.src.keys().copied().collect();
         if self.fw.kind() == FirewallKind::Nftables {
@@ -410,12 +447,12 @@ impl Node {
                 ips: a.ips.clone(),
                 gateways: a.gateways.clone(),
             };
-            let verdict = match self.membership.verdict(&info) {
-                Verdict::NamespaceUnknown if a.ips.iter().any(|ip| routed.contains(ip)) => {
-                    Verdict::Enroll
-                }
-                v => v,
-            };
+            let verdict = verdict_with_kernel(
+                self.membership.verdict(&info),
+                &a.ips,
+                &routed,
+                &ztunnel_ips,
+            );
             match verdict {
                 Verdict::Ztunnel | Verdict::Enroll => pods.push((verdict, a, info)),
                 _ => done.skipped += 1,
@@ -725,6 +762,21 @@ mod tests {
         assert!(k.record(&info(&["10.0.9.9"], &["10.0.9.1"])).is_none());
         assert!(k.record(&info(&["10.0.1.7"], &[])).is_none());
         assert!(k.record(&info(&[], &[])).is_none());
+    }
+
+    #[test]
+    fn before_the_watch_syncs_the_kernel_says_who_was_captured() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let routed = BTreeSet::from([ip("10.0.0.5")]);
+        let zt = BTreeSet::from([ip("10.0.0.2")]);
+        let unknown = Verdict::NamespaceUnknown;
+        let v = |v, a: &str| verdict_with_kernel(v, &[ip(a)], &routed, &zt);
+        assert_eq!(v(unknown, "10.0.0.5"), Verdict::Enroll);
+        assert_eq!(v(unknown, "10.0.0.2"), Verdict::Ztunnel);
+        assert_eq!(v(unknown, "10.0.0.9"), unknown);
+        // A verdict the membership could give stands, whatever the kernel holds.
+        assert_eq!(v(Verdict::NotAmbient, "10.0.0.5"), Verdict::NotAmbient);
+        assert_eq!(v(Verdict::Enroll, "10.0.0.9"), Verdict::Enroll);
     }
 
     #[test]
