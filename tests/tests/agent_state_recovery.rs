@@ -236,6 +236,8 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
         };
         assert!(rebuilt.contains(from_kernel), "{damage:?}:\n{log}");
         assert!(!log.contains("not rebuilt"), "{damage:?}:\n{log}");
+        // The first reconcile after the rebuild found nothing to change.
+        assert!(!log.contains("reconciled node state"), "{damage:?}:\n{log}");
         if matches!(damage, Damage::TruncatedToHalf | Damage::Garbage) {
             let aside = std::fs::read_dir(&agent.state_dir)
                 .unwrap()
