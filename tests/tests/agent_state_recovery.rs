@@ -253,6 +253,10 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
             agent.state_dir.join("state.json").exists(),
             "{damage:?}: the rebuilt state is saved"
         );
+        assert!(
+            agent.state_dir.join("tunnel.json").exists(),
+            "{damage:?}: ztunnel-init's tunnel.json is written again"
+        );
 
         let after = node_snapshot(&lab, "nodeA");
         assert!(
