@@ -287,6 +287,14 @@ pub struct Rebuilt {
     pub skipped: usize,
 }
 
+/// An `ipset save` member of a `hash:net,iface` set: `10.0.0.5,veth1` (a `/32` or `/128`
+/// suffix allowed).
+fn ipset_dev_elem(elem: &str) -> Option<(IpAddr, String)> {
+    let (net, dev) = elem.split_once(',')?;
+    let ip = net.split('/').next()?.parse().ok()?;
+    Some((ip, dev.to_string())).filter(|(_, d)| !d.is_empty())
+}
+
 /// The verdict on a cached attachment. Before the Kubernetes watch has synced (every verdict
 /// is then "namespace unknown"), the kernel's capture is the evidence: an address with a
 /// table-100 route was an enrolled pod, the gateway of table 102 is the ztunnel. The watcher
@@ -331,10 +339,12 @@ impl KernelPods {
         }
     }
 
-    /// The record of `info` from the kernel alone; `None` when the kernel lacks a piece.
+    /// The record of `info` from the kernel alone; `None` when the kernel lacks a piece. The
+    /// iptables backend has no bridge port sets: the routed device stands for the veth (the
+    /// same elements, so nothing changes).
     fn record(&self, info: &PodInfo) -> Option<PodRecord> {
         let first = info.ips.first()?;
-        let veth = self.veth.get(first)?.clone();
+        let veth = self.veth.get(first).or(self.routed.get(first))?.clone();
         let routed = self.routed.get(first).unwrap_or(&veth);
         let host_bridge = (*routed != veth).then(|| routed.clone());
         // The route's `src`, else the cached result's gateway, of each family the pod has.
@@ -413,19 +423,33 @@ impl Node {
             ),
         }
         let routed: BTreeSet<IpAddr> = kernel.src.keys().copied().collect();
-        if self.fw.kind() == FirewallKind::Nftables {
-            match (
-                ambient_net::nft::observe_node(),
-                ambient_net::nft::observe_node_bridge(),
-            ) {
-                (Ok(inet), Ok(bridge)) => {
-                    let v4v6 = [POD_PORT_SET, POD_PORT_SET_V6];
-                    KernelPods::add_set(&mut kernel.veth, bridge.as_ref(), v4v6);
-                    let v4v6 = [POD_IIF_SET, POD_IIF_SET_V6];
-                    KernelPods::add_set(&mut kernel.routed, inet.as_ref(), v4v6);
+        match self.fw.kind() {
+            FirewallKind::Nftables => {
+                match (
+                    ambient_net::nft::observe_node(),
+                    ambient_net::nft::observe_node_bridge(),
+                ) {
+                    (Ok(inet), Ok(bridge)) => {
+                        let v4v6 = [POD_PORT_SET, POD_PORT_SET_V6];
+                        KernelPods::add_set(&mut kernel.veth, bridge.as_ref(), v4v6);
+                        let v4v6 = [POD_IIF_SET, POD_IIF_SET_V6];
+                        KernelPods::add_set(&mut kernel.routed, inet.as_ref(), v4v6);
+                    }
+                    (Err(e), _) | (_, Err(e)) => warn!("cannot read the node's nft sets: {e}"),
                 }
-                (Err(e), _) | (_, Err(e)) => warn!("cannot read the node's nft sets: {e}"),
             }
+            FirewallKind::Iptables => match ambient_net::iptables::ipset::members() {
+                Ok(m) => {
+                    for name in [POD_IIF_SET, POD_IIF_SET_V6] {
+                        for elem in m.get(name).into_iter().flatten() {
+                            if let Some((ip, dev)) = ipset_dev_elem(elem) {
+                                kernel.routed.insert(ip, dev);
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!("cannot read the node's ipsets: {e}"),
+            },
         }
         let mut pods = Vec::new();
         for a in cached {
@@ -757,6 +781,17 @@ mod tests {
             .unwrap();
         assert_eq!(r.host_bridge.as_deref(), Some("br0"));
         assert_eq!((r.gateway, r.gateway6), (ip("10.0.1.1"), None));
+
+        // The iptables backend: only the routed device is known.
+        let mut ipt = KernelPods::default();
+        let (i, d) = ipset_dev_elem("10.0.0.5/32,veth5").unwrap();
+        ipt.routed.insert(i, d);
+        ipt.src.insert(ip("10.0.0.5"), ip("10.0.0.1"));
+        let r = ipt.record(&info(&["10.0.0.5"], &[])).unwrap();
+        assert_eq!((r.host_veth.as_str(), r.host_bridge), ("veth5", None));
+        assert_eq!(ipset_dev_elem("fd00::5,veth5").unwrap().0, ip("fd00::5"));
+        assert!(ipset_dev_elem("10.0.0.5").is_none());
+        assert!(ipset_dev_elem("10.0.0.5,").is_none());
 
         // Nothing in the kernel, or no gateway anywhere: not rebuilt.
         assert!(k.record(&info(&["10.0.9.9"], &["10.0.9.1"])).is_none());

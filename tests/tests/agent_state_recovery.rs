@@ -19,7 +19,8 @@ const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 /// How long a restarted agent may take to serve (it answers in well under a second).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Rules, tables 100–102, tunnels and both nft tables of a node, one set element a line.
+/// Rules, tables 100–102, tunnels, both nft tables (one set element a line) and, for the
+/// iptables backend, its rules and ipset members.
 fn node_snapshot(lab: &Lab, node: &str) -> String {
     let run = |argv: &[&str]| {
         let out = lab.exec(node, argv).expect("exec");
@@ -54,6 +55,28 @@ fn node_snapshot(lab: &Lab, node: &str) -> String {
             }
             in_elements = !last;
         }
+    }
+    for save in [
+        "iptables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-nft-save",
+        "ip6tables-legacy-save",
+    ] {
+        for l in run(&[save])
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains("AMBIENT"))
+        {
+            s += &format!("{save}: {l}\n");
+        }
+    }
+    let mut members: Vec<String> = run(&["ipset", "save"])
+        .lines()
+        .filter(|l| l.contains("ztunnel-pods"))
+        .map(str::to_string)
+        .collect();
+    members.sort();
+    for m in members {
+        s += &format!("ipset: {m}\n");
     }
     s
 }
@@ -287,7 +310,7 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
     );
     assert!(
         gone.iter()
-            .any(|l| l.contains("element") && l.contains(&ip)),
+            .any(|l| (l.contains("element") || l.starts_with("ipset: add")) && l.contains(&ip)),
         "DEL removed a-app's elements: {gone:?}"
     );
     assert!(
