@@ -13,6 +13,11 @@ rc=0
 timeout -k 30 2400 cargo test --workspace -- --test-threads=2 || rc=$?
 if [ "$rc" = 124 ]; then echo "test.sh: cargo test did not finish in 40 minutes (a hung test: see 'has been running for over 60 seconds' above)" >&2; fi
 [ "$rc" = 0 ] || exit "$rc"
+# The second firewall backend: the lab suites of the node path again on iptables + ipset
+# (capture matrix, CNI enroll/remove, agent SIGKILL restart, cleanup, kube-proxy coexistence
+# against iptables-mode Services, the state-directory recovery).
+AMBIENT_LAB_FIREWALL=iptables timeout -k 30 900 \
+  cargo test -p ambient-lab --test redirection --test agent_state_recovery -- --test-threads=2
 # Nothing may be left behind.
 left=$(ls /run/netns 2>/dev/null | grep -E '^(amb|t[0-9a-z]+|nfttest)' || true)
 if [ -n "$left" ]; then echo "leftover network namespaces: $left" >&2; exit 1; fi

@@ -128,6 +128,76 @@ fn render_table(family: &str, services: &[&Dnat]) -> String {
     )
 }
 
+/// The same Services the way kube-proxy's iptables mode programs them, for a lab whose agent
+/// runs the iptables backend (the original's kube-proxy coexistence, an ACCEPT ahead of
+/// `KUBE-SERVICES`, only stops DNAT in the same tables): `iptables-restore --noflush` input per
+/// family (`None` when the family has no Service), a `KUBE-SERVICES` chain in nat jumped to
+/// from PREROUTING and OUTPUT, one DNAT per ClusterIP port, several backends picked at random
+/// (`-m statistic --mode random --probability 1/n`, then 1/(n-1), …, the last unconditional).
+pub fn render_iptables(services: &[Dnat]) -> (Option<String>, Option<String>) {
+    let family = |v6: bool| {
+        let rules: Vec<String> = services
+            .iter()
+            .filter(|d| d.cluster_ip.is_ipv6() == v6)
+            .flat_map(|d| {
+                let prefix = if v6 { 128 } else { 32 };
+                let n = d.backends.len();
+                d.backends.iter().enumerate().map(move |(i, b)| {
+                    let to = match b {
+                        IpAddr::V6(b) => format!("[{b}]:{}", d.target_port),
+                        IpAddr::V4(b) => format!("{b}:{}", d.target_port),
+                    };
+                    let pick = if i + 1 < n {
+                        format!(
+                            " -m statistic --mode random --probability {:.5}",
+                            1.0 / (n - i) as f64
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "-A KUBE-SERVICES -d {}/{prefix} -p tcp -m tcp --dport {}{pick} -j DNAT --to-destination {to}",
+                        d.cluster_ip, d.port
+                    )
+                })
+            })
+            .collect();
+        (!rules.is_empty()).then(|| {
+            format!(
+                "*nat\n:KUBE-SERVICES - [0:0]\n\
+                 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+                 -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+                 {}\nCOMMIT\n",
+                rules.join("\n")
+            )
+        })
+    };
+    (family(false), family(true))
+}
+
+/// Loads iptables-restore input (`--noflush`) into the named netns, with `iptables-restore` or
+/// `ip6tables-restore`.
+pub fn apply_iptables(netns_name: &str, v6: bool, script: &str) -> Result<()> {
+    let bin = if v6 {
+        "ip6tables-restore"
+    } else {
+        "iptables-restore"
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(["-w", "5", "--noflush"]);
+    netns::command_in(&mut cmd, &netns::named_path(netns_name))?;
+    let out = procs::run_capture(&mut cmd, Some(script.as_bytes()), Duration::from_secs(20))
+        .with_context(|| format!("{bin} in netns {netns_name}"))?;
+    if !out.status.success() {
+        bail!(
+            "{bin} --noflush in netns {netns_name} failed ({}): {}\ninput:\n{script}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Loads `script` with `nft -f -` inside the named netns.
 pub fn apply(netns_name: &str, script: &str) -> Result<()> {
     let mut cmd = Command::new("nft");
@@ -148,6 +218,36 @@ pub fn apply(netns_name: &str, script: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iptables_mode_services() {
+        let d = Dnat {
+            cluster_ip: CLUSTER_IP.into(),
+            port: 80,
+            backends: vec![
+                Ipv4Addr::new(10, 244, 1, 6).into(),
+                Ipv4Addr::new(10, 244, 2, 6).into(),
+            ],
+            target_port: 8080,
+        };
+        let (v4, v6) = render_iptables(&[d]);
+        let v4 = v4.unwrap();
+        assert!(v6.is_none());
+        assert!(v4.starts_with("*nat\n:KUBE-SERVICES - [0:0]\n"), "{v4}");
+        assert!(v4.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+        assert!(v4.contains("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m statistic --mode random --probability 0.50000 -j DNAT --to-destination 10.244.1.6:8080"), "{v4}");
+        assert!(v4.contains("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.2.6:8080\nCOMMIT\n"), "{v4}");
+        let d6 = Dnat {
+            cluster_ip: CLUSTER_IP6.into(),
+            port: 80,
+            backends: vec!["fd00:10:244:2::3".parse().unwrap()],
+            target_port: 9080,
+        };
+        let (_, v6) = render_iptables(&[d6]);
+        assert!(v6.unwrap().contains("-d fd00:10:96::10/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00:10:244:2::3]:9080"));
+    }
 
     #[test]
     fn script() {

@@ -631,10 +631,22 @@ impl Builder<'_> {
         let services = plan_services(self.state)?;
         let per_service: Vec<Vec<service::Dnat>> = services.iter().map(dnat_rules).collect();
         let all: Vec<service::Dnat> = per_service.iter().flatten().cloned().collect();
+        // kube-proxy in the mode matching the agent's backend: the iptables backend's
+        // coexistence rule (ACCEPT ahead of KUBE-SERVICES) works on iptables-mode Services.
+        let iptables = self.opts.firewall == "iptables";
         let script = service::render_all(&all);
+        let (ipt4, ipt6) = service::render_iptables(&all);
         for node in &NODES {
             let netns_name = self.node_state(node)?.netns.clone();
-            service::apply(&netns_name, &script)?;
+            if iptables {
+                for (v6, input) in [(false, &ipt4), (true, &ipt6)] {
+                    if let Some(input) = input {
+                        service::apply_iptables(&netns_name, v6, input)?;
+                    }
+                }
+            } else {
+                service::apply(&netns_name, &script)?;
+            }
         }
         for (svc, rules) in services.into_iter().zip(&per_service) {
             for rule in rules {
