@@ -25,6 +25,7 @@ pub mod paths;
 pub mod procs;
 pub mod serve;
 pub mod service;
+pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod sysctl;

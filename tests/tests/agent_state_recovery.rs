@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ambient_lab::snapshot::{lines_only_in, node_snapshot};
 use ambient_lab::state::{LabState, ProcessRecord};
 use ambient_lab::{cni, procs, unique_prefix, Lab, LabOptions};
 use ambient_net::netns;
@@ -18,76 +19,6 @@ use ambient_net::netns;
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 /// How long a restarted agent may take to serve (it answers in well under a second).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Rules, tables 100–102, tunnels, both nft tables (one set element a line) and, for the
-/// iptables backend, its rules and ipset members.
-fn node_snapshot(lab: &Lab, node: &str) -> String {
-    let run = |argv: &[&str]| {
-        let out = lab.exec(node, argv).expect("exec");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let mut s = run(&["ip", "rule"]);
-    for t in ["100", "101", "102"] {
-        s += &format!("table {t}\n{}", run(&["ip", "route", "show", "table", t]));
-    }
-    s += &run(&["ip", "-o", "-d", "link", "show", "istioin"]);
-    s += &run(&["ip", "-o", "-d", "link", "show", "istioout"]);
-    for family in ["inet", "bridge"] {
-        let nft = run(&["nft", "list", "table", family, "ambient-node"]);
-        let mut in_elements = false;
-        for line in nft.lines() {
-            let t = line.trim();
-            let body = match t.strip_prefix("elements = {") {
-                Some(rest) => rest,
-                None if in_elements => t,
-                None => {
-                    s += line;
-                    s.push('\n');
-                    continue;
-                }
-            };
-            let (body, last) = match body.strip_suffix('}') {
-                Some(b) => (b, true),
-                None => (body, false),
-            };
-            for e in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-                s += &format!("\t\telement {e}\n");
-            }
-            in_elements = !last;
-        }
-    }
-    for save in [
-        "iptables-nft-save",
-        "iptables-legacy-save",
-        "ip6tables-nft-save",
-        "ip6tables-legacy-save",
-    ] {
-        for l in run(&[save])
-            .lines()
-            .filter(|l| l.starts_with("-A") && l.contains("AMBIENT"))
-        {
-            s += &format!("{save}: {l}\n");
-        }
-    }
-    let mut members: Vec<String> = run(&["ipset", "save"])
-        .lines()
-        .filter(|l| l.contains("ztunnel-pods"))
-        .map(str::to_string)
-        .collect();
-    members.sort();
-    for m in members {
-        s += &format!("ipset: {m}\n");
-    }
-    s
-}
-
-fn lines_only_in(a: &str, b: &str) -> Vec<String> {
-    let bl: Vec<&str> = b.lines().collect();
-    a.lines()
-        .filter(|l| !bl.contains(l))
-        .map(str::to_string)
-        .collect()
-}
 
 fn sigkill(rec: &ProcessRecord) {
     nix::sys::signal::kill(

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ambient_lab::snapshot::{lines_only_in, node_snapshot};
 use ambient_lab::state::LabState;
 use ambient_lab::tproxy::TproxyRecord;
 use ambient_lab::{cni, procs, unique_prefix, Lab, LabOptions};
@@ -53,60 +54,6 @@ fn direct(lab: &Lab, from: &str, ip: Ipv4Addr, client: Ipv4Addr) {
         got.starts_with(&format!("server={ip}:9080 client={client}:")),
         "{from} -> {ip}:9080 expected the server to see {client}: {got:?}"
     );
-}
-
-/// What an operator would look at on a node: rules, tables 100–102, tunnels, the nft tables.
-fn node_snapshot(lab: &Lab, node: &str) -> String {
-    let run = |argv: &[&str]| {
-        let out = lab.exec(node, argv).expect("exec");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let mut s = run(&["ip", "rule"]);
-    for t in ["100", "101", "102"] {
-        s += &format!("table {t}\n{}", run(&["ip", "route", "show", "table", t]));
-    }
-    s += &run(&["ip", "-o", "-d", "link", "show", "istioin"]);
-    s += &run(&["ip", "-o", "-d", "link", "show", "istioout"]);
-    for family in ["inet", "bridge"] {
-        s += &one_element_per_line(&run(&["nft", "list", "table", family, "ambient-node"]));
-    }
-    s
-}
-
-/// nft wraps a long element list over several lines, so one element more or less re-wraps its
-/// neighbours' lines: one line per element instead, so a diff names exactly the elements.
-fn one_element_per_line(nft: &str) -> String {
-    let mut out = String::new();
-    let mut in_elements = false;
-    for line in nft.lines() {
-        let t = line.trim();
-        let body = match t.strip_prefix("elements = {") {
-            Some(rest) => rest,
-            None if in_elements => t,
-            None => {
-                out += line;
-                out.push('\n');
-                continue;
-            }
-        };
-        let (body, last) = match body.strip_suffix('}') {
-            Some(b) => (b, true),
-            None => (body, false),
-        };
-        for e in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            out += &format!("\t\telement {e}\n");
-        }
-        in_elements = !last;
-    }
-    out
-}
-
-fn lines_only_in(a: &str, b: &str) -> Vec<String> {
-    let bl: Vec<&str> = b.lines().collect();
-    a.lines()
-        .filter(|l| !bl.contains(l))
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

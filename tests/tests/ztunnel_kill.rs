@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_lab::serve::parse_greeting;
+use ambient_lab::snapshot::node_snapshot;
 use ambient_lab::state::LabState;
 use ambient_lab::{procs, unique_prefix, ztunnel, Lab, LabOptions};
 
@@ -60,26 +61,6 @@ fn load(to: SocketAddr, stop: &AtomicBool) -> Vec<Attempt> {
     })
 }
 
-fn node_kernel(lab: &Lab) -> String {
-    let run = |argv: &[&str]| {
-        String::from_utf8_lossy(&lab.exec("nodeA", argv).unwrap().stdout).into_owned()
-    };
-    let mut s = run(&["ip", "rule"]);
-    for t in ["100", "101", "102"] {
-        s += &run(&["ip", "route", "show", "table", t]);
-    }
-    s += &run(&[
-        "nft",
-        "list",
-        "set",
-        "inet",
-        "ambient-node",
-        "ztunnel-pods-ips",
-    ]);
-    s += &run(&["ip", "-o", "link", "show", "istioout"]);
-    s
-}
-
 #[test]
 fn a_sigkilled_ztunnel_under_load_carries_new_connections_within_a_second() {
     let lab = Lab::up(&unique_prefix("zkl"), LabOptions::new(LAB)).expect("lab up");
@@ -88,7 +69,7 @@ fn a_sigkilled_ztunnel_under_load_carries_new_connections_within_a_second() {
     let zt = state.process("ztunnel-a").unwrap().clone();
     let agent = state.process("agent-a").map(|p| p.pid);
     assert!(agent.is_some(), "no agent-a process in the lab state");
-    let kernel_before = node_kernel(&lab);
+    let kernel_before = node_snapshot(&lab, "nodeA");
     let stop = AtomicBool::new(false);
     let (attempts, killed, restarted, ready, first_new) = std::thread::scope(|s| {
         let loader = s.spawn(|| lab.run_in("a-client", || load(to, &stop)).unwrap());
@@ -182,7 +163,7 @@ fn a_sigkilled_ztunnel_under_load_carries_new_connections_within_a_second() {
         "the agent restarted"
     );
     assert_eq!(
-        node_kernel(&lab),
+        node_snapshot(&lab, "nodeA"),
         kernel_before,
         "the node's kernel state changed"
     );
