@@ -664,3 +664,59 @@ fn run_down(bin: &Path, prefix: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A packet capture (`tcpdump -w`) on one interface of a lab netns, for tests that check what
+/// crossed the wire (e.g. only TLS on the underlay).
+pub struct Capture {
+    child: Child,
+    pcap: PathBuf,
+}
+
+impl Lab {
+    /// Starts capturing on `iface` in `short`'s netns (e.g. `nodeA`, `ul0`) and returns once
+    /// tcpdump writes its file.
+    pub fn capture(&self, short: &str, iface: &str) -> Result<Capture> {
+        let pcap = self
+            .status()
+            .run_dir
+            .join(format!("{short}-{iface}-{}.pcap", std::process::id()));
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&pcap)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        netns::command_in(&mut cmd, &self.netns_path(short))?;
+        let child = cmd.spawn().context("tcpdump (Debian package tcpdump)")?;
+        let mut c = Capture { child, pcap };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !c.pcap.exists() {
+            if Instant::now() > deadline {
+                let _ = c.child.kill();
+                bail!("tcpdump on {short}/{iface} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // tcpdump creates the file just before it starts reading packets.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(c)
+    }
+}
+
+impl Capture {
+    /// Stops the capture: the raw file's bytes, and tcpdump's text of it (`-nn`).
+    pub fn stop(mut self) -> Result<(Vec<u8>, String)> {
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.child.wait()?;
+        let raw = std::fs::read(&self.pcap)?;
+        let text = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.pcap)
+            .output()?;
+        let _ = std::fs::remove_file(&self.pcap);
+        Ok((raw, String::from_utf8_lossy(&text.stdout).into_owned()))
+    }
+}

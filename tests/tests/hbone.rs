@@ -2,13 +2,11 @@
 //! ztunnel A → HBONE (mTLS 1.3, HTTP/2 CONNECT) → ztunnel B → pod. Needs root.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambient_lab::serve::parse_greeting;
 use ambient_lab::state::LabState;
 use ambient_lab::{procs, unique_prefix, ztunnel, Lab, LabOptions};
-use ambient_net::netns;
 use serde_json::json;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
@@ -62,17 +60,7 @@ fn ambient_to_ambient_across_nodes_is_mutual_tls_and_keeps_the_client_ip() {
     let (client, app) = (lab.pod_ip("a-client"), lab.pod_ip("b-app"));
 
     // Capture the underlay while a known payload crosses it.
-    let pcap = lab.status().run_dir.join("ul0.pcap");
-    let mut dump = Command::new("tcpdump");
-    dump.args(["-i", "ul0", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    netns::command_in(&mut dump, &lab.netns_path("nodeA")).unwrap();
-    let mut dump = dump.spawn().expect("tcpdump (Debian package tcpdump)");
-    eventually("tcpdump listens", || pcap.exists());
-    std::thread::sleep(Duration::from_millis(300));
-
+    let capture = lab.capture("nodeA", "ul0").unwrap();
     let secret = b"AMBIENT-PLAINTEXT-MARKER-7d1f3c";
     for ip in [app, SERVICE_IP] {
         let port = if ip == SERVICE_IP { 80 } else { 9080 };
@@ -81,24 +69,11 @@ fn ambient_to_ambient_across_nodes_is_mutual_tls_and_keeps_the_client_ip() {
         assert_eq!(seen.ip(), client, "the server must see the client's pod IP");
         assert_eq!(echoed, secret);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    dump.wait().unwrap();
-    let raw = std::fs::read(&pcap).unwrap();
+    let (raw, text) = capture.stop().unwrap();
     assert!(
         !raw.windows(secret.len()).any(|w| w == secret),
         "the payload crossed the underlay in clear"
     );
-    let text = Command::new("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(&pcap)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!("{app}.15008")),
         "no HBONE to 15008 on the underlay:\n{text}"

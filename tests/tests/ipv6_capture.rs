@@ -4,14 +4,12 @@
 //! Needs root.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambient_lab::serve::parse_greeting;
 use ambient_lab::state::LabState;
 use ambient_lab::tproxy::TproxyRecord;
 use ambient_lab::{unique_prefix, ztunnel, Lab, LabOptions};
-use ambient_net::netns;
 use serde_json::json;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
@@ -146,16 +144,7 @@ fn hbone_over_ipv6_keeps_the_client_address_and_only_tls_crosses_the_underlay() 
     .expect("lab up");
     let (client, app) = (v6(&lab, "a-client"), v6(&lab, "b-app"));
 
-    let pcap = lab.status().run_dir.join("ul0-v6.pcap");
-    let mut dump = Command::new("tcpdump");
-    dump.args(["-i", "ul0", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    netns::command_in(&mut dump, &lab.netns_path("nodeA")).unwrap();
-    let mut dump = dump.spawn().expect("tcpdump (Debian package tcpdump)");
-    eventually("tcpdump listens", || pcap.exists());
-    std::thread::sleep(Duration::from_millis(300));
+    let capture = lab.capture("nodeA", "ul0").unwrap();
     let secret = b"AMBIENT-V6-PLAINTEXT-MARKER-5be2";
     for (ip, port) in [(app, 9080), (SERVICE_IP6.into(), 80)] {
         let (greeting, echoed) = lab.exchange("a-client", ip, port, secret).unwrap();
@@ -167,24 +156,11 @@ fn hbone_over_ipv6_keeps_the_client_address_and_only_tls_crosses_the_underlay() 
         );
         assert_eq!(echoed, secret);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    dump.wait().unwrap();
-    let raw = std::fs::read(&pcap).unwrap();
+    let (raw, text) = capture.stop().unwrap();
     assert!(
         !raw.windows(secret.len()).any(|w| w == secret),
         "the payload crossed the underlay in clear"
     );
-    let text = Command::new("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(&pcap)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!("{app}.15008")),
         "no HBONE to [{app}]:15008:\n{text}"
