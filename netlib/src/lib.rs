@@ -7,6 +7,7 @@
 //! nftables backend and the [`iptables`] + ipset one behind one trait.
 
 pub mod consts;
+mod exec;
 pub mod firewall;
 pub mod iptables;
 pub mod logging;

@@ -11,8 +11,6 @@
 //! decides, the legacy tables hold kube-proxy's chains and the nft ones do not.
 //! `AMBIENT_IPTABLES=legacy` or `=nft` forces `iptables-legacy-*` / `iptables-nft-*`.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use super::render::Fam;
@@ -75,23 +73,14 @@ pub fn program(f: Fam, tool: &str) -> String {
 }
 
 /// One finished run.
-pub(crate) struct Output {
-    pub ok: bool,
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
+pub(crate) type Output = crate::exec::Output<IptablesError>;
 
-impl Output {
-    pub fn into_result(self, action: &str) -> Result<String, IptablesError> {
-        if self.ok {
-            Ok(self.stdout)
-        } else {
-            Err(IptablesError::Failed {
-                action: action.to_string(),
-                code: self.code,
-                stderr: self.stderr.trim().to_string(),
-            })
+impl From<crate::exec::Failed> for IptablesError {
+    fn from(f: crate::exec::Failed) -> Self {
+        IptablesError::Failed {
+            action: f.action,
+            code: f.code,
+            stderr: f.stderr,
         }
     }
 }
@@ -102,55 +91,13 @@ pub(crate) fn run(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<Output, IptablesError> {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                IptablesError::Missing {
-                    program: program.to_string(),
-                }
-            } else {
-                IptablesError::Io {
-                    action: format!("start {program}"),
-                    source: e,
-                }
-            }
-        })?;
-    let io_err = |action: String, source| IptablesError::Io { action, source };
-    let output = std::thread::scope(|s| {
-        // A helper thread writes, so a large input never deadlocks against the output.
-        let writer = child.stdin.take().map(|mut pipe| {
-            let data = stdin.unwrap_or_default().as_bytes();
-            s.spawn(move || pipe.write_all(data))
-        });
-        let out = child.wait_with_output();
-        match writer.map(|w| w.join()) {
-            Some(Ok(Err(e))) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                return Err(io_err(format!("write to {program}"), e))
-            }
-            Some(Err(_)) => {
-                return Err(io_err(
-                    format!("write to {program}"),
-                    std::io::Error::other("writer panicked"),
-                ))
-            }
-            _ => {}
-        }
-        out.map_err(|e| io_err(format!("wait for {program}"), e))
-    })?;
-    Ok(Output {
-        ok: output.status.success(),
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    crate::exec::run(std::path::Path::new(program), args, stdin).map_err(|e| match e {
+        crate::exec::RunError::Missing => IptablesError::Missing {
+            program: program.to_string(),
+        },
+        crate::exec::RunError::Io(step, source) => IptablesError::Io {
+            action: format!("{step} {program}"),
+            source,
+        },
     })
 }

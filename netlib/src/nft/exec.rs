@@ -5,9 +5,7 @@
 //! locale (stable messages), and is spawned from the calling thread, so a thread that has
 //! joined another network namespace (`netns::run_in`) runs nft in that namespace.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use super::NftError;
 
@@ -45,29 +43,15 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// The result of one nft run that could be started.
-pub(crate) struct Output {
-    pub ok: bool,
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
+pub(crate) type Output = crate::exec::Output<NftError>;
 
-impl Output {
-    pub fn into_result(self, action: &str) -> Result<String, NftError> {
-        if self.ok {
-            Ok(self.stdout)
-        } else {
-            Err(NftError::Failed {
-                action: action.to_string(),
-                code: self.code,
-                stderr: self.stderr.trim().to_string(),
-            })
+impl From<crate::exec::Failed> for NftError {
+    fn from(f: crate::exec::Failed) -> Self {
+        NftError::Failed {
+            action: f.action,
+            code: f.code,
+            stderr: f.stderr,
         }
-    }
-
-    /// nft's message for a table, chain, set or element that does not exist (ENOENT).
-    pub fn is_absent(&self) -> bool {
-        !self.ok && self.stderr.contains("No such file or directory")
     }
 }
 
@@ -81,53 +65,13 @@ pub(crate) fn run_with(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<Output, NftError> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            NftError::Missing {
-                program: program.display().to_string(),
-            }
-        } else {
-            NftError::Io {
-                action: format!("start {}", program.display()),
-                source: e,
-            }
-        }
-    })?;
-    let io_err = |action: &str, source| NftError::Io {
-        action: action.to_string(),
-        source,
-    };
-    let output = std::thread::scope(|s| {
-        // Write on a helper thread so a large batch can never deadlock against nft's output.
-        let writer = child.stdin.take().map(|mut pipe| {
-            let data = stdin.unwrap_or_default().as_bytes();
-            s.spawn(move || pipe.write_all(data))
-        });
-        let out = child.wait_with_output();
-        let wrote = writer.map(|w| w.join());
-        match wrote {
-            Some(Ok(Err(e))) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                return Err(io_err("write to nft", e))
-            }
-            Some(Err(_)) => return Err(io_err("write to nft", std::io::Error::other("panic"))),
-            _ => {}
-        }
-        out.map_err(|e| io_err("wait for nft", e))
-    })?;
-    Ok(Output {
-        ok: output.status.success(),
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    crate::exec::run(program, args, stdin).map_err(|e| match e {
+        crate::exec::RunError::Missing => NftError::Missing {
+            program: program.display().to_string(),
+        },
+        crate::exec::RunError::Io(step, source) => NftError::Io {
+            action: format!("{step} {}", program.display()),
+            source,
+        },
     })
 }
