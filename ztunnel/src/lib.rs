@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod process;
 pub mod proxy;
 pub mod rbac;
+pub mod refusals;
 pub mod socket;
 pub mod state;
 pub mod tls;

@@ -44,7 +44,14 @@ pub async fn serve_dialed(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, dia
     if to_waypoint {
         to_local_waypoint(&pi, tcp, peer, dialed).await;
     } else if let Err(e) = serve_connection(pi, tcp, peer, dialed).await {
-        tracing::warn!(%peer, error = %e, "inbound HBONE connection refused");
+        match e.refusal() {
+            // A client without the right certificate, or that stalls: once per cause.
+            Some(cause) => {
+                tracing::debug!(%peer, error = %e, "inbound HBONE connection refused");
+                crate::refusals::warn("inbound", cause, &format_args!("{peer}: {e}"));
+            }
+            None => tracing::warn!(%peer, error = %e, "inbound HBONE connection refused"),
+        }
     }
 }
 
@@ -237,6 +244,7 @@ async fn serve_stream(
         Ok(x) => x,
         Err((status, e)) => {
             respond_error(&mut respond, status);
+            log.refusal = e.refusal();
             log.finish(
                 &pi.metrics,
                 0,

@@ -65,6 +65,24 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
+impl Error {
+    /// The refusal this error is, if it is one (a connection turned away on purpose, not a
+    /// failure): the cause [`crate::refusals`] logs once.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Error::UnknownSource(_) => Some("unknown-source"),
+            Error::NotLocalSource(_) => Some("not-local-source"),
+            Error::SelfConnect(_) => Some("self-connect"),
+            Error::Denied(_) => Some("denied"),
+            Error::BadRequest(_) => Some("bad-request"),
+            Error::NotLocalDestination(_) => Some("not-local-destination"),
+            Error::Tls(_) => Some("tls-handshake"),
+            Error::Timeout("TLS handshake" | "HTTP/2 handshake") => Some("handshake-timeout"),
+            _ => None,
+        }
+    }
+}
+
 /// Everything a listener needs.
 pub struct Inputs {
     pub cfg: Arc<Config>,
@@ -108,6 +126,9 @@ pub struct ConnLog {
     pub mtls: bool,
     /// Which sides this process reports for (`source`, `destination`).
     pub reporters: &'static [&'static str],
+    /// Set when the connection was refused on purpose (see [`Error::refusal`]): its access
+    /// line is INFO and the WARN comes once per cause ([`crate::refusals`]).
+    pub refusal: Option<&'static str>,
     start: Instant,
     opened: Vec<ConnLabels>,
 }
@@ -127,6 +148,7 @@ impl ConnLog {
             upstream: None,
             mtls: false,
             reporters: &[],
+            refusal: None,
             start: Instant::now(),
             opened: Vec::new(),
         }
@@ -177,6 +199,24 @@ impl ConnLog {
                 duration_ms = format_args!("{duration_ms:.1}"), result = "ok",
                 "connection complete"
             ),
+            Err(e) if self.refusal.is_some() => {
+                let cause = self.refusal.unwrap_or_default();
+                tracing::info!(
+                    target: "access",
+                    direction = self.direction, src.addr = %self.src, dst.addr = %self.dst,
+                    src.workload = %src_workload, src.identity = %src_identity,
+                    dst.workload = %dst_workload, dst.identity = %dst_identity,
+                    dst.service = %dst_service, route = self.route, upstream = %upstream,
+                    security, bytes_sent = sent, bytes_received = received,
+                    duration_ms = format_args!("{duration_ms:.1}"), result = "refused", cause,
+                    error = %e, "connection refused"
+                );
+                crate::refusals::warn(
+                    self.direction,
+                    cause,
+                    &format_args!("{} -> {}: {e}", self.src, self.dst),
+                );
+            }
             Err(e) => tracing::warn!(
                 target: "access",
                 direction = self.direction, src.addr = %self.src, dst.addr = %self.dst,
@@ -219,6 +259,24 @@ pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    use super::Error;
+
+    #[test]
+    fn refusals_are_named_and_failures_are_not() {
+        let ip: std::net::IpAddr = "10.244.1.9".parse().unwrap();
+        assert_eq!(Error::UnknownSource(ip).refusal(), Some("unknown-source"));
+        assert_eq!(
+            Error::Timeout("HTTP/2 handshake").refusal(),
+            Some("handshake-timeout")
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            Error::Connect("10.0.0.1:80".parse().unwrap(), refused).refusal(),
+            None
+        );
+        assert_eq!(Error::Timeout("CONNECT response").refusal(), None);
+    }
+
     use super::*;
 
     #[test]

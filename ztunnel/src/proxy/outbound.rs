@@ -266,7 +266,10 @@ pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: S
     let relayed = proxy(&pi, &mut tcp, &mut log).await;
     let (up, down, result) = match relayed {
         Ok(r) => (r.up, r.down, r.result.map_err(|e| e.to_string())),
-        Err(e) => (0, 0, Err(e.to_string())),
+        Err(e) => {
+            log.refusal = e.refusal();
+            (0, 0, Err(e.to_string()))
+        }
     };
     log.finish(&pi.metrics, up, down, result);
 }
