@@ -841,8 +841,9 @@ fn family_name(v6: bool) -> &'static str {
     }
 }
 
-/// fe80::/10
-fn is_link_local6(a: &Ipv6Addr) -> bool {
+/// fe80::/10: not an address a node route can name as its `src` (nor route to from another
+/// table without an interface scope).
+pub fn is_link_local6(a: &Ipv6Addr) -> bool {
     a.segments()[0] & 0xffc0 == 0xfe80
 }
 

@@ -596,10 +596,7 @@ impl Node {
         if families.v6.is_some() && gateways.v6.is_none() {
             gateways.v6 = inner.default_gateway6().await?.map(|(g, _)| g);
         }
-        if gateways
-            .v6
-            .is_some_and(|g| g.segments()[0] & 0xffc0 == 0xfe80)
-        {
+        if gateways.v6.is_some_and(|g| nl::is_link_local6(&g)) {
             warn!(pod = %pod.name, gateway = ?gateways.v6, "the pod's IPv6 gateway is link-local: its IPv6 traffic is not captured");
             gateways.v6 = None;
         }

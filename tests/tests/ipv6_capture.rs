@@ -13,8 +13,8 @@ use ambient_lab::{unique_prefix, ztunnel, Lab, LabOptions};
 use serde_json::json;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
-/// The `demo/app` Service's IPv6 ClusterIP (the lab's fd00:10:96::/112 range).
-const SERVICE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+/// The `demo/app` Service's IPv6 ClusterIP.
+const SERVICE_IP6: Ipv6Addr = ambient_lab::service::CLUSTER_IP6;
 
 /// A lab whose ztunnel netns run the transparent test listener instead of ztunnel.
 fn listener_lab(tag: &str, family: &str, primary: &str) -> Lab {

@@ -107,7 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .default_gateway6()
             .await?
             .map(|(g, _)| g)
-            .filter(|g| g.segments()[0] & 0xffc0 != 0xfe80);
+            .filter(|g| !nl::is_link_local6(g));
     }
     let own_ip = own
         .primary()
