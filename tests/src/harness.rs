@@ -720,3 +720,42 @@ impl Capture {
         Ok((raw, String::from_utf8_lossy(&text.stdout).into_owned()))
     }
 }
+
+/// A TCP connection opened from inside a lab pod and held by the test, to check later that a
+/// change (a restart, a damaged state) did not cut it.
+pub struct HeldConnection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// The first line the far end sent.
+    pub greeting: String,
+}
+
+impl Lab {
+    /// Connects from `from` to `to` and reads the greeting line (3 s timeouts).
+    pub fn hold_connection(&self, from: &str, to: SocketAddr) -> Result<HeldConnection> {
+        let conn = self
+            .run_in(from, move || {
+                TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            })?
+            .with_context(|| format!("connect from {from} to {to}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        Ok(HeldConnection {
+            reader,
+            writer: conn,
+            greeting,
+        })
+    }
+}
+
+impl HeldConnection {
+    /// Sends `data` and reads as many bytes back (the far end echoes).
+    pub fn echo(&mut self, data: &[u8]) -> Result<Vec<u8>> {
+        self.writer.write_all(data)?;
+        let mut back = vec![0u8; data.len()];
+        self.reader.read_exact(&mut back)?;
+        Ok(back)
+    }
+}

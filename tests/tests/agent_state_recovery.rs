@@ -6,8 +6,7 @@
 //! exactly that pod's route and elements (its record was rebuilt with the runtime's container
 //! id). Needs root.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -122,18 +121,12 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
     // listener, which echoes.
     let _zt = lab.tproxy_listen("a-ztunnel").unwrap();
     let b_app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
-    let conn = lab
-        .run_in("a-client", move || {
-            TcpStream::connect_timeout(&b_app, Duration::from_secs(3))
-        })
-        .unwrap()
-        .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).unwrap();
-    assert!(greeting.starts_with("tproxy port=15001"), "{greeting}");
-    let mut w = conn;
+    let mut held = lab.hold_connection("a-client", b_app).unwrap();
+    assert!(
+        held.greeting.starts_with("tproxy port=15001"),
+        "{}",
+        held.greeting
+    );
 
     // a-app's entry in the runtime's CNI cache.
     let app = state.pod("a-app").unwrap().clone();
@@ -220,9 +213,7 @@ fn damaged_state_dir_is_rebuilt_without_flushing() {
             lines_only_in(&after, &before)
         );
         let msg = format!("still here {i}\n");
-        w.write_all(msg.as_bytes()).unwrap();
-        let mut echoed = vec![0u8; msg.len()];
-        reader.read_exact(&mut echoed).unwrap();
+        let echoed = held.echo(msg.as_bytes()).unwrap();
         assert_eq!(echoed, msg.as_bytes(), "{damage:?}: the held connection");
     }
 

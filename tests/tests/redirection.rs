@@ -2,8 +2,8 @@
 //! (ptp + host-local + ambient-cni through libcni), ztunnel-init, and a transparent test
 //! listener standing in for ztunnel. Needs root.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -165,17 +165,12 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
     // A long-lived captured connection: ambient pod -> ztunnel A's listener (which echoes).
     let _zt = lab.tproxy_listen("a-ztunnel").unwrap();
     let b_app = SocketAddr::new(lab.pod_ip("b-app").into(), 9080);
-    let conn = lab
-        .run_in("a-client", move || {
-            TcpStream::connect_timeout(&b_app, Duration::from_secs(3))
-        })
-        .unwrap()
-        .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).unwrap();
-    assert!(greeting.starts_with("tproxy port=15001"), "{greeting}");
+    let mut held = lab.hold_connection("a-client", b_app).unwrap();
+    assert!(
+        held.greeting.starts_with("tproxy port=15001"),
+        "{}",
+        held.greeting
+    );
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(rec.pid),
@@ -209,11 +204,7 @@ fn agent_restart_changes_nothing_and_keeps_connections() {
         "restart changed the kernel state"
     );
 
-    let mut w = conn;
-    w.write_all(b"still here\n").unwrap();
-    let mut echoed = [0u8; 11];
-    reader.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"still here\n");
+    assert_eq!(held.echo(b"still here\n").unwrap(), b"still here\n");
     // New connections are captured too.
     captured(&lab, "a-client", lab.pod_ip("b-app"), 9080, 15001);
 }

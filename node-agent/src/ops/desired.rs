@@ -59,6 +59,14 @@ impl Desired {
         }
     }
 
+    /// The ztunnel pod's netns, when a ztunnel is known.
+    pub fn ztunnel_netns(&self) -> Option<std::path::PathBuf> {
+        self.state
+            .ztunnel
+            .as_ref()
+            .map(|z| std::path::PathBuf::from(&z.endpoint.netns))
+    }
+
     /// The enrolled pod holding `ip`.
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodRecord> {
         self.state.pods.values().find(|p| p.v4().any(|a| a == ip))

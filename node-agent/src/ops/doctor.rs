@@ -96,13 +96,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 pub async fn doctor(args: &Args) -> Result<Report, OpsError> {
-    let d = Desired::load(&args.state_dir)?;
-    let zt_netns = d
-        .state
-        .ztunnel
-        .as_ref()
-        .map(|z| PathBuf::from(&z.endpoint.netns));
-    let k = Kernel::read(zt_netns.as_deref()).await?;
+    let (d, k) = super::desired_and_kernel(&args.state_dir).await?;
+    let zt_netns = d.ztunnel_netns();
     let mut f = Vec::new();
     kernel_checks(&mut f, &d, &k);
     let mut all = drift::compare(&d, &k);

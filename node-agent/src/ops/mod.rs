@@ -54,6 +54,16 @@ impl OpsError {
 /// How long one HTTP exchange with ztunnel may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The agent's desired state from `state_dir`, and the kernel now: the node's, and the
+/// ztunnel netns' when a ztunnel is known (what `explain` and `doctor` both compare).
+pub async fn desired_and_kernel(
+    state_dir: &Path,
+) -> Result<(desired::Desired, kernel::Kernel), OpsError> {
+    let d = desired::Desired::load(state_dir)?;
+    let k = kernel::Kernel::read(d.ztunnel_netns().as_deref()).await?;
+    Ok((d, k))
+}
+
 /// `GET path` on `127.0.0.1:port` inside `netns` (ztunnel's admin port listens on loopback
 /// only, so it is asked from inside its netns): the status code and the body.
 pub fn http_get(netns: &Path, port: u16, path: &str) -> Result<(u16, String), OpsError> {
