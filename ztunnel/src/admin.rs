@@ -60,10 +60,17 @@ impl AdminSource for AdminInputs {
     }
 
     fn debug(&self, path: &str, query: Option<&str>) -> Option<Result<serde_json::Value, String>> {
-        (path == "/debug/route").then(|| {
-            let (src, dst) = crate::explain::parse_query(query)?;
-            Ok(crate::explain::explain(&self.state.get(), src, dst))
-        })
+        match path {
+            "/debug/route" => Some(
+                crate::explain::parse_query(query)
+                    .map(|(src, dst)| crate::explain::explain(&self.state.get(), src, dst)),
+            ),
+            "/debug/inbound" => Some(
+                crate::explain::parse_inbound_query(query)
+                    .map(|c| crate::explain::explain_inbound(&self.state.get(), c)),
+            ),
+            _ => None,
+        }
     }
 
     /// The whole `/config_dump` document.
@@ -122,7 +129,10 @@ pub fn handle<B>(a: &dyn AdminSource, port: Port, req: &Request<B>) -> Response<
             StatusCode::OK,
             "text/plain",
             "/config_dump  the running configuration, certificates (no keys), pool\n\
-             /debug/route?src=<ip>&dst=<ip:port>  (ztunnel) the decision for one connection\n\
+             /debug/route?src=<ip>&dst=<ip:port>  the decision for one outbound connection (ztunnel, \
+             the waypoint: &method=&path=&header=name:value too)\n\
+             /debug/inbound?src=<ip>&dst=<ip:port>[&authority=<ip:port>]  (ztunnel) the \
+             decision for one connection arriving at this node (15008 HBONE, 15006 plaintext)\n\
              /metrics\n\
              /healthz/ready\n",
         ),

@@ -8,37 +8,100 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{json, Value};
 
+use ambient_net::consts::port;
+
 use crate::proxy::outbound::{route, Route};
 use crate::rbac;
 use crate::state::{State, Workload};
 
+/// The `key=value` pairs of a query, each key once and one of `allowed`; values
+/// percent-decoded.
+fn query_pairs(q: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if allowed.contains(&k) && !out.iter().any(|(o, _)| o == k) => {
+                out.push((k.to_string(), percent_decode(v)))
+            }
+            _ => {
+                return Err(format!(
+                    "{pair:?}: want {}",
+                    allowed
+                        .iter()
+                        .map(|k| format!("{k}=…"))
+                        .collect::<Vec<_>>()
+                        .join("&")
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn ip_param(pairs: &[(String, String)], key: &str) -> Result<Option<IpAddr>, String> {
+    get(pairs, key)
+        .map(|v| {
+            v.parse::<IpAddr>()
+                .map_err(|_| format!("{key}={v}: not an IP"))
+        })
+        .transpose()
+}
+
+fn addr_param(pairs: &[(String, String)], key: &str) -> Result<Option<SocketAddr>, String> {
+    get(pairs, key)
+        .map(|v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| format!("{key}={v}: not <ip>:<port> ([<ipv6>]:<port>)"))
+        })
+        .transpose()
+}
+
 /// Parses the query (`src=10.244.1.4&dst=10.96.0.10:80`, `src=fd00::4&dst=[fd00::10]:80`;
 /// the brackets and colons may come percent-encoded).
 pub fn parse_query(q: Option<&str>) -> Result<(IpAddr, SocketAddr), String> {
-    let (mut src, mut dst) = (None, None);
-    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("src", v)) => {
-                let v = percent_decode(v);
-                src = Some(
-                    v.parse::<IpAddr>()
-                        .map_err(|_| format!("src={v}: not an IP"))?,
-                )
-            }
-            Some(("dst", v)) => {
-                let v = percent_decode(v);
-                dst = Some(
-                    v.parse::<SocketAddr>()
-                        .map_err(|_| format!("dst={v}: not <ip>:<port> ([<ipv6>]:<port>)"))?,
-                )
-            }
-            _ => return Err(format!("{pair:?}: want src=<ip>&dst=<ip:port>")),
-        }
-    }
-    match (src, dst) {
+    let pairs = query_pairs(q, &["src", "dst"])?;
+    match (ip_param(&pairs, "src")?, addr_param(&pairs, "dst")?) {
         (Some(s), Some(d)) => Ok((s, d)),
         _ => Err("want src=<ip>&dst=<ip:port>".into()),
     }
+}
+
+/// One connection arriving at this node's ztunnel (`/debug/inbound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inbound {
+    /// The client's address as the packet carries it.
+    pub src: IpAddr,
+    /// The address it dialed: a pod's `ip:15008` is HBONE, anything else plaintext (15006).
+    pub dst: SocketAddr,
+    /// HBONE: the CONNECT's target inside the tunnel.
+    pub authority: Option<SocketAddr>,
+}
+
+/// Parses `/debug/inbound`'s query: `src=<ip>&dst=<ip:port>[&authority=<ip:port>]`; HBONE
+/// (a `dst` on 15008) needs the authority, the stream's decision depends on it.
+pub fn parse_inbound_query(q: Option<&str>) -> Result<Inbound, String> {
+    let pairs = query_pairs(q, &["src", "dst", "authority"])?;
+    let (Some(src), Some(dst)) = (ip_param(&pairs, "src")?, addr_param(&pairs, "dst")?) else {
+        return Err("want src=<ip>&dst=<ip:port>[&authority=<ip:port>]".into());
+    };
+    let authority = addr_param(&pairs, "authority")?;
+    if dst.port() == port::INBOUND_HBONE && authority.is_none() {
+        return Err(format!(
+            "dst {dst} is HBONE: want authority=<ip:port>, the CONNECT's target"
+        ));
+    }
+    Ok(Inbound {
+        src,
+        dst,
+        authority,
+    })
 }
 
 /// `%5B`, `%5D`, `%3A` (any `%XX`) decoded; a malformed escape is kept as is (and then fails
@@ -198,6 +261,106 @@ pub fn explain(state: &State, src: IpAddr, dst: SocketAddr) -> Value {
     out
 }
 
+/// The decision for a connection arriving at this node (the destination side of a path): on
+/// 15008 the certificate ztunnel presents for the dialed pod, the peer identity it will see
+/// (the client workload's), then the CONNECT's checks ([`crate::proxy::inbound::admit`]'s:
+/// a local target served under that identity, a required waypoint, the policies); on 15006
+/// the plaintext connection's policies, without an identity.
+pub fn explain_inbound(state: &State, c: Inbound) -> Value {
+    let hbone = c.dst.port() == port::INBOUND_HBONE;
+    let listener = if hbone {
+        port::INBOUND_HBONE
+    } else {
+        port::INBOUND_PLAINTEXT
+    };
+    let mut out = json!({
+        "direction": "inbound", "src": c.src, "dst": c.dst, "listener": listener,
+        "authority": c.authority,
+    });
+    let src_wl = state.workload_by_ip(c.src);
+    if let Some(w) = src_wl {
+        out["source"] = describe(w, &state.node);
+    }
+    let refuse = |mut out: Value, reason: String| {
+        out["decision"] = "refused".into();
+        out["reason"] = reason.into();
+        out
+    };
+    let Some(dialed) = state.local_workload_by_ip(c.dst.ip()) else {
+        return refuse(
+            out,
+            format!(
+                "{} is not a workload of this node ({}): not a local destination",
+                c.dst.ip(),
+                state.node
+            ),
+        );
+    };
+    if hbone && state.is_waypoint(c.dst.ip()) {
+        out["destination"] = describe(dialed, &state.node);
+        out["decision"] = "to the local waypoint".into();
+        out["reason"] = "relayed as TCP from the client's address: the waypoint terminates HBONE and checks the client itself".into();
+        return out;
+    }
+    let (target, peer) = if hbone {
+        out["servedIdentity"] = json!(dialed.identity);
+        let peer = src_wl.map(|w| w.identity.clone());
+        out["expectedPeerIdentity"] = json!(peer);
+        if peer.is_none() {
+            out["peerNote"] = "the source is no known workload: any certificate of the mesh CA is accepted, and its identity is what policies see".into();
+        }
+        (c.authority.unwrap_or(c.dst), peer)
+    } else {
+        (c.dst, None)
+    };
+    let Some(wl) = state.local_workload_by_ip(target.ip()) else {
+        return refuse(
+            out,
+            format!("CONNECT {target}: not a workload of this node (answered 400)"),
+        );
+    };
+    out["destination"] = describe(wl, &state.node);
+    if hbone && wl.identity != dialed.identity {
+        return refuse(
+            out,
+            format!(
+                "CONNECT {target}: not served under the identity this tunnel verified ({}) (answered 400)",
+                dialed.identity
+            ),
+        );
+    }
+    let conn = rbac::Connection {
+        src_identity: peer.as_ref(),
+        src_ip: c.src,
+        dst: target,
+    };
+    let policies: Vec<Value> = state
+        .policies_for(wl)
+        .map(|p| json!({"policy": p.key(), "action": p.action, "matches": p.matches(&conn)}))
+        .collect();
+    out["policies"] = policies.into();
+    let waypoints = state.required_waypoints(wl, target.port());
+    out["requiredWaypoints"] = json!(waypoints);
+    let verdict = match &peer {
+        Some(id) if !waypoints.is_empty() && !waypoints.contains(id) => {
+            Err(rbac::Denied::BypassedWaypoint(waypoints[0].to_string()))
+        }
+        // As 15006 does: plaintext is checked against the policies only.
+        _ => rbac::authorize(state.policies_for(wl), &conn),
+    };
+    match verdict {
+        Ok(()) => {
+            out["decision"] = "allowed".into();
+            out["upstream"] = json!(target);
+        }
+        Err(d) => {
+            out["decision"] = "denied".into();
+            out["reason"] = d.to_string().into();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +467,96 @@ policies:
         let v = explain(&st, ip("10.0.0.1"), sa("10.96.0.10:80"));
         assert_eq!(v["decision"], "allowed", "{v:#}");
         assert_eq!(v["service"]["endpoints"][1]["share"], 0.5, "{v:#}");
+    }
+
+    #[test]
+    fn the_destination_side_of_hbone_and_plaintext() {
+        // Node b's ztunnel: app-1 is local.
+        let st = State::build(&parse_local_config(FILE).unwrap(), "cluster.local", "b").unwrap();
+        let q = |q: &str| parse_inbound_query(Some(q)).unwrap();
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.0.1&dst=10.0.1.1:15008&authority=10.0.1.1:8080"),
+        );
+        assert_eq!(v["listener"], 15008, "{v:#}");
+        assert_eq!(v["servedIdentity"], "spiffe://cluster.local/ns/demo/sa/app");
+        assert_eq!(
+            v["expectedPeerIdentity"],
+            "spiffe://cluster.local/ns/demo/sa/client"
+        );
+        assert_eq!(v["destination"]["name"], "app-1");
+        assert_eq!(v["decision"], "allowed", "{v:#}");
+        assert_eq!(v["upstream"], "10.0.1.1:8080");
+        // The client's identity is denied on 9999.
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.0.1&dst=10.0.1.1:15008&authority=10.0.1.1:9999"),
+        );
+        assert_eq!(v["decision"], "denied", "{v:#}");
+        assert!(v["reason"].as_str().unwrap().contains("demo/no-client"));
+        // Plaintext: no identity, so the principal rule does not match: allowed.
+        let v = explain_inbound(&st, q("src=10.0.0.1&dst=10.0.1.1:9999"));
+        assert_eq!(
+            (v["listener"].as_u64(), v["decision"].as_str()),
+            (Some(15006), Some("allowed")),
+            "{v:#}"
+        );
+        assert!(v["servedIdentity"].is_null());
+        // A CONNECT to a pod of another identity through this tunnel: refused.
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.0.1&dst=10.0.1.1:15008&authority=10.0.3.2:5432"),
+        );
+        assert_eq!(v["decision"], "refused", "{v:#}");
+        assert!(
+            v["reason"].as_str().unwrap().contains("not served under"),
+            "{v:#}"
+        );
+        // db is behind the waypoint: only the waypoint's identity may send to it.
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.0.1&dst=10.0.3.2:15008&authority=10.0.3.2:5432"),
+        );
+        assert_eq!(v["decision"], "denied", "{v:#}");
+        assert_eq!(
+            v["requiredWaypoints"][0],
+            "spiffe://cluster.local/ns/demo/sa/wp"
+        );
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.3.1&dst=10.0.3.2:15008&authority=10.0.3.2:5432"),
+        );
+        assert_eq!(v["decision"], "allowed", "{v:#}");
+        // The waypoint's own 15008 is relayed to it.
+        let v = explain_inbound(
+            &st,
+            q("src=10.0.0.1&dst=10.0.3.1:15008&authority=10.96.0.10:80"),
+        );
+        assert_eq!(v["decision"], "to the local waypoint", "{v:#}");
+        // Not this node's: refused. On node a, app-1 is remote.
+        let a = State::build(&parse_local_config(FILE).unwrap(), "cluster.local", "a").unwrap();
+        let v = explain_inbound(
+            &a,
+            q("src=10.0.0.1&dst=10.0.1.1:15008&authority=10.0.1.1:8080"),
+        );
+        assert_eq!(v["decision"], "refused", "{v:#}");
+        // An unknown source on 15008: any mesh identity, said so.
+        let v = explain_inbound(
+            &st,
+            q("src=10.9.9.9&dst=10.0.1.1:15008&authority=10.0.1.1:8080"),
+        );
+        assert!(
+            v["expectedPeerIdentity"].is_null() && v["peerNote"].is_string(),
+            "{v:#}"
+        );
+        // The query: HBONE needs its authority; keys once, known ones only; v6.
+        assert!(parse_inbound_query(Some("src=10.0.0.1&dst=10.0.1.1:15008")).is_err());
+        assert!(parse_inbound_query(Some("src=10.0.0.1&dst=10.0.1.1:80&src=10.0.0.2")).is_err());
+        assert!(parse_inbound_query(Some("src=10.0.0.1&dst=10.0.1.1:80&x=1")).is_err());
+        assert!(parse_inbound_query(Some("src=10.0.0.1&dst=10.0.1.1:80&authority=x")).is_err());
+        assert_eq!(
+            q("src=fd00::1&dst=%5Bfd00:1::1%5D:15008&authority=[fd00:1::1]:8080").authority,
+            Some(sa("[fd00:1::1]:8080"))
+        );
     }
 }

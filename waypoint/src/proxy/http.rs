@@ -292,13 +292,17 @@ fn apply_request_filters(
 }
 
 /// The service or workload a request ends up at, and on which port.
-enum Target {
+pub(crate) enum Target {
     Service(Arc<Service>, u16),
     Workload(Arc<Workload>, u16),
 }
 
 /// The endpoints an attempt may go to.
-fn endpoints(st: &WaypointState, target: &Target, v4: bool) -> Vec<(Arc<Workload>, Endpoint)> {
+pub(crate) fn endpoints(
+    st: &WaypointState,
+    target: &Target,
+    v4: bool,
+) -> Vec<(Arc<Workload>, Endpoint)> {
     let endpoint = |w: &Arc<Workload>, addr: SocketAddr, extra: &[ztunnel::identity::Identity]| {
         let mut identities = vec![w.identity.clone()];
         identities.extend(extra.iter().filter(|i| **i != w.identity).cloned());
