@@ -194,6 +194,7 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         pool: pool.clone(),
         drain: drain.clone(),
+        limits: crate::proxy::limits::Limits::new(cfg.max_connections_per_source),
         own_addrs: crate::socket::local_addresses(),
         own_ports: {
             let mut ports: Vec<u16> = (addrs.outbound_all.iter())

@@ -104,6 +104,13 @@ pub struct Cli {
     /// Log format.
     #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
+    /// Concurrent connections one source may hold in this ztunnel (a workload on 15001, 15006
+    /// and as the client of HBONE streams on 15008; an address outside the mesh; a peer
+    /// address's TCP connections on 15008); beyond it new ones are refused, so a flood from
+    /// one pod cannot starve the others. Default: a quarter of the open-files limit (a
+    /// connection holds up to two descriptors: one source takes at most half). 0: no cap.
+    #[arg(long, env = "ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -210,6 +217,16 @@ pub struct Config {
     pub pool_spread: usize,
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// 0: no cap (see [`Cli::max_connections_per_source`]).
+    pub max_connections_per_source: usize,
+}
+
+/// The default per-source cap: a quarter of the soft open-files limit (1024 when unknown).
+pub fn default_max_connections_per_source() -> usize {
+    let soft = crate::process::nofile_limit()
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft / 4).unwrap_or(usize::MAX).max(1)
 }
 
 impl Config {
@@ -290,6 +307,9 @@ impl From<Cli> for Config {
             pool_spread: cli.pool_spread.unwrap_or(worker_threads).max(1),
             pool_idle_timeout: cli.pool_idle_timeout,
             connect_timeout: cli.connect_timeout,
+            max_connections_per_source: cli
+                .max_connections_per_source
+                .unwrap_or_else(default_max_connections_per_source),
         }
     }
 }

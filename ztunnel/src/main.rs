@@ -8,9 +8,19 @@ use ztunnel::process;
 
 fn main() -> ExitCode {
     ztunnel::proxy::h2::tune_allocator();
+    // Before the config: the per-source connection cap defaults to a share of this limit.
+    let nofile = process::raise_nofile_limit();
     let cli = Cli::parse();
     process::init_logging(&cli.log_format);
+    match nofile {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     let cfg = Config::from(cli);
+    tracing::info!(
+        max = cfg.max_connections_per_source,
+        "concurrent connections per source (0: no cap)"
+    );
     let workers = cfg.worker_threads;
     let r = process::run_until_signal(
         "ztunnel",

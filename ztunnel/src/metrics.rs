@@ -57,8 +57,19 @@ impl ConnLabels {
     }
 }
 
+/// Labels of the refusal counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The listener's direction: `outbound`, `inbound`, `inbound_plaintext`.
+    pub direction: String,
+    /// The cause, as [`crate::refusals`] logs it (`connection-limit`, `denied`…).
+    pub cause: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Connections (or HBONE streams) turned away on purpose, by cause.
+    pub refused_by_cause: Family<RefusalLabels, Counter>,
     pub opened: Family<ConnLabels, Counter>,
     pub closed: Family<ConnLabels, Counter>,
     pub sent: Family<ConnLabels, Counter>,
@@ -84,6 +95,7 @@ impl Metrics {
         let closed = Family::<ConnLabels, Counter>::default();
         let sent = Family::<ConnLabels, Counter>::default();
         let received = Family::<ConnLabels, Counter>::default();
+        let refused_by_cause = Family::<RefusalLabels, Counter>::default();
         // The registry appends `_total` to counters.
         registry.register(
             "istio_tcp_connections_opened",
@@ -105,14 +117,29 @@ impl Metrics {
             "The size of total bytes received during request (source to destination)",
             received.clone(),
         );
+        registry.register(
+            "ztunnel_refused_connections",
+            "Connections and HBONE streams refused on purpose, by listener and cause",
+            refused_by_cause.clone(),
+        );
         extra(&mut registry);
         Metrics {
             registry,
+            refused_by_cause,
             opened,
             closed,
             sent,
             received,
         }
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, direction: &str, cause: &str) {
+        let l = RefusalLabels {
+            direction: direction.to_string(),
+            cause: cause.to_string(),
+        };
+        self.refused_by_cause.get_or_create(&l).inc();
     }
 
     pub fn encode(&self) -> String {
@@ -148,5 +175,14 @@ mod tests {
         );
         assert!(text.contains("destination_workload=\"unknown\""), "{text}");
         assert!(text.contains("} 42"), "{text}");
+        m.refused("outbound", "connection-limit");
+        m.refused("outbound", "connection-limit");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "ztunnel_refused_connections_total{direction=\"outbound\",cause=\"connection-limit\"} 2"
+            ),
+            "{text}"
+        );
     }
 }

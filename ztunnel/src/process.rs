@@ -10,6 +10,38 @@ use tokio::runtime::Handle;
 
 use tracing_subscriber::EnvFilter;
 
+/// The open-files limit (soft, hard) of this process.
+pub fn nofile_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Raises the soft open-files limit to the hard one, as Envoy and upstream ztunnel do at
+/// start: every proxied connection holds one or two descriptors, and a soft limit of 1024
+/// (many init systems' default) would cap a node's pods at a few hundred connections while the
+/// hard limit allows far more. Returns the (soft, hard) limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let (soft, hard) = nofile_limit()?;
+    if soft < hard {
+        let lim = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    nofile_limit()
+}
+
 /// Logs to stderr, `plain` or `json` (one object per line), filtered by `RUST_LOG` (default
 /// `info`).
 pub fn init_logging(format: &str) {

@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::h2::{relay_h2, H2Stream, Sent};
+use super::limits::Source;
 use super::{forwarded_for, ConnLog, Error, Inputs};
 use crate::identity::Identity;
 use crate::rbac;
@@ -37,21 +38,36 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
 /// One connection to `dialed` (under TPROXY: the pod's `ip:15008`). A waypoint terminates
 /// HBONE itself: its connections are passed to it untouched; every other pod's are ours.
 pub async fn serve_dialed(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
+    // Counted by address from the accept on: a stalled handshake holds a socket too.
+    let _permit = match pi.limits.acquire(Source::Addr(peer.ip().to_canonical())) {
+        Ok(p) => p,
+        Err(e) => {
+            refused(&pi, peer, &e);
+            return;
+        }
+    };
     let to_waypoint = {
         let st = pi.state.get();
         st.is_waypoint(dialed.ip()) && st.local_workload_by_ip(dialed.ip()).is_some()
     };
     if to_waypoint {
         to_local_waypoint(&pi, tcp, peer, dialed).await;
-    } else if let Err(e) = serve_connection(pi, tcp, peer, dialed).await {
-        match e.refusal() {
-            // A client without the right certificate, or that stalls: once per cause.
-            Some(cause) => {
-                tracing::debug!(%peer, error = %e, "inbound HBONE connection refused");
-                crate::refusals::warn("inbound", cause, &format_args!("{peer}: {e}"));
-            }
-            None => tracing::warn!(%peer, error = %e, "inbound HBONE connection refused"),
+    } else if let Err(e) = serve_connection(pi.clone(), tcp, peer, dialed).await {
+        refused(&pi, peer, &e);
+    }
+}
+
+/// A connection to 15008 that ends before its streams: a refusal once per cause (and
+/// counted), anything else a warning.
+fn refused(pi: &Inputs, peer: SocketAddr, e: &Error) {
+    match e.refusal() {
+        // A client without the right certificate, that stalls, or over its cap.
+        Some(cause) => {
+            tracing::debug!(%peer, error = %e, "inbound HBONE connection refused");
+            pi.metrics.refused("inbound", cause);
+            crate::refusals::warn("inbound", cause, &format_args!("{peer}: {e}"));
         }
+        None => tracing::warn!(%peer, error = %e, "inbound HBONE connection refused"),
     }
 }
 
@@ -257,6 +273,19 @@ async fn serve_stream(
     let src_ip = src.ip();
     log.src = src;
     log.src_workload = state.workload_by_ip(src_ip).cloned();
+    // The stream's client (a pod of another node) against its cap, until the relay ends.
+    let _permit = match pi
+        .limits
+        .acquire(Source::of(log.src_workload.as_deref(), src_ip))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            respond_error(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.refusal = e.refusal();
+            log.finish(&pi.metrics, 0, 0, Err(format!("{e} (503)")));
+            return;
+        }
+    };
     log.dst_identity = Some(wl.identity.clone());
     log.dst_workload = Some(wl);
     log.upstream = Some(target);

@@ -47,6 +47,10 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
         .ok_or(Error::NotLocalDestination(dst))?
         .clone();
     log.src_workload = state.workload_by_ip(src.ip()).cloned();
+    let _permit = pi.limits.acquire(super::limits::Source::of(
+        log.src_workload.as_deref(),
+        src.ip(),
+    ))?;
     log.dst_identity = Some(wl.identity.clone());
     log.dst_workload = Some(wl.clone());
     log.upstream = Some(dst);

@@ -4,7 +4,8 @@
 //!   a waypoint, the local fast path, or plain TCP passthrough;
 //! - [`inbound`] (15008): HBONE from other ztunnels (mTLS, HTTP/2 CONNECT);
 //! - [`inbound_passthrough`] (15006): plaintext from clients outside the mesh;
-//! - [`pool`]: the HBONE connection pool; [`h2`]: HTTP/2 settings and relays.
+//! - [`pool`]: the HBONE connection pool; [`h2`]: HTTP/2 settings and relays;
+//! - [`limits`]: the per-source caps on concurrent connections.
 //!
 //! Every connection ends in one access-log line (target `access`) and the Istio TCP metrics.
 
@@ -12,6 +13,7 @@ pub mod accept;
 pub mod h2;
 pub mod inbound;
 pub mod inbound_passthrough;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 
@@ -61,6 +63,8 @@ pub enum Error {
     Timeout(&'static str),
     #[error("draining")]
     Draining,
+    #[error("{0} holds {1} connections, its limit")]
+    ConnectionLimit(String, usize),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -78,6 +82,7 @@ impl Error {
             Error::NotLocalDestination(_) => Some("not-local-destination"),
             Error::Tls(_) => Some("tls-handshake"),
             Error::Timeout("TLS handshake" | "HTTP/2 handshake") => Some("handshake-timeout"),
+            Error::ConnectionLimit(..) => Some("connection-limit"),
             _ => None,
         }
     }
@@ -91,6 +96,8 @@ pub struct Inputs {
     pub metrics: Arc<Metrics>,
     pub pool: Arc<pool::Pool>,
     pub drain: Drain,
+    /// Concurrent connections per source.
+    pub limits: Arc<limits::Limits>,
     /// This netns' addresses and our listener ports: a destination among them is ourselves.
     pub own_addrs: Vec<IpAddr>,
     pub own_ports: Vec<u16>,
@@ -211,6 +218,7 @@ impl ConnLog {
                     duration_ms = format_args!("{duration_ms:.1}"), result = "refused", cause,
                     error = %e, "connection refused"
                 );
+                m.refused(self.direction, cause);
                 crate::refusals::warn(
                     self.direction,
                     cause,

@@ -287,6 +287,10 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
     if src_wl.node != state.node {
         return Err(Error::NotLocalSource(src.ip()));
     }
+    // Held until the relay ends (this function returns).
+    let _permit = pi
+        .limits
+        .acquire(super::limits::Source::of(Some(&src_wl), src.ip()))?;
     log.src_identity = Some(src_wl.identity.clone());
     log.src_workload = Some(src_wl.clone());
     let mut rng = fastrand::Rng::new();
