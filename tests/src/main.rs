@@ -8,7 +8,9 @@ use ambient_lab::cni::Primary;
 use ambient_lab::drill;
 use ambient_lab::topology::IpFamily;
 use ambient_lab::up::{Dataplane, UpOptions};
-use ambient_lab::{bench, demo, down, exec, explain, paths, serve, status, tproxy, up};
+use ambient_lab::{
+    bench, demo, down, exec, explain, flood, paths, serve, soak, status, tproxy, up,
+};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
@@ -166,6 +168,12 @@ enum Cmd {
         #[command(subcommand)]
         drill: drill::DrillCmd,
     },
+    /// Soak the mesh on a lab of its own: many concurrent connections opened, held and
+    /// churned; both ztunnels' FDs and RSS sampled and held to a flatness criterion.
+    Soak(soak::SoakArgs),
+    /// Flood ztunnel's 15001, 15006 and 15008 from one pod on a lab of its own while other
+    /// pods keep connecting: their latency before and during, nothing failed, all released.
+    Flood(flood::FloodArgs),
     /// Test server run inside pods.
     #[command(hide = true)]
     Serve {
@@ -330,6 +338,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             );
         }
         Cmd::Drill { drill } => drill::run(drill)?,
+        Cmd::Soak(args) => soak::run(&args)?,
+        Cmd::Flood(args) => flood::run(&args)?,
         Cmd::Serve {
             port,
             http_port,
