@@ -24,6 +24,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
+/// When the pass after the start runs (see [`run`]).
+const STARTUP_RECHECK: Duration = Duration::from_secs(3);
+
 #[derive(Parser)]
 #[command(
     name = "ambient-agent",
@@ -207,8 +210,20 @@ async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(resync.max(1)));
     tick.tick().await;
+    // CNI DELs answered while the agent was down may still be finishing as it starts (the
+    // primary plugin removes the pod's veth after ambient-cni returned): one more pass soon
+    // after the start forgets those pods without waiting a whole resync.
+    let recheck = tokio::time::sleep(STARTUP_RECHECK.min(Duration::from_secs(resync.max(1))));
+    tokio::pin!(recheck);
+    let mut rechecked = false;
     loop {
         tokio::select! {
+            _ = &mut recheck, if !rechecked => {
+                rechecked = true;
+                if let Err(e) = node.lock().await.reconcile().await {
+                    error!("recheck after start: {e:#}");
+                }
+            }
             _ = tick.tick() => {
                 if let Err(e) = node.lock().await.reconcile().await {
                     error!("resync: {e:#}");

@@ -146,6 +146,7 @@ impl Node {
 
     /// Converges every link, rule, route, sysctl and nft object the node agent owns.
     pub async fn reconcile(&mut self) -> anyhow::Result<bool> {
+        self.forget_gone_pods().await?;
         // State saved by an agent that did not record the bridge's MAC: read it now, so the
         // same-bridge capture rules are rendered (the bridge plugin pins the bridge's MAC).
         if let Some(z) = self.state.ztunnel.as_mut() {
@@ -206,6 +207,30 @@ impl Node {
             info!(?changes, nft_changed, "reconciled node state");
         }
         Ok(changed)
+    }
+
+    /// Forgets the pods whose host veth is gone from the node: their network was torn down
+    /// without the agent hearing of it, as when their CNI DEL was answered while the agent was
+    /// down (ambient-cni lets DEL succeed so teardown is never blocked) and the primary plugin
+    /// then deleted the veth. Their set elements and table-100 routes used to stay until a CNI
+    /// GC; the reconcile this runs in removes them.
+    async fn forget_gone_pods(&mut self) -> anyhow::Result<()> {
+        if self.state.pods.is_empty() {
+            return Ok(());
+        }
+        let links: BTreeSet<String> = self.nl.link_names().await?.into_values().collect();
+        for key in gone_pods(&self.state, &links) {
+            let Some(rec) = self.state.pods.remove(&key) else {
+                continue;
+            };
+            self.cni_added.remove(&key);
+            self.cni_seen
+                .retain(|_, p| p.container_id != rec.container_id);
+            warn!(pod = %format!("{}/{}", rec.namespace, rec.name), container = %rec.container_id,
+                  veth = %rec.host_veth, ips = ?rec.ips,
+                  "the pod's veth is gone but no CNI DEL reached the agent (answered while it was down?): forgetting the pod");
+        }
+        Ok(())
     }
 
     /// Records the pre-change values of node-wide sysctls the first time they are changed.
@@ -396,7 +421,8 @@ impl Node {
         Ok(())
     }
 
-    /// Whether `p` brings a gateway address the output chain does not exempt yet.
+    /// Whether `p` has a gateway address no other record (nor the ztunnel) has: its enroll
+    /// adds an exemption to the output chain, its removal takes one away.
     fn nft_gateways_change(&self, p: &PodRecord) -> bool {
         if self.state.ztunnel.is_none() {
             return false;
@@ -477,6 +503,11 @@ impl Node {
         self.state.pods.remove(key);
         self.cni_added.remove(key);
         self.store.save_pod(&self.state, key)?;
+        if self.nft_gateways_change(&rec) {
+            // The last pod behind a gateway address: its exemption in the output chain goes
+            // now, not at the next resync.
+            self.fw.reconcile_node(&self.nft_desired())?;
+        }
         info!(pod = %format!("{}/{}", rec.namespace, rec.name), "removed");
         Ok(true)
     }
@@ -737,6 +768,16 @@ pub fn pod_host_devs(state: &AgentState) -> BTreeSet<String> {
         .collect()
 }
 
+/// Keys of the pod records whose host veth is not among the node's `links`.
+fn gone_pods(state: &AgentState, links: &BTreeSet<String>) -> Vec<String> {
+    state
+        .pods
+        .iter()
+        .filter(|(_, p)| !links.contains(&p.host_veth))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// The addresses of a [`DualAddr`], IPv4 first.
 fn dual_list(d: DualAddr) -> Vec<IpAddr> {
     d.v4.map(IpAddr::V4)
@@ -938,6 +979,37 @@ fn fast_tunnel_neighbours(v6: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_whose_veth_is_gone_are_found() {
+        let rec = |n: u8, veth: &str| PodRecord {
+            container_id: format!("c{n}"),
+            if_name: "eth0".into(),
+            namespace: "demo".into(),
+            name: format!("p{n}"),
+            uid: String::new(),
+            netns: format!("/run/netns/p{n}"),
+            ips: vec![IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, n))],
+            host_veth: veth.into(),
+            host_bridge: Some("cni0".into()),
+            gateway: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
+            gateway6: None,
+        };
+        let mut state = AgentState::default();
+        for (n, veth) in [(1, "veth1"), (2, "veth2"), (3, "veth3")] {
+            state
+                .pods
+                .insert(store::key(&format!("c{n}"), "eth0"), rec(n, veth));
+        }
+        let links: BTreeSet<String> = ["lo", "eth0", "cni0", "veth1", "veth3"]
+            .map(String::from)
+            .into();
+        assert_eq!(gone_pods(&state, &links), vec!["c2/eth0".to_string()]);
+        // The bridge alone does not keep a record: its port is the pod's.
+        let only_bridge: BTreeSet<String> = ["cni0".to_string()].into();
+        assert_eq!(gone_pods(&state, &only_bridge).len(), 3);
+        assert!(gone_pods(&AgentState::default(), &links).is_empty());
+    }
 
     #[test]
     fn the_recorded_firewall_is_kept_across_restarts() {
