@@ -3,7 +3,7 @@
 //! restarted agent adopts the kernel state instead of rebuilding it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use ambient_net::firewall::FirewallKind;
@@ -36,13 +36,6 @@ pub struct PodRecord {
 }
 
 impl PodRecord {
-    pub fn v4(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.ips.iter().filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            _ => None,
-        })
-    }
-
     /// The node's addresses toward the pod, by family.
     pub fn gateways(&self) -> DualAddr {
         DualAddr::new(self.gateway, self.gateway6)
@@ -330,6 +323,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn state_round_trips_and_missing_file_is_empty() {

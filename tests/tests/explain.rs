@@ -4,14 +4,17 @@
 //! (mark, rule, table, tunnel, listener) from the kernel, and `--trace` must show the kernel
 //! really applied the same marks and rules. Drift made by hand is named by explain and doctor,
 //! and gone after the agent's next reconcile; doctor fails with a named finding when a sysctl is
-//! put back or ztunnel stops answering.
+//! put back or ztunnel stops answering. The same on IPv6 (a dual-stack lab) and on the
+//! iptables + ipset backend; the destination node's half (its ztunnel's inbound decision, the
+//! probe traced arriving there) and the waypoint's hop.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambient_lab::explain::{self, ExplainOptions, LabPath};
+use ambient_lab::http::HttpRequest;
 use ambient_lab::{unique_prefix, Lab, LabOptions};
 use serde_json::Value;
 
@@ -19,7 +22,11 @@ const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
 const SERVICE: &str = "10.96.0.10:80";
 
 fn lab(tag: &str) -> Lab {
-    Lab::up(&unique_prefix(tag), LabOptions::new(LAB)).expect("lab up")
+    lab_with(tag, LabOptions::new(LAB))
+}
+
+fn lab_with(tag: &str, opts: LabOptions) -> Lab {
+    Lab::up(&unique_prefix(tag), opts).expect("lab up")
 }
 
 fn path(lab: &Lab, from: &str, to: &str, trace: bool) -> LabPath {
@@ -60,11 +67,11 @@ fn has(e: &Value, netns: &str, hop: &str, words: &[&str]) {
     );
 }
 
-/// The mark the node's nft step gives the packet.
+/// The mark the node's packet-filter step (nft or iptables) gives the packet.
 fn nft_mark(e: &Value) -> Option<u64> {
     steps(e)
         .into_iter()
-        .filter(|(n, h, _, _)| n == "node" && h == "nft")
+        .filter(|(n, h, _, _)| n == "node" && (h == "nft" || h == "iptables"))
         .find_map(|(_, _, _, m)| m)
 }
 
@@ -115,9 +122,20 @@ fn trace_agrees(e: &Value, rule: Option<&str>, ztunnel_rule: Option<&str>) {
     }
 }
 
+/// Every drift subject of a leg's steps.
+fn drift_subjects(e: &Value) -> Vec<String> {
+    e["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["drift"].as_array().cloned().unwrap_or_default())
+        .map(|d| d["subject"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn explain_names_the_capture_matrix_steps_and_the_trace_agrees() {
-    let lab = lab("expl");
+    let lab = lab_with("expl", LabOptions::new(LAB).waypoint());
     let deadline = Instant::now() + Duration::from_secs(120);
 
     // ambient → remote pod: node A marks 0x100, rule 101, istioout, TPROXY 15001; ztunnel A
@@ -157,6 +175,95 @@ fn explain_names_the_capture_matrix_steps_and_the_trace_agrees() {
     clean(b);
     trace_agrees(a, Some("capture outbound"), Some("outbound: tproxy 15001"));
     assert_eq!(a["trace"]["connect"], "connected");
+    // The destination side: ztunnel B's decision for the CONNECT, from the client's address.
+    let zb = &b["ztunnel"];
+    assert_eq!(zb["direction"], "inbound", "{zb}");
+    assert_eq!(zb["listener"], 15008);
+    assert_eq!(zb["authority"], "10.244.2.3:9080");
+    assert_eq!(
+        zb["servedIdentity"],
+        "spiffe://cluster.local/ns/demo/sa/app"
+    );
+    assert_eq!(
+        zb["expectedPeerIdentity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+    assert_eq!(zb["decision"], "allowed", "{zb}");
+    // ... and the probe traced arriving at node B and in its ztunnel netns.
+    assert_eq!(b["trace"]["connect"], "seen arriving", "{}", b["trace"]);
+    let zt_hits: Vec<&str> = b["trace"]["ztunnel"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["comment"].as_str())
+        .collect();
+    assert!(
+        zt_hits
+            .iter()
+            .any(|c| c.contains("inbound HBONE: tproxy 15008")),
+        "{}",
+        b["trace"]
+    );
+
+    // Through the waypoint: ztunnel A sends demo/reviews to it; its rule for `x-version: v2`
+    // picks reviews-v2 (on node B), whose ztunnel expects the waypoint's identity.
+    let mut req = HttpRequest::get("/");
+    req.headers.push(("x-version".into(), "v2".into()));
+    let p = explain::run_http(
+        &ExplainOptions {
+            prefix: lab.prefix().to_string(),
+            from: "a-client".into(),
+            to: "10.96.0.20:80".into(),
+            trace: false,
+        },
+        &req,
+    )
+    .unwrap();
+    let a = &p.legs[0].explanation;
+    assert_eq!(
+        a["ztunnel"]["decision"], "to the waypoint",
+        "{}",
+        a["ztunnel"]
+    );
+    let wp = p.waypoint.as_ref().expect("the waypoint's decision");
+    assert_eq!(wp["decision"], "allowed", "{wp}");
+    assert_eq!(wp["route"]["rule"], "demo/reviews#0", "{wp}");
+    let backend = &wp["route"]["backends"][0];
+    assert!(
+        backend["service"].as_str().unwrap().contains("reviews-v2"),
+        "{wp}"
+    );
+    let last = p.legs.last().unwrap();
+    assert!(last.reason.starts_with("HBONE from the waypoint"), "{p:?}");
+    assert_eq!(last.node, "B");
+    let z = &last.explanation["ztunnel"];
+    assert_eq!(
+        z["expectedPeerIdentity"], "spiffe://cluster.local/ns/demo/sa/waypoint",
+        "{z}"
+    );
+    assert_eq!(z["decision"], "allowed", "{z}");
+    has(
+        &last.explanation,
+        "ztunnel",
+        "tproxy",
+        &["inbound HBONE: tproxy 15008"],
+    );
+    // Without the header: the 90/10 rule, two backends with their weights.
+    let p = path(&lab, "a-client", "10.96.0.20:80", false);
+    let wp = p.waypoint.as_ref().unwrap();
+    assert_eq!(wp["route"]["rule"], "demo/reviews#1", "{wp}");
+    let weights: Vec<u64> = wp["route"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["weight"].as_u64())
+        .collect();
+    assert_eq!(weights, [90, 10], "{wp}");
+    let text = explain::render(&p);
+    assert!(
+        text.contains("rule demo/reviews#1") && text.contains("weight 90"),
+        "{text}"
+    );
 
     // ambient → ClusterIP: captured with the ClusterIP kept (identity DNAT), ztunnel balances.
     let p = path(&lab, "a-client", SERVICE, true);
@@ -450,7 +557,7 @@ fn drift_is_named_by_explain_and_doctor_and_repaired_by_the_agent() {
 fn explain_refuses_what_it_cannot_name() {
     let lab = lab("exrf");
     let n = lab.status().node("A").unwrap().clone();
-    let to = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 9080);
+    let to = SocketAddr::from(SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 9080));
     for from in ["demo/nobody", "not-an-ip"] {
         let e = explain::agent_explain(lab.prefix(), &n, from, to, None).unwrap_err();
         assert!(format!("{e:#}").contains(from), "{e:#}");
@@ -459,4 +566,220 @@ fn explain_refuses_what_it_cannot_name() {
     let e = explain::agent_explain(lab.prefix(), &n, "10.244.1.5", to, Some("node".into()));
     let e = e.unwrap_err();
     assert!(format!("{e:#}").contains("--source-netns"), "{e:#}");
+}
+
+/// Explain on IPv6 (a dual-stack lab): the v6 set elements, `ip -6 rule` 101/103, the v6
+/// routes of tables 101/100, `table ip6 ztunnel`'s TPROXY to [::1], rule 20000 (v6) in the
+/// ztunnel netns; the trace of a v6 probe; drift of v6 state named.
+#[test]
+fn explain_walks_the_ipv6_path() {
+    let lab = lab_with("ex6", LabOptions::new(LAB).ip_family("dual"));
+    let app6 = lab.pod_ip6("b-app");
+    let to = SocketAddr::new(app6.into(), 9080).to_string();
+    let p = path(&lab, "a-client", &to, true);
+    let (a, b) = (&p.legs[0].explanation, &p.legs[1].explanation);
+    let client6 = lab.pod_ip6("a-client").to_string();
+    assert_eq!(a["from"]["ip"], client6.as_str());
+    has(
+        a,
+        "node",
+        "enrolled",
+        &["ztunnel-pods-ips6: yes", "ztunnel-pods-iifs6: yes"],
+    );
+    assert_eq!(nft_mark(a), Some(0x100));
+    has(
+        a,
+        "node",
+        "ip rule",
+        &["-6 101: from all fwmark 0x100/0x100 lookup 101"],
+    );
+    has(a, "node", "route", &["table 101", "dev istioout"]);
+    has(a, "node", "tunnel", &["istioout", "IPv6 inner hop"]);
+    has(
+        a,
+        "ztunnel",
+        "tproxy",
+        &["ip6 ztunnel", "outbound: tproxy 15001", "[::1]:15001"],
+    );
+    has(
+        a,
+        "ztunnel",
+        "ip rule",
+        &["-6 20000", "table 100: local ::/0 dev lo"],
+    );
+    has(a, "ztunnel", "listener", &["listens on 15001"]);
+    assert_eq!(a["ztunnel"]["decision"], "allowed", "{}", a["ztunnel"]);
+    assert_eq!(
+        a["ztunnel"]["route"]["tunnel"],
+        SocketAddr::new(app6.into(), 15008).to_string()
+    );
+    assert!(
+        steps(a).iter().all(|(_, h, _, _)| h != "rp_filter"),
+        "IPv6 has no rp_filter"
+    );
+    clean(a);
+    trace_agrees(a, Some("capture outbound"), Some("outbound: tproxy 15001"));
+    assert_eq!(a["trace"]["connect"], "connected");
+    assert_eq!(p.legs[1].node, "B");
+    has(b, "node", "ip rule", &["-6 103: from all lookup 100"]);
+    has(b, "node", "route", &["table 100", "dev istioin"]);
+    has(
+        b,
+        "ztunnel",
+        "tproxy",
+        &["ip6 ztunnel", "inbound HBONE: tproxy 15008"],
+    );
+    assert_eq!(b["ztunnel"]["decision"], "allowed", "{}", b["ztunnel"]);
+    clean(b);
+
+    // v6 drift: a-app's v6 element and its v6 table-100 route, deleted by hand.
+    let ip6 = lab.pod_ip6("a-app").to_string();
+    sh(
+        &lab,
+        "nodeA",
+        &["ip", "-6", "route", "del", &ip6, "table", "100"],
+    );
+    let elem = format!("{{ {ip6} }}");
+    sh(
+        &lab,
+        "nodeA",
+        &[
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "ambient-node",
+            "ztunnel-pods-ips6",
+            &elem,
+        ],
+    );
+    let to = SocketAddr::new(lab.pod_ip6("a-app").into(), 9080).to_string();
+    let e = &path(&lab, "a-plain", &to, false).legs[0].explanation;
+    assert!(verdict(e).starts_with("not captured"), "{}", verdict(e));
+    let route = format!("route table 100 {ip6}/128");
+    assert!(
+        drift_subjects(e).contains(&route),
+        "{:?}",
+        drift_subjects(e)
+    );
+    let e = &path(
+        &lab,
+        "a-app",
+        &SocketAddr::new(app6.into(), 9080).to_string(),
+        false,
+    )
+    .legs[0]
+        .explanation;
+    let set = format!("set ztunnel-pods-ips6 {ip6}");
+    assert!(drift_subjects(e).contains(&set), "{:?}", drift_subjects(e));
+    let (ok, f) = doctor(&lab);
+    assert!(!ok);
+    for want in [&route, &set] {
+        assert!(
+            failed(&f).contains(want),
+            "doctor does not name {want}: {:?}",
+            failed(&f)
+        );
+    }
+}
+
+/// Explain and doctor on the iptables + ipset backend: the AMBIENT-* rule that marks the
+/// packet, the ipsets, the TPROXY rule of the ztunnel netns; the trace (iptables-nft's rules
+/// are nf_tables rules); a missing ipset member and a missing chain rule are drift.
+#[test]
+fn explain_and_doctor_on_the_iptables_backend() {
+    let lab = lab_with(
+        "exip",
+        LabOptions::new(LAB).arg("--firewall").arg("iptables"),
+    );
+    let p = path(&lab, "a-client", "b-app:9080", true);
+    let (a, b) = (&p.legs[0].explanation, &p.legs[1].explanation);
+    assert_eq!(a["firewall"], "iptables");
+    has(
+        a,
+        "node",
+        "enrolled",
+        &[
+            "in ipset ztunnel-pods-ips: yes",
+            "in ipset ztunnel-pods-iifs: yes",
+        ],
+    );
+    has(
+        a,
+        "node",
+        "iptables",
+        &["iptables -t mangle AMBIENT-PREROUTING", "capture outbound"],
+    );
+    assert_eq!(nft_mark(a), Some(0x100));
+    has(
+        a,
+        "node",
+        "nat",
+        &["AMBIENT-NAT-PREROUTING", "accept before kube-proxy's NAT"],
+    );
+    // The lab's ztunnel-init keeps its own default backend (nftables) for the ztunnel netns.
+    has(a, "ztunnel", "tproxy", &["outbound: tproxy 15001"]);
+    clean(a);
+    clean(b);
+    // The trace: the mark after mangle's chains, and ztunnel's TPROXY rule.
+    trace_agrees(a, None, Some("outbound: tproxy 15001"));
+    has(b, "ztunnel", "tproxy", &["inbound HBONE: tproxy 15008"]);
+    let (ok, f) = doctor(&lab);
+    assert!(ok, "{:?}", failed(&f));
+
+    // By hand: a-app's ipset member, and the capture rule (the chain's last).
+    let ip = lab.pod("a-app").ip.unwrap().to_string();
+    sh(&lab, "nodeA", &["ipset", "del", "ztunnel-pods-ips", &ip]);
+    let out = lab
+        .exec(
+            "nodeA",
+            &["iptables", "-t", "mangle", "-S", "AMBIENT-PREROUTING"],
+        )
+        .unwrap();
+    let n = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .count();
+    sh(
+        &lab,
+        "nodeA",
+        &[
+            "iptables",
+            "-t",
+            "mangle",
+            "-D",
+            "AMBIENT-PREROUTING",
+            &n.to_string(),
+        ],
+    );
+    let e = &path(&lab, "a-client", "b-app:9080", false).legs[0].explanation;
+    has(e, "node", "iptables", &["the capture rule is MISSING"]);
+    let chain = "chain iptables mangle AMBIENT-PREROUTING".to_string();
+    assert!(
+        drift_subjects(e).contains(&chain),
+        "{:?}",
+        drift_subjects(e)
+    );
+    let e = &path(&lab, "a-app", "b-app:9080", false).legs[0].explanation;
+    let set = format!("set ztunnel-pods-ips {ip}");
+    assert!(drift_subjects(e).contains(&set), "{:?}", drift_subjects(e));
+    let (ok, f) = doctor(&lab);
+    assert!(!ok);
+    for want in [&chain, &set] {
+        assert!(
+            failed(&f).contains(want),
+            "doctor does not name {want}: {:?}",
+            failed(&f)
+        );
+    }
+    // The agent's next resync repairs both.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let (ok, f) = doctor(&lab);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not repaired: {:?}", failed(&f));
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }

@@ -151,7 +151,8 @@ fn endpoint_list(st: &WaypointState, target: &Target, v4: bool) -> Vec<Value> {
     eps.iter()
         .map(|(w, e)| {
             json!({
-                "workload": w.uid, "node": w.node, "target": e.addr, "hbone": e.hbone,
+                "workload": format!("{}/{}", w.namespace, w.name), "uid": w.uid,
+                "node": w.node, "target": e.addr, "hbone": e.hbone,
                 "identities": e.identities,
                 "share": if total > 0 { f64::from(w.capacity) / total as f64 } else { 0.0 },
             })
@@ -162,7 +163,7 @@ fn endpoint_list(st: &WaypointState, target: &Target, v4: bool) -> Vec<Value> {
 /// The waypoint's decision for one HTTP request (see the module's doc).
 pub fn explain(st: &WaypointState, q: &RouteQuery) -> Value {
     let mut out = json!({
-        "waypoint": st.me.uid, "src": q.src, "dst": q.dst,
+        "waypoint": format!("{}/{}", st.me.namespace, st.me.name), "src": q.src, "dst": q.dst,
         "request": {"method": q.method.as_str(), "path": q.path, "query": q.query},
     });
     let dest = match st.destination(q.dst) {

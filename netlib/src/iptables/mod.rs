@@ -147,7 +147,7 @@ pub fn chain_current(spec: &ChainRules, have: Option<&Vec<String>>) -> bool {
 }
 
 /// Whether the built-in chain's first rule, and only that one, jumps to `spec`'s chain.
-fn jump_current(spec: &ChainRules, hook_rules: Option<&Vec<String>>) -> bool {
+pub fn jump_current(spec: &ChainRules, hook_rules: Option<&Vec<String>>) -> bool {
     let rules = hook_rules.map(|v| v.as_slice()).unwrap_or_default();
     let jumps: Vec<usize> = rules
         .iter()

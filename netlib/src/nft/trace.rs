@@ -13,7 +13,7 @@
 //! headers are copied raw from the packet.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -98,9 +98,9 @@ pub struct TraceEvent {
     pub mark: Option<u32>,
     pub iif: Option<u32>,
     pub oif: Option<u32>,
-    /// From the copied IPv4 and TCP/UDP headers, when the packet is IPv4.
-    pub src: Option<Ipv4Addr>,
-    pub dst: Option<Ipv4Addr>,
+    /// From the copied IPv4 or IPv6 header and the TCP/UDP header.
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
     pub protocol: Option<u8>,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
@@ -108,7 +108,7 @@ pub struct TraceEvent {
 
 impl TraceEvent {
     /// Whether the event's packet is the TCP/UDP flow `src:sport → dst:dport`.
-    pub fn is_flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> bool {
+    pub fn is_flow(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> bool {
         self.src == Some(src)
             && self.dst == Some(dst)
             && self.sport == Some(sport)
@@ -229,8 +229,18 @@ fn event(family: u8, body: &[u8]) -> TraceEvent {
             NFTA_TRACE_OIF => e.oif = be_u32(v),
             NFTA_TRACE_NETWORK_HEADER if v.len() >= 20 && v[0] >> 4 == 4 => {
                 e.protocol = Some(v[9]);
-                e.src = Some(Ipv4Addr::new(v[12], v[13], v[14], v[15]));
-                e.dst = Some(Ipv4Addr::new(v[16], v[17], v[18], v[19]));
+                e.src = Some(Ipv4Addr::new(v[12], v[13], v[14], v[15]).into());
+                e.dst = Some(Ipv4Addr::new(v[16], v[17], v[18], v[19]).into());
+            }
+            // IPv6: the fixed header's next header (no extension headers on these flows).
+            NFTA_TRACE_NETWORK_HEADER if v.len() >= 40 && v[0] >> 4 == 6 => {
+                let addr = |b: &[u8]| -> Option<IpAddr> {
+                    let a: [u8; 16] = b.try_into().ok()?;
+                    Some(Ipv6Addr::from(a).into())
+                };
+                e.protocol = Some(v[6]);
+                e.src = addr(&v[8..24]);
+                e.dst = addr(&v[24..40]);
             }
             NFTA_TRACE_TRANSPORT_HEADER if v.len() >= 4 => {
                 e.sport = Some(u16::from_be_bytes([v[0], v[1]]));
@@ -366,17 +376,24 @@ impl TraceRule {
     }
 
     /// Installs the trace table for `src:sport → dst:dport` (TCP); `None` for any source
-    /// address (a host socket whose address the kernel picks).
+    /// address (a host socket whose address the kernel picks) or any source port (a
+    /// connection another process opens, seen arriving here).
     pub fn add(
-        src: Option<Ipv4Addr>,
-        sport: u16,
-        dst: Ipv4Addr,
+        src: Option<IpAddr>,
+        sport: Option<u16>,
+        dst: IpAddr,
         dport: u16,
     ) -> Result<TraceRule, super::NftError> {
         let table = Self::table_name();
-        let saddr = src.map(|s| format!("ip saddr {s} ")).unwrap_or_default();
-        let flow =
-            format!("{saddr}ip daddr {dst} tcp sport {sport} tcp dport {dport} meta nftrace set 1");
+        let fam = |a: &IpAddr| if a.is_ipv4() { "ip" } else { "ip6" };
+        let saddr = src
+            .map(|s| format!("{} saddr {s} ", fam(&s)))
+            .unwrap_or_default();
+        let sport = sport.map(|p| format!("tcp sport {p} ")).unwrap_or_default();
+        let flow = format!(
+            "{saddr}{} daddr {dst} {sport}tcp dport {dport} meta nftrace set 1",
+            fam(&dst)
+        );
         let text = format!(
             "table inet {table} {{\n\
              chain prerouting {{ type filter hook prerouting priority {TRACE_PRIO}; policy accept; {flow}; }}\n\
@@ -466,12 +483,37 @@ mod tests {
             (0xabcd, Some(0x100), Some(7), None)
         );
         assert!(e.is_flow(
-            Ipv4Addr::new(10, 244, 1, 4),
+            Ipv4Addr::new(10, 244, 1, 4).into(),
             50000,
-            Ipv4Addr::new(10, 244, 2, 3),
+            Ipv4Addr::new(10, 244, 2, 3).into(),
             9080
         ));
         assert_eq!(e.protocol, Some(6));
+    }
+
+    #[test]
+    fn an_ipv6_packet_gives_its_addresses() {
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_TRACE_TABLE, b"ztunnel\0");
+        let src: Ipv6Addr = "fd00:10:244:1::4".parse().unwrap();
+        let dst: Ipv6Addr = "fd00:10:244:2::3".parse().unwrap();
+        let mut ip = vec![0x60, 0, 0, 0, 0, 40, 6, 64];
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        attr(&mut body, NFTA_TRACE_NETWORK_HEADER, &ip);
+        attr(
+            &mut body,
+            NFTA_TRACE_TRANSPORT_HEADER,
+            &[0xc3, 0x50, 0x3a, 0xb0, 0, 0, 0, 0],
+        );
+        let e = &parse_events(&message(10, &body))[0];
+        assert_eq!(e.protocol, Some(6));
+        assert!(e.is_flow(src.into(), 50000, dst.into(), 15024));
+        // A v6 header cut short gives no addresses.
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_TRACE_NETWORK_HEADER, &ip[..39]);
+        let e = &parse_events(&message(10, &body))[0];
+        assert_eq!((e.src, e.dst), (None, None));
     }
 
     #[test]

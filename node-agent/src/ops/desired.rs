@@ -4,8 +4,10 @@
 //! with, so a difference from the kernel is exactly what its next reconcile changes.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
+
+use ambient_net::firewall::FirewallKind;
 
 use ambient_net::model::{NetDesired, TunnelChoice, TunnelKind};
 use ambient_net::nft::NodeNft;
@@ -67,9 +69,15 @@ impl Desired {
             .map(|z| std::path::PathBuf::from(&z.endpoint.netns))
     }
 
+    /// The packet filter the agent programs (recorded at its first start; nftables before
+    /// the choice was recorded).
+    pub fn firewall(&self) -> FirewallKind {
+        self.state.firewall.unwrap_or(FirewallKind::Nftables)
+    }
+
     /// The enrolled pod holding `ip`.
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodRecord> {
-        self.state.pods.values().find(|p| p.v4().any(|a| a == ip))
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodRecord> {
+        self.state.pods.values().find(|p| p.ips.contains(&ip))
     }
 
     /// The enrolled pod `namespace/name`.
@@ -80,10 +88,11 @@ impl Desired {
             .find(|p| p.namespace == namespace && p.name == name)
     }
 
-    pub fn ztunnel_ip(&self) -> Option<Ipv4Addr> {
-        self.state
-            .ztunnel
-            .as_ref()
-            .and_then(|z| z.endpoint.ips().v4)
+    /// Whether `ip` is one of the ztunnel pod's addresses.
+    pub fn is_ztunnel_ip(&self, ip: IpAddr) -> bool {
+        self.state.ztunnel.as_ref().is_some_and(|z| {
+            let ips = z.endpoint.ips();
+            ips.v4.map(IpAddr::V4) == Some(ip) || ips.v6.map(IpAddr::V6) == Some(ip)
+        })
     }
 }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ambient_net::consts::port;
+use ambient_net::firewall::FirewallKind;
+use ambient_net::iptables;
 use ambient_net::model::TunnelKind;
 use serde::Serialize;
 
@@ -162,7 +164,34 @@ fn kernel_checks(f: &mut Vec<Finding>, d: &Desired, k: &Kernel) {
         (false, None) => f.push(found("kernel", "tunnel", Level::Info, format!("no tunnels yet: no ztunnel pod is known; chosen {:?}, port {}", d.choice.kind, d.choice.port).to_lowercase(), "start the ztunnel pod on this node")),
         (true, None) => f.push(found("kernel", "tunnel", Level::Fail, "a ztunnel is known but istioin/istioout are missing".into(), "the agent's next reconcile creates them; check its log for why it could not")),
     }
-    if k.node.nft.is_some() {
+    if k.firewall == FirewallKind::Iptables {
+        let chains = k
+            .node
+            .ipt
+            .as_ref()
+            .is_some_and(|i| i.v4.chain("mangle", iptables::chain::PREROUTING).is_some());
+        let variant = match iptables::variant() {
+            iptables::Variant::Legacy => "iptables-legacy",
+            _ => "iptables (Debian's alternative)",
+        };
+        if chains {
+            f.push(found(
+                "kernel",
+                "iptables",
+                Level::Ok,
+                format!("the iptables backend ({variant}): the AMBIENT-* chains and the ipsets are in place"),
+                "",
+            ));
+        } else {
+            f.push(found(
+                "kernel",
+                "iptables",
+                Level::Fail,
+                format!("the iptables backend ({variant}): mangle AMBIENT-PREROUTING is missing"),
+                "is the agent running? it creates its chains at start",
+            ));
+        }
+    } else if k.node.nft.is_some() {
         f.push(found(
             "kernel",
             "nf_tables",

@@ -6,12 +6,14 @@
 use std::net::IpAddr;
 
 use ambient_net::consts::{self, table};
-use ambient_net::model::{self, TunnelAction, TunnelSpec};
+use ambient_net::firewall::FirewallKind;
+use ambient_net::iptables::{self, ipset, ChainRules, Fam};
+use ambient_net::model::{self, RuleSpec, TunnelAction, TunnelSpec};
 use ambient_net::nft::{self, ChainSpec, ObservedTable, SetElem, ZtunnelRules};
 use serde::Serialize;
 
 use super::desired::Desired;
-use super::kernel::{route_text, rule_text, Kernel, NsKernel};
+use super::kernel::{route_text, rule_text, IptKernel, Kernel, NsKernel};
 
 /// One difference.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,11 +32,33 @@ const AGENT_FIX: &str = "the agent's next reconcile (at start and every --resync
 const ZTUNNEL_FIX: &str =
     "ztunnel-init sets the ztunnel netns up when the ztunnel pod starts: restart the ztunnel pod";
 
+/// How a policy rule is named in drift subjects: `rule 101`, `rule -6 101` (both families
+/// have a rule of each priority).
+pub fn rule_subject(prefix: &str, r: &RuleSpec) -> String {
+    format!(
+        "{prefix}rule {}{}",
+        if r.v6 { "-6 " } else { "" },
+        r.priority
+    )
+}
+
+/// How an iptables chain of ours is named in drift subjects.
+pub fn ipt_chain_subject(prefix: &str, f: Fam, table: &str, chain: &str) -> String {
+    let tool = match f {
+        Fam::V4 => "iptables",
+        Fam::V6 => "ip6tables",
+    };
+    format!("{prefix}chain {tool} {table} {chain}")
+}
+
 /// Every drift of the node and the ztunnel netns.
 pub fn compare(d: &Desired, k: &Kernel) -> Vec<Drift> {
     let mut out = Vec::new();
     ns_drift(&mut out, &d.net, &k.node, &table::ALL, AGENT_FIX, "");
-    nft_drift(&mut out, d, k);
+    match k.firewall {
+        FirewallKind::Nftables => nft_drift(&mut out, d, k),
+        FirewallKind::Iptables => ipt_drift(&mut out, d, k),
+    }
     sysctl_drift(&mut out, &d.net.sysctls, "", AGENT_FIX);
     if let (Some(want), Some(z)) = (&d.ztunnel, &d.state.ztunnel) {
         match &k.ztunnel {
@@ -56,8 +80,27 @@ pub fn compare(d: &Desired, k: &Kernel) -> Vec<Drift> {
                     ztunnel_ip6: z.endpoint.ip6,
                     pod_iface: "eth0".into(),
                 };
-                for c in nft::ztunnel_chains(&rules) {
-                    chain_drift(&mut out, &c, zk.nft.as_ref(), "ztunnel ip", ZTUNNEL_FIX);
+                let own = rules.own_ips();
+                match k.zt_firewall {
+                    FirewallKind::Nftables => {
+                        if own.v4.is_some() {
+                            for c in nft::ztunnel_chains(&rules) {
+                                chain_drift(&mut out, &c, zk.nft.as_ref(), "ztunnel ip", ZTUNNEL_FIX);
+                            }
+                        }
+                        if own.v6.is_some() {
+                            for c in nft::ztunnel_chains6(&rules) {
+                                chain_drift(&mut out, &c, zk.nft6.as_ref(), "ztunnel ip6", ZTUNNEL_FIX);
+                            }
+                        }
+                    }
+                    FirewallKind::Iptables => {
+                        for f in Fam::BOTH {
+                            if let Some(c) = iptables::ztunnel_chain(&rules, f) {
+                                ipt_chain_drift(&mut out, &c, zk.ipt.as_ref(), f, "ztunnel ", ZTUNNEL_FIX);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -76,7 +119,7 @@ fn ns_drift(
     let (add, del) = model::diff_rules(&want.rules, &k.rules);
     for r in add {
         out.push(Drift {
-            subject: format!("{prefix}rule {}", r.priority),
+            subject: rule_subject(prefix, &r),
             kernel: "missing".into(),
             desired: rule_text(&r),
             fix: fix.into(),
@@ -84,7 +127,7 @@ fn ns_drift(
     }
     for r in del {
         out.push(Drift {
-            subject: format!("{prefix}rule {}", r.priority),
+            subject: rule_subject(prefix, &r),
             kernel: rule_text(&r),
             desired: "not there (stale or duplicate)".into(),
             fix: fix.into(),
@@ -208,16 +251,24 @@ fn nft_drift(out: &mut Vec<Drift>, d: &Desired, k: &Kernel) {
         }
     }
     // Stale addresses: recorded in the kernel, not by the agent.
-    let want_v4 = d.nft.pods_v4();
-    for ip in k.node.nft.as_ref().map(|t| t.pods_v4()).unwrap_or_default() {
-        if !want_v4.contains(&ip) {
+    let t = k.node.nft.as_ref();
+    let want: Vec<IpAddr> = d.nft.pods.iter().map(|p| p.ip).collect();
+    let have = t
+        .map(|t| t.pods_v4())
+        .unwrap_or_default()
+        .into_iter()
+        .map(IpAddr::V4);
+    let have6 = t
+        .map(|t| t.pods_v6())
+        .unwrap_or_default()
+        .into_iter()
+        .map(IpAddr::V6);
+    for ip in have.chain(have6) {
+        if !want.contains(&ip) {
+            let set = Fam::of(ip).pod_set();
             out.push(Drift {
-                subject: elem_subject(consts::POD_SET, &SetElem::Addr(IpAddr::V4(ip))),
-                kernel: format!(
-                    "{ip} in inet {} {}",
-                    consts::NODE_NFT_TABLE,
-                    consts::POD_SET
-                ),
+                subject: elem_subject(set, &SetElem::Addr(ip)),
+                kernel: format!("{ip} in inet {} {set}", consts::NODE_NFT_TABLE),
                 desired: "not there (no enrolled pod has it)".into(),
                 fix: AGENT_FIX.into(),
             });
@@ -228,6 +279,88 @@ fn nft_drift(out: &mut Vec<Drift>, d: &Desired, k: &Kernel) {
     }
     for c in nft::bridge_chains(d.nft.rules.as_ref()) {
         chain_drift(out, &c, k.node.nft_bridge.as_ref(), "bridge", AGENT_FIX);
+    }
+}
+
+/// The iptables backend's drift: ipset members (named like the nft elements they stand for)
+/// and our chains of both families with their jumps.
+fn ipt_drift(out: &mut Vec<Drift>, d: &Desired, k: &Kernel) {
+    let have = k.node.ipt.as_ref();
+    let pods: Vec<_> = d.nft.pods.iter().cloned().collect();
+    let mut wanted = std::collections::BTreeSet::new();
+    for e in nft::pod_elements(&pods) {
+        let Some((def, member)) = ipset::element(&e) else {
+            continue;
+        };
+        wanted.insert((def.name.to_string(), member.clone()));
+        if !have.is_some_and(|h| h.has(def.name, &member)) {
+            out.push(Drift {
+                subject: elem_subject(e.set_name(), &e.elem),
+                kernel: "missing".into(),
+                desired: format!("{member} in ipset {}", def.name),
+                fix: AGENT_FIX.into(),
+            });
+        }
+    }
+    for (set, members) in have.map(|h| &h.sets).into_iter().flatten() {
+        for m in members {
+            if !wanted.contains(&(set.clone(), m.clone())) {
+                out.push(Drift {
+                    subject: format!("ipset {set} {m}"),
+                    kernel: format!("{m} in ipset {set}"),
+                    desired: "not there (no enrolled pod has it)".into(),
+                    fix: AGENT_FIX.into(),
+                });
+            }
+        }
+    }
+    for f in Fam::BOTH {
+        // No ip6tables here: the agent skips IPv6 too.
+        if f == Fam::V6 && have.is_some_and(|h| h.v6.is_none()) {
+            continue;
+        }
+        for c in iptables::node_chains(d.nft.rules.as_ref(), f) {
+            ipt_chain_drift(out, &c, have, f, "", AGENT_FIX);
+        }
+    }
+}
+
+fn ipt_chain_drift(
+    out: &mut Vec<Drift>,
+    c: &ChainRules,
+    have: Option<&IptKernel>,
+    f: Fam,
+    prefix: &str,
+    fix: &str,
+) {
+    let saved = have.and_then(|h| h.of(f));
+    let rules = saved.and_then(|o| o.chain(c.table, c.name));
+    let kernel = match rules {
+        None => Some("missing".to_string()),
+        Some(r) if !iptables::chain_current(c, Some(r)) => {
+            Some(format!("{} rules, not the desired ones", r.len()))
+        }
+        Some(_) => None,
+    };
+    if let Some(kernel) = kernel {
+        out.push(Drift {
+            subject: ipt_chain_subject(prefix, f, c.table, c.name),
+            kernel,
+            desired: format!(
+                "{} rules, fingerprint {:016x}",
+                c.rules.len(),
+                c.fingerprint()
+            ),
+            fix: fix.into(),
+        });
+    }
+    if !iptables::jump_current(c, saved.and_then(|o| o.chain(c.table, c.hook))) {
+        out.push(Drift {
+            subject: ipt_chain_subject(prefix, f, c.table, c.hook),
+            kernel: format!("its first rule does not jump to {}", c.name),
+            desired: format!("-A {} {} first", c.hook, c.jump()),
+            fix: fix.into(),
+        });
     }
 }
 

@@ -6,21 +6,26 @@
 //! port (`/debug/route`); and for each step the drift from the agent's desired state.
 //!
 //! The walk is a model of the kernel's evaluation for the first packet of the connection (no
-//! connmark yet), made from the observed rules, routes and nft rule comments: the rule that
-//! decides is named by its comment as the kernel holds it. `--trace` checks the model against
-//! the kernel's own account ([`super::probe`]).
+//! connmark yet), made from the observed rules, routes and packet-filter rule comments: the
+//! rule that decides is named by its comment as the kernel holds it. Either family (the v6
+//! sets, `ip -6 rule`, the v6 routes of the same tables, `table ip6 ztunnel`), and either
+//! backend (the nft tables, or the iptables chains and ipsets). `--trace` checks the model
+//! against the kernel's own account ([`super::probe`]). For a connection arriving at a pod of
+//! this node, ztunnel's inbound decision comes from `/debug/inbound`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use ambient_net::consts::{self, mark, port, zt_mark};
+use ambient_net::firewall::FirewallKind;
+use ambient_net::iptables::{self, Fam};
 use ambient_net::model::RouteKind;
 use ambient_net::nft::{chain, RuleTag, SetElem};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::desired::Desired;
-use super::drift::{self, elem_subject, Drift};
+use super::drift::{self, elem_subject, ipt_chain_subject, Drift};
 use super::kernel::{self, route_text, rule_text, Kernel, Lookup, NsKernel, TABLE_LOCAL};
 use super::probe::{self, Trace};
 use super::{http_get, OpsError};
@@ -31,9 +36,13 @@ pub struct Args {
     /// The source: a pod IP, an enrolled pod's `namespace/name`, or `node` (host sockets).
     #[arg(long)]
     pub from: String,
-    /// The destination, `<ip>:<port>`.
+    /// The destination, `<ip>:<port>` or `[<ipv6>]:<port>`.
     #[arg(long)]
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
+    /// For a connection to a pod's 15008 (HBONE from another node): the CONNECT's target
+    /// inside the tunnel, for ztunnel's inbound decision.
+    #[arg(long)]
+    pub authority: Option<SocketAddr>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +54,11 @@ pub struct Args {
     /// the mesh).
     #[arg(long)]
     pub source_netns: Option<PathBuf>,
+    /// With --trace: send no probe; trace this connection's packets arriving at this node
+    /// (another node's probe, through the underlay and the tunnel into the ztunnel netns) for
+    /// up to this many seconds. `tracing` is written to stderr once the trace is set.
+    #[arg(long, requires = "trace", value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub trace_wait: Option<u64>,
     /// The agent's state directory.
     #[arg(long, default_value = "/var/run/ambient/state")]
     pub state_dir: PathBuf,
@@ -54,7 +68,7 @@ pub struct Args {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// `ambient pod`, `ztunnel`, `node`, `not enrolled here`.
     pub kind: &'static str,
     /// `namespace/name` when the agent knows it.
@@ -82,11 +96,14 @@ pub struct Step {
 #[serde(rename_all = "camelCase")]
 pub struct Explanation {
     pub from: Source,
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
+    /// `nftables` or `iptables`: the backend whose rules the steps name.
+    pub firewall: FirewallKind,
     /// One line: where the connection goes on this node.
     pub verdict: String,
     pub steps: Vec<Step>,
-    /// ztunnel's `/debug/route` answer, when the path reaches its outbound listener.
+    /// ztunnel's answer when the path reaches one of its listeners: `/debug/route` for
+    /// 15001, `/debug/inbound` for 15008 and 15006.
     pub ztunnel: Option<Value>,
     /// Drift elsewhere on the node (not on this path): `doctor` lists it.
     pub other_drift: usize,
@@ -145,7 +162,13 @@ pub async fn explain(args: &Args) -> Result<Explanation, OpsError> {
     let zt_netns = d.ztunnel_netns();
     let mut all = drift::compare(&d, &k);
     all.extend(drift::ztunnel_sysctl_drift(&d, &k));
-    let src = resolve(&d, &k, &args.from)?;
+    let src = resolve(&d, &k, &args.from, args.to)?;
+    if src.ip.is_ipv4() != args.to.is_ipv4() {
+        return Err(OpsError::Usage(format!(
+            "--from {} and --to {} are of different families",
+            src.ip, args.to
+        )));
+    }
     let mut w = Walk {
         d: &d,
         k: &k,
@@ -155,7 +178,17 @@ pub async fn explain(args: &Args) -> Result<Explanation, OpsError> {
     };
     let (verdict, listener) = walk(&mut w, &src, args.to);
     let ztunnel = match (listener, &zt_netns) {
-        (Some(port::OUTBOUND), Some(ns)) => Some(ask_ztunnel(ns, src.ip, args.to)),
+        (Some(port::OUTBOUND), Some(ns)) => Some(ask_ztunnel(
+            ns,
+            &format!("/debug/route?src={}&dst={}", src.ip, enc(args.to)),
+        )),
+        (Some(_), Some(ns)) => {
+            let mut q = format!("/debug/inbound?src={}&dst={}", src.ip, enc(args.to));
+            if let Some(a) = args.authority {
+                q += &format!("&authority={}", enc(a));
+            }
+            Some(ask_ztunnel(ns, &q))
+        }
         _ => None,
     };
     let other_drift = w
@@ -164,26 +197,37 @@ pub async fn explain(args: &Args) -> Result<Explanation, OpsError> {
         .filter(|x| !w.used.contains(&x.subject))
         .count();
     let trace = if args.trace {
-        let netns = match (&args.source_netns, &src.record, src.kind) {
-            (Some(p), _, _) => Some(p.clone()),
-            (None, Some(r), _) => Some(PathBuf::from(&r.netns)),
-            (None, None, "ztunnel") => zt_netns.clone(),
-            (None, None, "node") => None,
-            _ => {
-                return Err(OpsError::Usage(format!(
-                    "--trace: the agent does not know {}'s netns; give --source-netns",
-                    src.ip
-                )))
-            }
-        };
-        Some(probe::run(&probe::Probe {
-            source_netns: netns,
+        let base = probe::Probe {
+            source_netns: None,
             src: src.ip,
             dst: args.to,
             ztunnel_netns: zt_netns.clone(),
             node: &k.node,
             ztunnel: k.ztunnel.as_ref(),
-        })?)
+        };
+        if let Some(secs) = args.trace_wait {
+            Some(probe::arriving(
+                &base,
+                std::time::Duration::from_secs(secs),
+            )?)
+        } else {
+            let netns = match (&args.source_netns, &src.record, src.kind) {
+                (Some(p), _, _) => Some(p.clone()),
+                (None, Some(r), _) => Some(PathBuf::from(&r.netns)),
+                (None, None, "ztunnel") => zt_netns.clone(),
+                (None, None, "node") => None,
+                _ => {
+                    return Err(OpsError::Usage(format!(
+                        "--trace: the agent does not know {}'s netns; give --source-netns",
+                        src.ip
+                    )))
+                }
+            };
+            Some(probe::run(&probe::Probe {
+                source_netns: netns,
+                ..base
+            })?)
+        }
     } else {
         None
     };
@@ -191,6 +235,7 @@ pub async fn explain(args: &Args) -> Result<Explanation, OpsError> {
     Ok(Explanation {
         from: src,
         to: args.to,
+        firewall: k.firewall,
         verdict,
         steps,
         ztunnel,
@@ -199,28 +244,43 @@ pub async fn explain(args: &Args) -> Result<Explanation, OpsError> {
     })
 }
 
-fn resolve(d: &Desired, k: &Kernel, from: &str) -> Result<Source, OpsError> {
+/// An address for a query string: brackets and colons percent-encoded.
+fn enc(a: SocketAddr) -> String {
+    a.to_string()
+        .replace('[', "%5B")
+        .replace(']', "%5D")
+        .replace(':', "%3A")
+}
+
+fn resolve(d: &Desired, k: &Kernel, from: &str, to: SocketAddr) -> Result<Source, OpsError> {
     let named = |ip, kind, pod: Option<&PodRecord>| Source {
         ip,
         kind,
         pod: pod.map(|p| format!("{}/{}", p.namespace, p.name)),
         record: pod.cloned(),
     };
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
     if from == "node" {
         // Host sockets: the source address is chosen by the route (see the output steps).
-        return Ok(named(Ipv4Addr::UNSPECIFIED, "node", None));
+        return Ok(named(any, "node", None));
     }
-    if let Ok(ip) = from.parse::<Ipv4Addr>() {
+    let ztunnel_name = || {
+        d.state
+            .ztunnel
+            .as_ref()
+            .map(|z| format!("{}/{}", z.namespace, z.name))
+    };
+    if let Ok(ip) = from.parse::<IpAddr>() {
         if let Some(p) = d.pod_by_ip(ip) {
             return Ok(named(ip, "ambient pod", Some(p)));
         }
-        if d.ztunnel_ip() == Some(ip) {
+        if d.is_ztunnel_ip(ip) {
             return Ok(Source {
-                pod: d
-                    .state
-                    .ztunnel
-                    .as_ref()
-                    .map(|z| format!("{}/{}", z.namespace, z.name)),
+                pod: ztunnel_name(),
                 ..named(ip, "ztunnel", None)
             });
         }
@@ -237,11 +297,11 @@ fn resolve(d: &Desired, k: &Kernel, from: &str) -> Result<Source, OpsError> {
             "--from {from:?}: want a pod IP, namespace/name or node"
         )));
     };
+    // A pod by name: its address of the destination's family.
+    let of_family = |ips: &[IpAddr]| ips.iter().copied().find(|a| a.is_ipv4() == to.is_ipv4());
     if let Some(p) = d.pod_by_name(ns, name) {
-        let ip = p
-            .v4()
-            .next()
-            .ok_or_else(|| OpsError::Usage(format!("{from} has no IPv4 address")))?;
+        let ip = of_family(&p.ips)
+            .ok_or_else(|| OpsError::Usage(format!("{from} has no address of {to}'s family")))?;
         return Ok(named(ip, "ambient pod", Some(p)));
     }
     if let Some(z) = d
@@ -250,13 +310,16 @@ fn resolve(d: &Desired, k: &Kernel, from: &str) -> Result<Source, OpsError> {
         .as_ref()
         .filter(|z| z.namespace == ns && z.name == name)
     {
+        let ips = z.endpoint.ips();
+        let all: Vec<IpAddr> = ips
+            .v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(ips.v6.map(IpAddr::V6))
+            .collect();
         return Ok(Source {
             pod: Some(from.to_string()),
-            ..named(
-                v4(z.endpoint.ip).unwrap_or(Ipv4Addr::UNSPECIFIED),
-                "ztunnel",
-                None,
-            )
+            ..named(of_family(&all).unwrap_or(any), "ztunnel", None)
         });
     }
     Err(OpsError::Usage(format!(
@@ -264,11 +327,177 @@ fn resolve(d: &Desired, k: &Kernel, from: &str) -> Result<Source, OpsError> {
     )))
 }
 
-/// The IPv4 address of `ip` (explain walks the IPv4 path only, for now).
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
+/// Where a rule of the path lives, in either backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// The node's prerouting marks.
+    Prerouting,
+    /// The node's NAT bypass for captured connections.
+    NatPrerouting,
+    /// The node's output marks (host sockets).
+    Output,
+    /// The ztunnel netns' TPROXY rules.
+    Ztunnel,
+}
+
+/// What the walk needs to know of the packet's family and the node's backend.
+#[derive(Debug, Clone, Copy)]
+struct Filter {
+    fw: FirewallKind,
+    fam: Fam,
+}
+
+impl Filter {
+    /// The step naming the packet filter's marking rule.
+    fn hop(&self) -> &'static str {
+        match self.fw {
+            FirewallKind::Nftables => "nft",
+            FirewallKind::Iptables => "iptables",
+        }
+    }
+
+    fn v6(&self) -> bool {
+        self.fam == Fam::V6
+    }
+
+    /// The host prefix length of the family (route subjects name `<ip>/32`, `<ip>/128`).
+    fn host_len(&self) -> u8 {
+        if self.v6() {
+            128
+        } else {
+            32
+        }
+    }
+
+    /// The rule of `hook` whose comment contains `text` (nft) or `ipt_text` (iptables), as
+    /// one line naming its table, chain and position.
+    fn rule_line(&self, k: &NsKernel, hook: Hook, text: &str, ipt_text: &str) -> Option<String> {
+        match self.fw {
+            FirewallKind::Nftables => {
+                let node = format!("inet {}", consts::NODE_NFT_TABLE);
+                let (table, chain) = match hook {
+                    Hook::Prerouting => (node, chain::PREROUTING),
+                    Hook::NatPrerouting => (node, chain::NAT_PREROUTING),
+                    Hook::Output => (node, chain::OUTPUT),
+                    Hook::Ztunnel => (
+                        format!(
+                            "{} {}",
+                            if self.v6() { "ip6" } else { "ip" },
+                            consts::ZTUNNEL_NFT_TABLE
+                        ),
+                        chain::PREROUTING,
+                    ),
+                };
+                k.nft_rule(self.v6() && hook == Hook::Ztunnel, self.v6(), chain, text)
+                    .map(|(i, r, n)| {
+                        format!(
+                            "{table} {chain} rule {i}/{n} (handle {}) \"{}\"",
+                            r.handle.unwrap_or_default(),
+                            text_of(r.comment.as_deref().unwrap_or_default())
+                        )
+                    })
+            }
+            FirewallKind::Iptables => {
+                let (table, chain) = self.ipt_chain(hook);
+                k.ipt_rule(self.fam, table, chain, ipt_text)
+                    .map(|(i, r, n)| {
+                        format!(
+                            "{} -t {table} {chain} rule {i}/{n} \"{}\"",
+                            self.tool(),
+                            text_of(&kernel::ipt_comment(r).unwrap_or_default())
+                        )
+                    })
+            }
+        }
+    }
+
+    fn tool(&self) -> &'static str {
+        match self.fam {
+            Fam::V4 => "iptables",
+            Fam::V6 => "ip6tables",
+        }
+    }
+
+    fn ipt_chain(&self, hook: Hook) -> (&'static str, &'static str) {
+        match hook {
+            Hook::Prerouting | Hook::Ztunnel => ("mangle", iptables::chain::PREROUTING),
+            Hook::NatPrerouting => ("nat", iptables::chain::NAT_PREROUTING),
+            Hook::Output => ("mangle", iptables::chain::OUTPUT),
+        }
+    }
+
+    /// The drift subjects of `hook`'s chain (with iptables also the built-in chain's jump).
+    fn chain_subjects(&self, hook: Hook) -> Vec<String> {
+        match self.fw {
+            FirewallKind::Nftables => vec![match hook {
+                Hook::Prerouting => format!("chain inet {}", chain::PREROUTING),
+                Hook::NatPrerouting => format!("chain inet {}", chain::NAT_PREROUTING),
+                Hook::Output => format!("chain inet {}", chain::OUTPUT),
+                Hook::Ztunnel => format!(
+                    "chain ztunnel {} {}",
+                    if self.v6() { "ip6" } else { "ip" },
+                    chain::PREROUTING
+                ),
+            }],
+            FirewallKind::Iptables => {
+                let prefix = if hook == Hook::Ztunnel {
+                    "ztunnel "
+                } else {
+                    ""
+                };
+                let (table, chain) = self.ipt_chain(hook);
+                let builtin = chain
+                    .trim_start_matches("AMBIENT-NAT-")
+                    .trim_start_matches("AMBIENT-");
+                vec![
+                    ipt_chain_subject(prefix, self.fam, table, chain),
+                    ipt_chain_subject(prefix, self.fam, table, builtin),
+                ]
+            }
+        }
+    }
+
+    /// Whether `ip` is in the enrolled set and `dev . ip` in the device set, and the step's
+    /// text saying so.
+    fn enrolled(&self, k: &NsKernel, ip: IpAddr, dev: &str) -> (bool, bool, String) {
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        let (set, iif) = (self.fam.pod_set(), self.fam.iif_set());
+        match self.fw {
+            FirewallKind::Nftables => {
+                let t = k.nft.as_ref();
+                let in_set = t.is_some_and(|t| match ip {
+                    IpAddr::V4(a) => t.pods_v4().contains(&a),
+                    IpAddr::V6(a) => t.pods_v6().contains(&a),
+                });
+                let in_iif =
+                    t.is_some_and(|t| t.set_dev_addrs(iif).contains(&(dev.to_string(), ip)));
+                let text = format!(
+                    "{ip} in @{set}: {}; \"{dev}\" . {ip} in @{iif}: {}",
+                    yes(in_set),
+                    yes(in_iif)
+                );
+                (in_set, in_iif, text)
+            }
+            FirewallKind::Iptables => {
+                let h = k.ipt.as_ref();
+                let in_set = h.is_some_and(|h| h.has(set, &ip.to_string()));
+                let in_iif = h.is_some_and(|h| h.has(iif, &format!("{ip},{dev}")));
+                let text = format!(
+                    "{ip} in ipset {set}: {}; {ip},{dev} in ipset {iif}: {}",
+                    yes(in_set),
+                    yes(in_iif)
+                );
+                (in_set, in_iif, text)
+            }
+        }
+    }
+
+    /// The drift subject of a policy rule of this family.
+    fn rule_subject(&self, prefix: &str, priority: u32) -> String {
+        format!(
+            "{prefix}rule {}{priority}",
+            if self.v6() { "-6 " } else { "" }
+        )
     }
 }
 
@@ -278,18 +507,6 @@ pub(super) fn text_of(comment: &str) -> &str {
         (Some(_), Some(i)) => &comment[..i],
         _ => comment,
     }
-}
-
-/// `inet ambient-node prerouting rule 10/10 (handle 14) "..."` for the rule of `chain` whose
-/// comment contains `text`.
-fn nft_rule_line(k: &NsKernel, table: &str, chain: &str, text: &str) -> Option<String> {
-    k.nft_rule(chain, text).map(|(i, r, n)| {
-        format!(
-            "{table} {chain} rule {i}/{n} (handle {}) \"{}\"",
-            r.handle.unwrap_or_default(),
-            text_of(r.comment.as_deref().unwrap_or_default())
-        )
-    })
 }
 
 fn mark_text(m: u32) -> String {
@@ -304,11 +521,14 @@ fn sysctl(key: &str) -> Option<u32> {
 }
 
 /// The path; returns the verdict and the ztunnel listener it ends at, if any.
-fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16>) {
+fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>) {
     let k = w.k;
-    let dst = *to.ip();
-    let inet = format!("inet {}", consts::NODE_NFT_TABLE);
-    let pre_chain = format!("chain inet {}", chain::PREROUTING);
+    let dst = to.ip();
+    let f = Filter {
+        fw: k.firewall,
+        fam: Fam::of(dst),
+    };
+    let pre_chain = f.chain_subjects(Hook::Prerouting);
     let mut mark = 0u32;
     let mut src_ip = src.ip;
     match src.kind {
@@ -342,63 +562,55 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
                 link.is_some(),
                 &[],
             );
-            let addr = SetElem::Addr(src.ip.into());
-            let iif = SetElem::DevAddr(dev.clone(), src.ip.into());
-            let t = k.node.nft.as_ref();
-            let in_set = t.is_some_and(|t| t.pods_v4().contains(&src.ip));
-            let in_iif = t.is_some_and(|t| {
-                t.set_dev_addrs(consts::POD_IIF_SET)
-                    .contains(&(dev.clone(), src.ip.into()))
-            });
-            let yes = |b: bool| if b { "yes" } else { "NO" };
+            let (in_set, in_iif, text) = f.enrolled(&k.node, src.ip, &dev);
             w.step(
                 "node",
                 "enrolled",
-                format!(
-                    "{} in @{}: {}; \"{dev}\" . {} in @{}: {}",
-                    src.ip,
-                    consts::POD_SET,
-                    yes(in_set),
-                    src.ip,
-                    consts::POD_IIF_SET,
-                    yes(in_iif)
-                ),
+                text,
                 None,
                 in_set && in_iif,
                 &[
-                    elem_subject(consts::POD_SET, &addr),
-                    elem_subject(consts::POD_IIF_SET, &iif),
+                    elem_subject(f.fam.pod_set(), &SetElem::Addr(src.ip)),
+                    elem_subject(f.fam.iif_set(), &SetElem::DevAddr(dev.clone(), src.ip)),
                 ],
             );
-            let all_key = "net.ipv4.conf.all.rp_filter".to_string();
-            let dev_key = format!("net.ipv4.conf.{}.rp_filter", p.host_veth);
-            let (a, v) = (sysctl(&all_key), sysctl(&dev_key));
-            let eff = a.max(v);
-            w.step(
-                "node",
-                "rp_filter",
-                format!(
-                    "conf.all {}, conf.{} {}: effective {}{}",
-                    a.map_or("?".into(), |x| x.to_string()),
-                    p.host_veth,
-                    v.map_or("?".into(), |x| x.to_string()),
-                    eff.map_or("?".into(), |x| x.to_string()),
-                    if eff == Some(1) {
-                        " (strict: replies the pod gets via ztunnel's spoofed sockets are dropped)"
-                    } else {
-                        ""
-                    }
-                ),
-                None,
-                eff != Some(1),
-                &[format!("sysctl {all_key}"), format!("sysctl {dev_key}")],
-            );
-            if in_iif {
-                mark = mark::CAPTURE;
-                let line = nft_rule_line(&k.node, &inet, chain::PREROUTING, "capture outbound");
+            // rp_filter is IPv4's: IPv6 has no reverse-path sysctl to break the replies.
+            if !f.v6() {
+                let all_key = "net.ipv4.conf.all.rp_filter".to_string();
+                let dev_key = format!("net.ipv4.conf.{}.rp_filter", p.host_veth);
+                let (a, v) = (sysctl(&all_key), sysctl(&dev_key));
+                let eff = a.max(v);
                 w.step(
                     "node",
-                    "nft",
+                    "rp_filter",
+                    format!(
+                        "conf.all {}, conf.{} {}: effective {}{}",
+                        a.map_or("?".into(), |x| x.to_string()),
+                        p.host_veth,
+                        v.map_or("?".into(), |x| x.to_string()),
+                        eff.map_or("?".into(), |x| x.to_string()),
+                        if eff == Some(1) {
+                            " (strict: replies the pod gets via ztunnel's spoofed sockets are dropped)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None,
+                    eff != Some(1),
+                    &[format!("sysctl {all_key}"), format!("sysctl {dev_key}")],
+                );
+            }
+            if in_iif {
+                mark = mark::CAPTURE;
+                let line = f.rule_line(
+                    &k.node,
+                    Hook::Prerouting,
+                    "capture outbound",
+                    "capture outbound",
+                );
+                w.step(
+                    "node",
+                    f.hop(),
                     format!(
                         "{}: mark {}",
                         line.clone()
@@ -407,46 +619,50 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
                     ),
                     Some(mark),
                     line.is_some(),
-                    std::slice::from_ref(&pre_chain),
+                    &pre_chain,
                 );
                 if line.is_none() {
                     mark = 0;
                 }
             } else if in_set {
-                let line = nft_rule_line(&k.node, &inet, chain::PREROUTING, "spoofed, drop");
+                let line = f.rule_line(&k.node, Hook::Prerouting, "spoofed, drop", "spoofed, drop");
                 w.step(
                     "node",
-                    "nft",
+                    f.hop(),
                     format!(
                         "{}: DROPPED (its address is enrolled but not from this device)",
                         line.unwrap_or_default()
                     ),
                     None,
                     false,
-                    std::slice::from_ref(&pre_chain),
+                    &pre_chain,
                 );
                 return ("dropped as spoofed on this node".into(), None);
             } else {
                 w.step(
                     "node",
-                    "nft",
+                    f.hop(),
                     "no rule of the prerouting chain marks it: NOT captured".into(),
                     Some(0),
                     false,
-                    std::slice::from_ref(&pre_chain),
+                    &pre_chain,
                 );
             }
             if mark == mark::CAPTURE {
-                if let Some(line) =
-                    nft_rule_line(&k.node, &inet, chain::NAT_PREROUTING, "identity DNAT")
-                {
+                let line = f.rule_line(
+                    &k.node,
+                    Hook::NatPrerouting,
+                    "identity DNAT",
+                    "accept before kube-proxy's NAT",
+                );
+                if let Some(line) = line {
                     w.step(
                         "node",
                         "nat",
                         format!("{line}: the destination stays {dst} (a later DNAT, kube-proxy's, is skipped; ztunnel picks the endpoint)"),
                         Some(mark),
                         true,
-                        &[format!("chain inet {}", chain::NAT_PREROUTING)],
+                        &f.chain_subjects(Hook::NatPrerouting),
                     );
                 }
             }
@@ -471,10 +687,15 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
                 &[],
             );
             mark = mark::OWN;
-            let line = nft_rule_line(&k.node, &inet, chain::PREROUTING, "from ztunnel itself");
+            let line = f.rule_line(
+                &k.node,
+                Hook::Prerouting,
+                "from ztunnel itself",
+                "from ztunnel itself",
+            );
             w.step(
                 "node",
-                "nft",
+                f.hop(),
                 format!(
                     "{}: mark {} (its own connections are never captured again)",
                     line.clone().unwrap_or_else(|| "the rule is MISSING".into()),
@@ -482,15 +703,19 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
                 ),
                 Some(mark),
                 line.is_some(),
-                std::slice::from_ref(&pre_chain),
+                &pre_chain,
             );
         }
         "node" => {
             // A host socket: the first lookup (no mark) picks the route and so the source.
             let first = k.node.lookup(0, dst);
-            let chosen = first.route.as_ref().and_then(|(_, v)| v.src).and_then(v4);
+            let chosen = first
+                .route
+                .as_ref()
+                .and_then(|(_, v)| v.src)
+                .filter(|s| s.is_ipv4() == dst.is_ipv4());
             if src_ip.is_unspecified() {
-                src_ip = chosen.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                src_ip = chosen.unwrap_or(src_ip);
             }
             w.step(
                 "node",
@@ -508,40 +733,51 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
                 true,
                 &lookup_subjects(&first, ""),
             );
-            let gw_rule = k
-                .node
-                .nft
-                .as_ref()
-                .and_then(|t| t.chains.get(chain::OUTPUT))
-                .is_some_and(|c| !c.rules.is_empty());
+            let gw_rule = match f.fw {
+                FirewallKind::Nftables => k
+                    .node
+                    .nft
+                    .as_ref()
+                    .and_then(|t| t.chains.get(chain::OUTPUT))
+                    .is_some_and(|c| !c.rules.is_empty()),
+                FirewallKind::Iptables => f
+                    .rule_line(&k.node, Hook::Output, "", "node gateway address")
+                    .is_some(),
+            };
             let is_gw =
                 w.d.nft
                     .rules
                     .as_ref()
-                    .is_some_and(|r| r.node_gateways.contains(&IpAddr::V4(src_ip)));
+                    .is_some_and(|r| r.node_gateways.contains(&src_ip));
             if gw_rule && is_gw {
                 mark = mark::OWN;
-                let line = nft_rule_line(&k.node, &inet, chain::OUTPUT, "node gateway address")
+                let line = f
+                    .rule_line(
+                        &k.node,
+                        Hook::Output,
+                        "node gateway address",
+                        "node gateway address",
+                    )
                     .unwrap_or_default();
                 w.step(
                     "node",
-                    "nft",
+                    f.hop(),
                     format!(
                         "{line}: mark {} (node → pod, e.g. kubelet probes, is not captured)",
                         mark_text(mark)
                     ),
                     Some(mark),
                     true,
-                    &[format!("chain inet {}", chain::OUTPUT)],
+                    &f.chain_subjects(Hook::Output),
                 );
             } else {
                 w.step(
                     "node",
-                    "nft",
+                    f.hop(),
                     format!("no output rule marks a packet from {src_ip}"),
                     Some(0),
                     true,
-                    &[format!("chain inet {}", chain::OUTPUT)],
+                    &f.chain_subjects(Hook::Output),
                 );
             }
         }
@@ -566,11 +802,11 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
             );
             w.step(
                 "node",
-                "nft",
+                f.hop(),
                 "no rule of the prerouting chain marks a new connection from it".into(),
                 Some(0),
                 true,
-                std::slice::from_ref(&pre_chain),
+                &pre_chain,
             );
         }
     }
@@ -592,12 +828,13 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
         },
         Some(mark),
         true,
-        &consts::rule::ALL.map(|p| format!("rule {p}")),
+        &consts::rule::ALL.map(|p| f.rule_subject("", p)),
     );
     // A missing or wrong route of the agent's for this destination sends it elsewhere: that
     // drift belongs to this step whichever table the walk ended in.
     let mut route_subjects = lookup_subjects(&l, "");
-    route_subjects.extend(consts::table::ALL.map(|t| format!("route table {t} {dst}/32")));
+    route_subjects
+        .extend(consts::table::ALL.map(|t| format!("route table {t} {dst}/{}", f.host_len())));
     let Some((rk, rv)) = l.route.clone() else {
         w.step(
             "node",
@@ -628,14 +865,25 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
         };
         return (verdict, None);
     };
-    // Into a tunnel: the device, then the encapsulated packet's own route.
+    // Into a tunnel: the device, then the encapsulated packet's own route (the underlay's
+    // family, which may differ from the packet's: v6 pods over a v4 underlay).
     let have = k.node.tunnels.get(end.name).cloned().flatten();
-    let remote = have.as_ref().and_then(|h| h.remote).and_then(v4);
+    let remote = have.as_ref().and_then(|h| h.remote);
     w.step(
         "node",
         "tunnel",
         match &have {
-            Some(h) => format!("{} {}", end.name, drift::tunnel_have(h)),
+            Some(h) => format!(
+                "{} {}{}",
+                end.name,
+                drift::tunnel_have(h),
+                rv.gateway
+                    .map(|g| format!(
+                        "; the {} inner hop {g} is ztunnel's end",
+                        if f.v6() { "IPv6" } else { "IPv4" }
+                    ))
+                    .unwrap_or_default()
+            ),
             None => format!("{} is MISSING", end.name),
         },
         Some(mark),
@@ -652,7 +900,8 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
             "node",
             "underlay",
             format!(
-                "the encapsulated packet to {r}:{} keeps mark {}: {}{}",
+                "the encapsulated packet to {}:{} keeps mark {}: {}{}",
+                SocketAddr::new(r, 0).ip(),
                 have.as_ref().and_then(|h| h.port).unwrap_or_default(),
                 mark_text(mark),
                 lookup_text(&ul),
@@ -706,21 +955,31 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
         zhave.is_some(),
         &[format!("ztunnel tunnel {}", peer.name)],
     );
-    let zt_table = format!("ip {}", consts::ZTUNNEL_NFT_TABLE);
-    let line = nft_rule_line(zk, &zt_table, chain::PREROUTING, text);
+    // ztunnel-init's backend, which may not be the agent's.
+    let fz = Filter {
+        fw: k.zt_firewall,
+        ..f
+    };
+    let line = fz.rule_line(zk, Hook::Ztunnel, text, text);
+    let lo: IpAddr = if f.v6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
     w.step(
         "ztunnel",
         "tproxy",
         format!(
-            "{}: to 127.0.0.1:{listener}, mark {}/{:#x}",
+            "{}: to {}, mark {}/{:#x}",
             line.clone()
                 .unwrap_or_else(|| format!("the TPROXY rule \"{text}\" is MISSING")),
+            SocketAddr::new(lo, listener),
             mark_text(zt_mark::TPROXY),
             zt_mark::MASK
         ),
         Some(zt_mark::TPROXY),
         line.is_some(),
-        &[format!("chain ztunnel ip {}", chain::PREROUTING)],
+        &fz.chain_subjects(Hook::Ztunnel),
     );
     let zl = zk.lookup(zt_mark::TPROXY, dst);
     w.step(
@@ -739,9 +998,10 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddrV4) -> (String, Option<u16
         .and_then(|p| ambient_net::netns::run_in(p, kernel::listening_ports).ok())
         .and_then(Result::ok)
         .unwrap_or_default();
-    let up = listening
-        .iter()
-        .any(|(a, p)| *p == listener && (a.is_loopback() || a.is_unspecified()));
+    // A v4 TPROXY needs a v4 (or dual-stack ::) socket, a v6 one a v6 socket.
+    let up = listening.iter().any(|(a, p)| {
+        *p == listener && (a.is_loopback() || a.is_unspecified()) && (a.is_ipv6() || !f.v6())
+    });
     w.step(
         "ztunnel",
         "listener",
@@ -780,7 +1040,7 @@ fn lookup_subjects(l: &Lookup, prefix: &str) -> Vec<String> {
     let mut s: Vec<String> = l
         .rule
         .iter()
-        .map(|r| format!("{prefix}rule {}", r.priority))
+        .map(|r| drift::rule_subject(prefix, r))
         .collect();
     if let Some((k, _)) = &l.route {
         s.push(format!(
@@ -791,12 +1051,9 @@ fn lookup_subjects(l: &Lookup, prefix: &str) -> Vec<String> {
     s
 }
 
-fn ask_ztunnel(netns: &std::path::Path, src: Ipv4Addr, dst: SocketAddrV4) -> Value {
-    match http_get(
-        netns,
-        port::ADMIN,
-        &format!("/debug/route?src={src}&dst={dst}"),
-    ) {
+/// `GET path` on ztunnel's admin port: its JSON, or `{"error": …}`.
+fn ask_ztunnel(netns: &std::path::Path, path: &str) -> Value {
+    match http_get(netns, port::ADMIN, path) {
         Ok((200, body)) => serde_json::from_str(&body)
             .unwrap_or_else(|e| serde_json::json!({"error": format!("not JSON: {e}")})),
         Ok((code, body)) => serde_json::json!({"error": format!("HTTP {code}: {}", body.trim())}),
@@ -804,10 +1061,68 @@ fn ask_ztunnel(netns: &std::path::Path, src: Ipv4Addr, dst: SocketAddrV4) -> Val
     }
 }
 
+/// One line of ztunnel's inbound decision (`/debug/inbound`).
+fn inbound_summary(v: &Value) -> String {
+    let mut s = format!(
+        "decision {}, inbound {} on {}",
+        v["decision"].as_str().unwrap_or("?"),
+        if v["listener"] == port::INBOUND_HBONE {
+            "HBONE"
+        } else {
+            "plaintext"
+        },
+        v["listener"]
+    );
+    if let Some(a) = v["authority"].as_str() {
+        s += &format!(" CONNECT {a}");
+    }
+    if let (Some(ns), Some(n)) = (
+        v["destination"]["namespace"].as_str(),
+        v["destination"]["name"].as_str(),
+    ) {
+        s += &format!(" to {ns}/{n}");
+    }
+    if let Some(id) = v["servedIdentity"].as_str() {
+        s += &format!(", presents {id}");
+    }
+    match v["expectedPeerIdentity"].as_str() {
+        Some(id) => s += &format!(", expects peer {id}"),
+        None if v["servedIdentity"].is_string() => s += ", any mesh peer identity",
+        None => s += ", no peer identity (plaintext)",
+    }
+    let pols: Vec<String> = v["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {}{}",
+                p["action"].as_str().unwrap_or("?"),
+                p["policy"].as_str().unwrap_or("?"),
+                if p["matches"] == true {
+                    " (matches)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    if !pols.is_empty() {
+        s += &format!(", policies {}", pols.join(", "));
+    }
+    if let Some(reason) = v["reason"].as_str() {
+        s += &format!(" ({reason})");
+    }
+    s
+}
+
 /// One line of ztunnel's decision.
 pub fn ztunnel_summary(v: &Value) -> String {
     if let Some(e) = v["error"].as_str() {
         return format!("ztunnel's admin port did not answer: {e}");
+    }
+    if v["direction"] == "inbound" {
+        return inbound_summary(v);
     }
     let mut s = format!("decision {}", v["decision"].as_str().unwrap_or("?"));
     let r = &v["route"];
@@ -933,5 +1248,34 @@ mod tests {
             "decision allowed, route hbone tunnel 10.244.2.3:15008 authority 10.244.2.3:9080, expects spiffe://cluster.local/ns/demo/sa/app"
         );
         assert!(ztunnel_summary(&serde_json::json!({"error": "refused"})).contains("refused"));
+    }
+
+    #[test]
+    fn the_inbound_decision_in_one_line() {
+        let v = serde_json::json!({
+            "direction": "inbound", "listener": 15008, "decision": "allowed",
+            "authority": "10.244.2.3:9080", "destination": {"namespace": "demo", "name": "app-b"},
+            "servedIdentity": "spiffe://cluster.local/ns/demo/sa/app",
+            "expectedPeerIdentity": "spiffe://cluster.local/ns/demo/sa/client",
+            "policies": [{"policy": "demo/deny-x", "action": "Deny", "matches": false}],
+        });
+        assert_eq!(
+            ztunnel_summary(&v),
+            "decision allowed, inbound HBONE on 15008 CONNECT 10.244.2.3:9080 to demo/app-b, presents spiffe://cluster.local/ns/demo/sa/app, expects peer spiffe://cluster.local/ns/demo/sa/client, policies Deny demo/deny-x"
+        );
+        let v = serde_json::json!({"direction": "inbound", "listener": 15006, "decision": "denied", "reason": "x"});
+        assert_eq!(
+            ztunnel_summary(&v),
+            "decision denied, inbound plaintext on 15006, no peer identity (plaintext) (x)"
+        );
+    }
+
+    #[test]
+    fn query_addresses_are_encoded() {
+        assert_eq!(
+            enc("[fd00::1]:80".parse().unwrap()),
+            "%5Bfd00%3A%3A1%5D%3A80"
+        );
+        assert_eq!(enc("10.0.0.1:80".parse().unwrap()), "10.0.0.1%3A80");
     }
 }

@@ -32,6 +32,9 @@ pub enum OpsError {
     Net(#[from] ambient_net::nl::NetError),
     #[error(transparent)]
     Nft(#[from] ambient_net::nft::NftError),
+    /// The iptables backend's tools failed.
+    #[error("iptables backend: {0}")]
+    Firewall(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -60,7 +63,7 @@ pub async fn desired_and_kernel(
     state_dir: &Path,
 ) -> Result<(desired::Desired, kernel::Kernel), OpsError> {
     let d = desired::Desired::load(state_dir)?;
-    let k = kernel::Kernel::read(d.ztunnel_netns().as_deref()).await?;
+    let k = kernel::Kernel::read(d.ztunnel_netns().as_deref(), d.firewall()).await?;
     Ok((d, k))
 }
 

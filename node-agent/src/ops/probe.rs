@@ -6,15 +6,26 @@
 //! [`TraceSocket`] listens in each, the connection is made (or fails, bounded), and the trace
 //! tables are removed. Events come over netlink (`NFNLGRP_NFTRACE`), not from
 //! `nft monitor trace`: rule handles are matched to the comments of the product's tables.
+//! iptables here is `iptables-nft` (Debian's default): its rules are nf_tables rules of the
+//! `ip`/`ip6` `mangle` and `nat` tables, traced the same way; their comments are read with
+//! `nft -j list table`. (`iptables-legacy` has no nftrace: its TRACE target logs to the
+//! kernel log; --trace says so.)
+//!
+//! [`arriving`] is the other node's half: no probe, the same trace tables for the connection
+//! as it arrives (the HBONE connection ztunnel opens from the client's address, any source
+//! port), collected for a while.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambient_net::consts;
+use ambient_net::iptables::{self, Variant};
 use ambient_net::nft::trace::{TraceEvent, TraceKind, TraceRule, TraceSocket};
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use serde::Serialize;
 
 use super::explain::Step;
@@ -29,8 +40,8 @@ pub struct Probe<'a> {
     /// `None`: the node's own netns (host sockets).
     pub source_netns: Option<PathBuf>,
     /// Unspecified for the node: the kernel picks the source address.
-    pub src: Ipv4Addr,
-    pub dst: SocketAddrV4,
+    pub src: IpAddr,
+    pub dst: SocketAddr,
     pub ztunnel_netns: Option<PathBuf>,
     pub node: &'a NsKernel,
     pub ztunnel: Option<&'a NsKernel>,
@@ -64,8 +75,12 @@ pub struct Trace {
     pub node: Vec<Hit>,
     /// The same packet's hits in the ztunnel netns, after the tunnel.
     pub ztunnel: Vec<Hit>,
-    /// The packet mark when it left the node's ambient-node prerouting (or output) chain.
+    /// The packet mark when it left the node's ambient-node prerouting (or output) chain
+    /// (with iptables: our `AMBIENT-*` mangle chains).
     pub node_mark: Option<u32>,
+    /// What the trace could not see, said plainly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The ztunnel netns' trace table, removed from inside that netns however the probe ends.
@@ -93,17 +108,30 @@ fn family_name(f: u8) -> &'static str {
 }
 
 /// A socket in `netns` bound to `src:0`, and its port.
-fn bound_socket(netns: Option<&PathBuf>, src: Ipv4Addr) -> Result<(OwnedFd, u16), OpsError> {
+fn bound_socket(netns: Option<&PathBuf>, src: IpAddr) -> Result<(OwnedFd, u16), OpsError> {
     let make = move || -> nix::Result<(OwnedFd, u16)> {
+        let fam = if src.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
         let fd = socket::socket(
-            AddressFamily::Inet,
+            fam,
             SockType::Stream,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))?;
-        let local: SockaddrIn = socket::getsockname(fd.as_raw_fd())?;
-        Ok((fd, local.port()))
+        socket::bind(
+            fd.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(src, 0)),
+        )?;
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+        let port = match (local.as_sockaddr_in(), local.as_sockaddr_in6()) {
+            (Some(a), _) => a.port(),
+            (_, Some(a)) => a.port(),
+            _ => 0,
+        };
+        Ok((fd, port))
     };
     let r = match netns {
         Some(p) => ambient_net::netns::run_in(p, make)
@@ -114,8 +142,8 @@ fn bound_socket(netns: Option<&PathBuf>, src: Ipv4Addr) -> Result<(OwnedFd, u16)
 }
 
 /// Connects, bounded by [`CONNECT_TIMEOUT`]; the outcome in words.
-fn connect(fd: &OwnedFd, dst: SocketAddrV4) -> String {
-    match socket::connect(fd.as_raw_fd(), &SockaddrIn::from(dst)) {
+fn connect(fd: &OwnedFd, dst: SocketAddr) -> String {
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
         Ok(()) => return "connected".into(),
         Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return format!("failed: {e}"),
@@ -138,66 +166,198 @@ fn connect(fd: &OwnedFd, dst: SocketAddrV4) -> String {
     }
 }
 
+/// The trace tables for one flow in the node's netns and (when known) the ztunnel netns, with
+/// a trace socket in each; removed when dropped.
+struct Tracing {
+    node_ts: TraceSocket,
+    node_rule: Option<TraceRule>,
+    zt: Option<(TraceSocket, ZtRule)>,
+}
+
+impl Tracing {
+    fn set(p: &Probe<'_>, saddr: Option<IpAddr>, sport: Option<u16>) -> Result<Tracing, OpsError> {
+        let node_ts = TraceSocket::open().map_err(|e| OpsError::io("join NFNLGRP_NFTRACE", e))?;
+        let node_rule = TraceRule::add(saddr, sport, p.dst.ip(), p.dst.port())?;
+        let mut zt = None;
+        if let Some(ns) = &p.ztunnel_netns {
+            let (dip, dport) = (p.dst.ip(), p.dst.port());
+            let (ts, rule) = ambient_net::netns::run_in(ns, move || -> Result<_, OpsError> {
+                let ts =
+                    TraceSocket::open().map_err(|e| OpsError::io("join NFNLGRP_NFTRACE", e))?;
+                Ok((ts, TraceRule::add(saddr, sport, dip, dport)?))
+            })
+            .map_err(|e| OpsError::io(format!("enter {}", ns.display()), e))??;
+            zt = Some((
+                ts,
+                ZtRule {
+                    netns: ns.clone(),
+                    rule: Some(rule),
+                },
+            ));
+        }
+        Ok(Tracing {
+            node_ts,
+            node_rule: Some(node_rule),
+            zt,
+        })
+    }
+
+    /// Both netns' events: the node's until `quiet` passes without one (or `deadline`),
+    /// then what the ztunnel netns' socket holds; the trace tables are removed.
+    fn finish(
+        mut self,
+        quiet: Duration,
+        deadline: Instant,
+    ) -> Result<(Vec<TraceEvent>, Vec<TraceEvent>), OpsError> {
+        let read = |e| OpsError::io("read trace events", e);
+        let node = self.node_ts.collect(quiet, deadline).map_err(read)?;
+        let zt = match &self.zt {
+            Some((ts, _)) => ts.collect(QUIET, Instant::now() + QUIET).map_err(read)?,
+            None => Vec::new(),
+        };
+        if let Some(r) = self.node_rule.take() {
+            r.remove()?;
+        }
+        Ok((node, zt))
+    }
+}
+
 pub fn run(p: &Probe<'_>) -> Result<Trace, OpsError> {
     let (fd, sport) = bound_socket(p.source_netns.as_ref(), p.src)?;
     let saddr = (!p.src.is_unspecified()).then_some(p.src);
-    let node_ts = TraceSocket::open().map_err(|e| OpsError::io("join NFNLGRP_NFTRACE", e))?;
-    let node_rule = TraceRule::add(saddr, sport, *p.dst.ip(), p.dst.port())?;
-    let mut zt = None;
-    if let Some(ns) = &p.ztunnel_netns {
-        let (dip, dport) = (*p.dst.ip(), p.dst.port());
-        let (ts, rule) = ambient_net::netns::run_in(ns, move || -> Result<_, OpsError> {
-            let ts = TraceSocket::open().map_err(|e| OpsError::io("join NFNLGRP_NFTRACE", e))?;
-            Ok((ts, TraceRule::add(saddr, sport, dip, dport)?))
-        })
-        .map_err(|e| OpsError::io(format!("enter {}", ns.display()), e))??;
-        zt = Some((
-            ts,
-            ZtRule {
-                netns: ns.clone(),
-                rule: Some(rule),
-            },
-        ));
-    }
+    let tracing = Tracing::set(p, saddr, Some(sport))?;
     let outcome = connect(&fd, p.dst);
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let node_events = node_ts
-        .collect(QUIET, deadline)
-        .map_err(|e| OpsError::io("read trace events", e))?;
-    let zt_events = match &zt {
-        Some((ts, _)) => ts
-            .collect(QUIET, deadline)
-            .map_err(|e| OpsError::io("read trace events", e))?,
-        None => Vec::new(),
-    };
+    let (node_events, zt_events) = tracing.finish(QUIET, Instant::now() + CONNECT_TIMEOUT)?;
     drop(fd);
-    node_rule.remove()?;
-    drop(zt);
+    let want = |e: &TraceEvent| e.sport == Some(sport) && saddr.is_none_or(|s| e.src == Some(s));
+    Ok(trace_of(
+        p,
+        saddr,
+        sport,
+        outcome,
+        &node_events,
+        &zt_events,
+        want,
+    ))
+}
+
+/// The destination node's half of a probe another node sends: the same trace tables for the
+/// flow to `p.dst` from `p.src` (any source port: ztunnel's HBONE connection, or the packet
+/// itself), `tracing` on stderr once they are set, events collected for `wait`.
+pub fn arriving(p: &Probe<'_>, wait: Duration) -> Result<Trace, OpsError> {
+    let saddr = (!p.src.is_unspecified()).then_some(p.src);
+    let tracing = Tracing::set(p, saddr, None)?;
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "tracing");
+    let _ = err.flush();
+    // The whole window: the probe starts on the other node after `tracing`.
+    let (node_events, zt_events) = tracing.finish(wait, Instant::now() + wait)?;
+    let sport = node_events
+        .iter()
+        .chain(&zt_events)
+        .find(|e| e.dst == Some(p.dst.ip()) && e.dport == Some(p.dst.port()))
+        .and_then(|e| e.sport)
+        .unwrap_or_default();
+    let want = |e: &TraceEvent| saddr.is_none_or(|s| e.src == Some(s));
+    let mut t = trace_of(
+        p,
+        saddr,
+        sport,
+        "seen arriving".into(),
+        &node_events,
+        &zt_events,
+        want,
+    );
+    if node_events.is_empty() {
+        t.connect = format!("nothing arrived within {} s", wait.as_secs());
+    }
+    Ok(t)
+}
+
+fn trace_of(
+    p: &Probe<'_>,
+    saddr: Option<IpAddr>,
+    sport: u16,
+    connect: String,
+    node_events: &[TraceEvent],
+    zt_events: &[TraceEvent],
+    flow: impl Fn(&TraceEvent) -> bool + Copy,
+) -> Trace {
     let want = |e: &TraceEvent| {
-        e.dst == Some(*p.dst.ip())
+        e.dst == Some(p.dst.ip())
             && e.dport == Some(p.dst.port())
-            && e.sport == Some(sport)
-            && saddr.is_none_or(|s| e.src == Some(s))
+            && flow(e)
             && !e.table.starts_with("ambient-trace-")
     };
-    let node = first_packet(&node_events, want, p.node);
+    // With iptables the rules are those of the `mangle`/`nat` tables iptables-nft made.
+    let ipt_comments = |events: &[TraceEvent], netns: Option<&PathBuf>| {
+        let tables: std::collections::BTreeSet<(u8, String)> = events
+            .iter()
+            .filter(|e| e.table == "mangle" || e.table == "nat")
+            .map(|e| (e.family, e.table.clone()))
+            .collect();
+        let read = move || {
+            tables
+                .iter()
+                .flat_map(|(f, t)| nft_comments(family_name(*f), t))
+                .collect::<BTreeMap<_, _>>()
+        };
+        match netns {
+            Some(ns) => ambient_net::netns::run_in(ns, read).unwrap_or_default(),
+            None => read(),
+        }
+    };
+    let node_ipt = ipt_comments(node_events, None);
+    let zt_ipt = ipt_comments(zt_events, p.ztunnel_netns.as_ref());
+    let node = first_packet(node_events, want, p.node, &node_ipt);
     let ztunnel = match p.ztunnel {
-        Some(zk) => first_packet(&zt_events, want, zk),
+        Some(zk) => first_packet(zt_events, want, zk, &zt_ipt),
         None => Vec::new(),
     };
+    // nftables: the last hit of the inet table. iptables-nft: the mark the packet carries
+    // when it reaches nat prerouting, after mangle's chains (the jump into ours shows, the
+    // rules inside it show no events of their own here).
     let node_mark = node
         .iter()
         .rev()
         .find(|h| h.table == consts::NODE_NFT_TABLE && h.family == "inet")
+        .or_else(|| node.iter().find(|h| h.table == "nat"))
         .map(|h| h.mark);
-    Ok(Trace {
+    let note = (p.node.ipt.is_some() && iptables::variant() == Variant::Legacy).then(|| {
+        "iptables-legacy: its rules are not nf_tables rules and emit no trace events (its TRACE target logs to the kernel log instead): --trace needs nftables or iptables-nft".to_string()
+    });
+    Trace {
         src: saddr.map_or("the node".into(), |s| s.to_string()),
         sport,
-        connect: outcome,
+        connect,
         node,
         ztunnel,
         node_mark,
-    })
+        note,
+    }
+}
+
+/// `(chain, handle) → comment` of an nf_tables table, from `nft -j list table`.
+fn nft_comments(family: &str, table: &str) -> BTreeMap<(String, u64), String> {
+    let out = std::process::Command::new(ambient_net::nft::nft_program())
+        .args(["-j", "list", "table", family, table])
+        .output();
+    let Ok(out) = out else {
+        return BTreeMap::new();
+    };
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let r = &i["rule"];
+            Some((
+                (r["chain"].as_str()?.to_string(), r["handle"].as_u64()?),
+                r["comment"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// The hits of the first traced packet (the SYN): the events of its trace id, in order.
@@ -205,6 +365,7 @@ fn first_packet(
     events: &[TraceEvent],
     want: impl Fn(&TraceEvent) -> bool,
     k: &NsKernel,
+    ipt: &BTreeMap<(String, u64), String>,
 ) -> Vec<Hit> {
     let Some(id) = events.iter().find(|e| want(e)).map(|e| e.id) else {
         return Vec::new();
@@ -224,6 +385,9 @@ fn first_packet(
                 (Some(h), true) => k
                     .comment_of(e.family, &e.chain, h)
                     .map(|c| super::explain::text_of(&c).to_string()),
+                (Some(h), false) => ipt
+                    .get(&(e.chain.clone(), h))
+                    .map(|c| super::explain::text_of(c).to_string()),
                 _ => None,
             },
             kind: match e.kind {
@@ -258,6 +422,9 @@ fn hit_line(h: &Hit) -> String {
 /// The trace beside the explanation: the rules hit, and whether the marks agree.
 pub fn render(t: &Trace, steps: &[Step]) -> String {
     let mut s = format!("trace: probe {}:{} → {}\n", t.src, t.sport, t.connect);
+    if let Some(n) = &t.note {
+        s += &format!("  note: {n}\n");
+    }
     for (ns, hits) in [("node", &t.node), ("ztunnel", &t.ztunnel)] {
         if hits.is_empty() && ns == "ztunnel" {
             continue;
@@ -271,7 +438,7 @@ pub fn render(t: &Trace, steps: &[Step]) -> String {
     }
     let explained = steps
         .iter()
-        .filter(|st| st.netns == "node" && st.hop == "nft")
+        .filter(|st| st.netns == "node" && (st.hop == "nft" || st.hop == "iptables"))
         .filter_map(|st| st.mark)
         .next_back();
     s += &match (explained, t.node_mark) {
