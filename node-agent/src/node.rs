@@ -220,6 +220,14 @@ impl Node {
         }
         let links: BTreeSet<String> = self.nl.link_names().await?.into_values().collect();
         for key in gone_pods(&self.state, &links) {
+            let Some(veth) = self.state.pods.get(&key).map(|r| r.host_veth.clone()) else {
+                continue;
+            };
+            // A dump that raced with links coming and going can miss one: each absence is
+            // confirmed by name before a live pod's capture could be dropped.
+            if self.nl.link_by_name(&veth).await?.is_some() {
+                continue;
+            }
             let Some(rec) = self.state.pods.remove(&key) else {
                 continue;
             };

@@ -163,7 +163,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Reliability drills on a lab of their own (`drill cni`: ADD/DEL at kubelet's concurrency).
+    /// Reliability drills on a lab of their own (`drill cni`: ADD/DEL at kubelet's concurrency;
+    /// `drill churn`: pods enrolled and removed while the agent is SIGKILLed).
     Drill {
         #[command(subcommand)]
         drill: drill::DrillCmd,
