@@ -476,22 +476,7 @@ pub fn render(p: &LabPath) -> String {
             }
             for ns in ["node", "ztunnel"] {
                 for h in t[ns].as_array().into_iter().flatten() {
-                    s += &format!(
-                        "    {ns:<8} {} {} {}: {} → {}, mark {}\n",
-                        h["family"].as_str().unwrap_or(""),
-                        h["table"].as_str().unwrap_or(""),
-                        h["chain"].as_str().unwrap_or(""),
-                        match (h["handle"].as_u64(), h["comment"].as_str()) {
-                            (Some(n), Some(c)) => format!("rule handle {n} \"{c}\""),
-                            (Some(n), None) => format!("rule handle {n}"),
-                            // The chain's end: no rule matched.
-                            (None, _) => "no rule matched".to_string(),
-                        },
-                        h["verdict"].as_str().unwrap_or(""),
-                        h["mark"]
-                            .as_u64()
-                            .map_or("?".into(), |m| format!("{m:#05x}"))
-                    );
+                    s += &format!("    {ns:<8} {}\n", h["text"].as_str().unwrap_or("?"));
                 }
             }
         }

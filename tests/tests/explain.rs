@@ -721,8 +721,9 @@ fn explain_and_doctor_on_the_iptables_backend() {
     has(a, "ztunnel", "tproxy", &["outbound: tproxy 15001"]);
     clean(a);
     clean(b);
-    // The trace: the mark after mangle's chains, and ztunnel's TPROXY rule.
-    trace_agrees(a, None, Some("outbound: tproxy 15001"));
+    // The trace: iptables-nft's rules are nf_tables rules, named by their comments.
+    trace_agrees(a, Some("capture outbound"), Some("outbound: tproxy 15001"));
+    trace_agrees(a, Some("accept before kube-proxy's NAT"), None);
     has(b, "ztunnel", "tproxy", &["inbound HBONE: tproxy 15008"]);
     let (ok, f) = doctor(&lab);
     assert!(ok, "{:?}", failed(&f));

@@ -608,22 +608,23 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>)
                     "capture outbound",
                     "capture outbound",
                 );
+                if line.is_none() {
+                    mark = 0;
+                }
                 w.step(
                     "node",
                     f.hop(),
-                    format!(
-                        "{}: mark {}",
-                        line.clone()
-                            .unwrap_or_else(|| "the capture rule is MISSING".into()),
-                        mark_text(mark)
-                    ),
+                    match &line {
+                        Some(l) => format!("{l}: mark {}", mark_text(mark)),
+                        None => {
+                            "the capture rule is MISSING: the packet is not marked, not captured"
+                                .into()
+                        }
+                    },
                     Some(mark),
                     line.is_some(),
                     &pre_chain,
                 );
-                if line.is_none() {
-                    mark = 0;
-                }
             } else if in_set {
                 let line = f.rule_line(&k.node, Hook::Prerouting, "spoofed, drop", "spoofed, drop");
                 w.step(

@@ -7,9 +7,9 @@
 //! tables are removed. Events come over netlink (`NFNLGRP_NFTRACE`), not from
 //! `nft monitor trace`: rule handles are matched to the comments of the product's tables.
 //! iptables here is `iptables-nft` (Debian's default): its rules are nf_tables rules of the
-//! `ip`/`ip6` `mangle` and `nat` tables, traced the same way; their comments are read with
-//! `nft -j list table`. (`iptables-legacy` has no nftrace: its TRACE target logs to the
-//! kernel log; --trace says so.)
+//! `ip`/`ip6` `mangle` and `nat` tables, traced the same way; their comments come from
+//! `iptables-save` by position (nft's JSON does not show iptables-nft's comment match).
+//! `iptables-legacy` has no nftrace (its TRACE target logs to the kernel log): --trace says so.
 //!
 //! [`arriving`] is the other node's half: no probe, the same trace tables for the connection
 //! as it arrives (the HBONE connection ztunnel opens from the client's address, any source
@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambient_net::consts;
-use ambient_net::iptables::{self, Variant};
+use ambient_net::iptables::{self, Fam, Variant};
 use ambient_net::nft::trace::{TraceEvent, TraceKind, TraceRule, TraceSocket};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use serde::Serialize;
@@ -62,6 +62,8 @@ pub struct Hit {
     pub kind: &'static str,
     pub verdict: String,
     pub mark: u32,
+    /// The one-line form ([`hit_line`]).
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -290,7 +292,7 @@ fn trace_of(
             && !e.table.starts_with("ambient-trace-")
     };
     // With iptables the rules are those of the `mangle`/`nat` tables iptables-nft made.
-    let ipt_comments = |events: &[TraceEvent], netns: Option<&PathBuf>| {
+    let ipt_comments = |events: &[TraceEvent], netns: Option<&PathBuf>, k: &NsKernel| {
         let tables: std::collections::BTreeSet<(u8, String)> = events
             .iter()
             .filter(|e| e.table == "mangle" || e.table == "nat")
@@ -299,24 +301,27 @@ fn trace_of(
         let read = move || {
             tables
                 .iter()
-                .flat_map(|(f, t)| nft_comments(family_name(*f), t))
-                .collect::<BTreeMap<_, _>>()
+                .map(|(f, t)| ((*f, t.clone()), nft_handles(family_name(*f), t)))
+                .collect::<Vec<_>>()
         };
-        match netns {
+        let handles = match netns {
             Some(ns) => ambient_net::netns::run_in(ns, read).unwrap_or_default(),
             None => read(),
-        }
+        };
+        ipt_comment_map(&handles, k)
     };
-    let node_ipt = ipt_comments(node_events, None);
-    let zt_ipt = ipt_comments(zt_events, p.ztunnel_netns.as_ref());
+    let node_ipt = ipt_comments(node_events, None, p.node);
+    let zt_ipt = match p.ztunnel {
+        Some(zk) => ipt_comments(zt_events, p.ztunnel_netns.as_ref(), zk),
+        None => BTreeMap::new(),
+    };
     let node = first_packet(node_events, want, p.node, &node_ipt);
     let ztunnel = match p.ztunnel {
         Some(zk) => first_packet(zt_events, want, zk, &zt_ipt),
         None => Vec::new(),
     };
     // nftables: the last hit of the inet table. iptables-nft: the mark the packet carries
-    // when it reaches nat prerouting, after mangle's chains (the jump into ours shows, the
-    // rules inside it show no events of their own here).
+    // when it reaches nat prerouting, after mangle's chains (ours among them).
     let node_mark = node
         .iter()
         .rev()
@@ -337,8 +342,13 @@ fn trace_of(
     }
 }
 
-/// `(chain, handle) → comment` of an nf_tables table, from `nft -j list table`.
-fn nft_comments(family: &str, table: &str) -> BTreeMap<(String, u64), String> {
+/// An nf_tables table's rule handles by chain, in each chain's order.
+type ChainHandles = BTreeMap<String, Vec<u64>>;
+
+/// The rule handles of each chain of an nf_tables table, in the chain's order, from
+/// `nft -j list table` (iptables-nft's comments are not in nft's JSON, only their position
+/// matches `iptables-save`'s).
+fn nft_handles(family: &str, table: &str) -> ChainHandles {
     let out = std::process::Command::new(ambient_net::nft::nft_program())
         .args(["-j", "list", "table", family, table])
         .output();
@@ -346,18 +356,77 @@ fn nft_comments(family: &str, table: &str) -> BTreeMap<(String, u64), String> {
         return BTreeMap::new();
     };
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    doc["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| {
-            let r = &i["rule"];
-            Some((
-                (r["chain"].as_str()?.to_string(), r["handle"].as_u64()?),
-                r["comment"].as_str()?.to_string(),
-            ))
-        })
-        .collect()
+    let mut m = ChainHandles::new();
+    for i in doc["nftables"].as_array().into_iter().flatten() {
+        let r = &i["rule"];
+        if let (Some(c), Some(h)) = (r["chain"].as_str(), r["handle"].as_u64()) {
+            m.entry(c.to_string()).or_default().push(h);
+        }
+    }
+    m
+}
+
+/// `(chain, handle) → comment` for iptables-nft's tables: the n-th nft rule of a chain is
+/// the n-th `-A` line of `iptables-save` (when both agree on the count).
+fn ipt_comment_map(
+    handles: &[((u8, String), ChainHandles)],
+    k: &NsKernel,
+) -> BTreeMap<(String, u64), String> {
+    let mut out = BTreeMap::new();
+    let Some(ipt) = k.ipt.as_ref() else {
+        return out;
+    };
+    for ((family, table), chains) in handles {
+        let fam = if *family == 10 { Fam::V6 } else { Fam::V4 };
+        let Some(saved) = ipt.of(fam) else { continue };
+        for (chain, hs) in chains {
+            let Some(rules) = saved.chain(table, chain) else {
+                continue;
+            };
+            if rules.len() != hs.len() {
+                continue;
+            }
+            for (h, r) in hs.iter().zip(rules) {
+                if let Some(c) = super::kernel::ipt_comment(r) {
+                    out.insert((chain.clone(), *h), c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The events of the first packet of trace id `id` that `want`s. The kernel copies the
+/// packet's headers into the first event of each base chain only (the later ones of that
+/// chain, a jumped-to chain's rules, the policy, carry none), and an id is reused by later
+/// packets: a base chain seen a second time starts another packet. The rule-type events
+/// without a rule (a chain's end, followed by its policy or the caller's next rule) are left
+/// out.
+fn packet_events(
+    events: &[TraceEvent],
+    id: u32,
+    want: impl Fn(&TraceEvent) -> bool,
+) -> Vec<&TraceEvent> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ours = false;
+    let mut out = Vec::new();
+    for e in events.iter().filter(|e| e.id == id) {
+        if e.dst.is_some() {
+            if !want(e) {
+                ours = false;
+                continue;
+            }
+            if !seen.insert((e.family, e.table.clone(), e.chain.clone())) {
+                break;
+            }
+            ours = true;
+        }
+        let chain_end = e.kind == TraceKind::Rule && e.rule_handle.is_none();
+        if ours && !chain_end && !e.table.starts_with("ambient-trace-") {
+            out.push(e);
+        }
+    }
+    out
 }
 
 /// The hits of the first traced packet (the SYN): the events of its trace id, in order.
@@ -370,9 +439,8 @@ fn first_packet(
     let Some(id) = events.iter().find(|e| want(e)).map(|e| e.id) else {
         return Vec::new();
     };
-    events
-        .iter()
-        .filter(|e| e.id == id && want(e))
+    packet_events(events, id, want)
+        .into_iter()
         .map(|e| Hit {
             family: family_name(e.family),
             table: e.table.clone(),
@@ -402,20 +470,33 @@ fn first_packet(
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
             mark: e.mark.unwrap_or_default(),
+            text: String::new(),
+        })
+        .map(|mut h| {
+            h.text = hit_line(&h);
+            h
         })
         .collect()
 }
 
+/// One hit as a line: the table, chain, rule (or the chain's end) and verdict, and the mark.
 fn hit_line(h: &Hit) -> String {
-    let what = match (&h.comment, h.handle) {
-        (Some(c), Some(n)) => format!("rule handle {n} \"{c}\""),
-        (None, Some(n)) => format!("rule handle {n}"),
-        // No rule matched: the chain's end.
-        (_, None) => "no rule matched".to_string(),
+    let what = match (&h.comment, h.handle, h.kind) {
+        (Some(c), Some(n), _) => format!("rule handle {n} \"{c}\""),
+        (None, Some(n), _) => format!("rule handle {n}"),
+        // The end of a jumped-to chain: back to the rule after the jump.
+        (_, None, "return") => "end of the chain, back to its caller".to_string(),
+        (_, None, "policy") => "no rule decided: the chain's policy".to_string(),
+        (_, None, _) => "no rule matched".to_string(),
+    };
+    let verdict = if h.verdict.is_empty() {
+        String::new()
+    } else {
+        format!(" → {}", h.verdict)
     };
     format!(
-        "{} {} {}: {what} → {}, mark {:#05x}",
-        h.family, h.table, h.chain, h.verdict, h.mark
+        "{} {} {}: {what}{verdict}, mark {:#05x}",
+        h.family, h.table, h.chain, h.mark
     )
 }
 
@@ -451,4 +532,59 @@ pub fn render(t: &Trace, steps: &[Step]) -> String {
         ),
     };
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambient_net::nft::trace::Verdict;
+
+    fn ev(chain: &str, handle: Option<u64>, kind: TraceKind, headers: Option<u16>) -> TraceEvent {
+        TraceEvent {
+            family: 1,
+            table: "ambient-node".into(),
+            chain: chain.into(),
+            rule_handle: handle,
+            kind,
+            verdict: Some(Verdict::Continue),
+            id: 7,
+            mark: Some(0x100),
+            iif: None,
+            oif: None,
+            src: headers.map(|_| "10.244.1.4".parse().unwrap()),
+            dst: headers.map(|_| "10.244.2.3".parse().unwrap()),
+            protocol: headers.map(|_| 6),
+            sport: headers,
+            dport: headers.map(|_| 9080),
+        }
+    }
+
+    #[test]
+    fn one_packet_of_a_reused_trace_id() {
+        let events = vec![
+            ev("prerouting", Some(23), TraceKind::Rule, Some(40000)),
+            // No headers: the same chain's later events.
+            ev("AMBIENT-PREROUTING", Some(30), TraceKind::Rule, None),
+            ev("prerouting", None, TraceKind::Rule, None),
+            ev("prerouting", None, TraceKind::Policy, None),
+            ev("forward", None, TraceKind::Policy, Some(40000)),
+            // Another flow's packet with the same id, then ours again: a later packet.
+            ev("prerouting", Some(9), TraceKind::Rule, Some(1)),
+            ev("prerouting", None, TraceKind::Policy, None),
+            ev("prerouting", Some(21), TraceKind::Rule, Some(40000)),
+        ];
+        let got: Vec<(String, Option<u64>)> = packet_events(&events, 7, |e| e.sport == Some(40000))
+            .into_iter()
+            .map(|e| (e.chain.clone(), e.rule_handle))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("prerouting".to_string(), Some(23)),
+                ("AMBIENT-PREROUTING".to_string(), Some(30)),
+                ("prerouting".to_string(), None),
+                ("forward".to_string(), None),
+            ]
+        );
+    }
 }
