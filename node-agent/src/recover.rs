@@ -120,7 +120,7 @@ fn corrupt(path: &Path, error: String) -> Result<(AgentState, Found), RecoverErr
 }
 
 /// Applies every journal line that parses, in order; returns how many did not.
-fn replay(state: &mut AgentState, journal: &[u8]) -> usize {
+pub(crate) fn replay(state: &mut AgentState, journal: &[u8]) -> usize {
     let mut dropped = 0;
     for line in journal.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         match serde_json::from_slice::<JournalEntry>(line) {

@@ -212,17 +212,7 @@ impl Store {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::new();
-        for entry in &lines {
-            serde_json::to_writer(&mut buf, entry)?;
-            buf.push(b'\n');
-        }
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.journal_path())?
-            .write_all(&buf)?;
+        self.append_lines(&lines)?;
         w.journal_lines += lines.len();
         let old = w.state.as_mut().expect("a snapshot precedes the journal");
         for entry in lines {
@@ -238,7 +228,57 @@ impl Store {
         Ok(())
     }
 
+    /// Appends journal lines; after a torn last line (a killed writer), on a line of their own.
+    fn append_lines(&self, lines: &[JournalEntry]) -> anyhow::Result<()> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(self.journal_path())?;
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::End(0))? > 0 {
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                buf.push(b'\n');
+            }
+        }
+        for entry in lines {
+            serde_json::to_writer(&mut buf, entry)?;
+            buf.push(b'\n');
+        }
+        f.write_all(&buf)?;
+        Ok(())
+    }
+
+    /// Brings a journal left on disk up to `s`'s pods. A crash between a snapshot's rename
+    /// and the journal's removal leaves both, and the next load replays that journal over the
+    /// newer snapshot: without this it would undo the pod change that caused the snapshot (a
+    /// DEL at a compaction brought its pod's record back).
+    fn catch_up_journal(&self, s: &AgentState) -> anyhow::Result<()> {
+        let journal = match std::fs::read(self.journal_path()) {
+            Ok(j) => j,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        // What that load would find: the snapshot on disk (none when unreadable, as the load
+        // then moves it aside) with every journal line that parses replayed over it.
+        let mut on_disk: AgentState = std::fs::read(self.state_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        crate::recover::replay(&mut on_disk, &journal);
+        let lines = pod_changes(&on_disk.pods, &s.pods);
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.append_lines(&lines)
+    }
+
     fn snapshot(&self, w: &mut Written, s: &AgentState) -> anyhow::Result<()> {
+        self.catch_up_journal(s)?;
         write_atomic(&self.state_path(), &serde_json::to_vec(s)?)?;
         // The snapshot holds everything the journal said: start it afresh.
         match std::fs::remove_file(self.journal_path()) {
@@ -444,6 +484,50 @@ mod tests {
         assert_eq!(again.load().unwrap(), loaded);
         again.remove().unwrap();
         assert_eq!(again.load().unwrap(), AgentState::default());
+    }
+
+    #[test]
+    fn a_crash_between_a_snapshot_and_the_journal_removal_loses_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut s = AgentState::default();
+        store.save(&s).unwrap();
+        s.pods.extend([pod(1), pod(2)]);
+        store.save(&s).unwrap();
+        let journal = std::fs::read(store.journal_path()).unwrap();
+        // Pod 1 removed by the change that writes a snapshot (a sysctl recorded with it).
+        s.pods.remove(&pod(1).0);
+        s.saved_sysctls.insert("k".into(), "v".into());
+        // Killed right after the rename, before the journal's removal: what a restart loads.
+        let crashed = |catch_up: bool| {
+            std::fs::write(store.journal_path(), &journal).unwrap();
+            if catch_up {
+                store.catch_up_journal(&s).unwrap();
+            }
+            write_atomic(&store.state_path(), &serde_json::to_vec(&s).unwrap()).unwrap();
+            crate::recover::load(&Store::new(dir.path())).unwrap().state
+        };
+        assert!(
+            crashed(false).pods.contains_key(&pod(1).0),
+            "without the catch-up the old journal brings pod 1 back"
+        );
+        assert_eq!(crashed(true), s);
+        // The same after a torn last line: the catch-up starts a line of its own.
+        std::fs::write(store.journal_path(), &journal).unwrap();
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all(b"{\"put\":{\"ke")
+            .unwrap();
+        store.catch_up_journal(&s).unwrap();
+        write_atomic(&store.state_path(), &serde_json::to_vec(&s).unwrap()).unwrap();
+        let l = crate::recover::load(&Store::new(dir.path())).unwrap();
+        assert_eq!((l.state, l.journal_dropped), (s.clone(), 1));
+        // And a real save leaves no journal behind.
+        store.save(&s).unwrap();
+        assert!(!store.journal_path().exists());
     }
 
     #[test]
