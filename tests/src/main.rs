@@ -9,9 +9,9 @@ use ambient_lab::drill;
 use ambient_lab::topology::IpFamily;
 use ambient_lab::up::{Dataplane, UpOptions};
 use ambient_lab::{
-    bench, demo, down, exec, explain, flood, paths, serve, soak, status, tproxy, up,
+    bench, demo, down, exec, explain, flood, http, paths, serve, soak, status, tproxy, up,
 };
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -133,6 +133,14 @@ enum Cmd {
         trace: bool,
         #[arg(long)]
         json: bool,
+        /// The HTTP request the waypoint's decision is asked for (when ztunnel sends the
+        /// connection to it): method, path (with its query), headers (`name:value`, repeated).
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Bring up a lab of its own, measure the meshed path against the unmeshed one and the
     /// control plane's costs, print a table with the targets, tear the lab down.
@@ -291,13 +299,24 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             to,
             trace,
             json,
+            method,
+            path,
+            headers,
         } => {
-            let p = explain::run(&explain::ExplainOptions {
+            let mut req = http::HttpRequest::new(&method, &path);
+            for h in &headers {
+                let (n, v) = h
+                    .split_once(':')
+                    .with_context(|| format!("--header {h:?}: want name:value"))?;
+                req.headers.push((n.trim().into(), v.trim().into()));
+            }
+            let opts = explain::ExplainOptions {
                 prefix: prefix.prefix,
                 from,
                 to,
                 trace,
-            })?;
+            };
+            let p = explain::run_http(&opts, &req)?;
             emit(&if json {
                 serde_json::to_string_pretty(&p)? + "\n"
             } else {

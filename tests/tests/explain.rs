@@ -683,6 +683,45 @@ fn explain_walks_the_ipv6_path() {
     }
 }
 
+/// An IPv6-only lab: the v6 underlay under the tunnels too.
+#[test]
+fn explain_walks_an_ipv6_only_lab() {
+    let lab = lab_with("ex6o", LabOptions::new(LAB).ip_family("ipv6"));
+    let p = path(&lab, "a-client", "b-app:9080", true);
+    let (a, b) = (&p.legs[0].explanation, &p.legs[1].explanation);
+    let zt6 = lab.pod_ip6("a-ztunnel");
+    has(
+        a,
+        "node",
+        "ip rule",
+        &["-6 101: from all fwmark 0x100/0x100 lookup 101"],
+    );
+    has(a, "node", "tunnel", &["istioout", &format!("remote {zt6}")]);
+    has(
+        a,
+        "node",
+        "underlay",
+        &[
+            &format!("[{zt6}]:6081"),
+            "rule -6 101",
+            &format!("{zt6}/128"),
+        ],
+    );
+    has(a, "ztunnel", "tproxy", &["ip6 ztunnel", "[::1]:15001"]);
+    assert_eq!(a["ztunnel"]["decision"], "allowed", "{}", a["ztunnel"]);
+    clean(a);
+    trace_agrees(a, Some("capture outbound"), Some("outbound: tproxy 15001"));
+    has(b, "node", "ip rule", &["-6 103: from all lookup 100"]);
+    has(
+        b,
+        "ztunnel",
+        "tproxy",
+        &["ip6 ztunnel", "inbound HBONE: tproxy 15008"],
+    );
+    assert_eq!(b["ztunnel"]["decision"], "allowed", "{}", b["ztunnel"]);
+    clean(b);
+}
+
 /// Explain and doctor on the iptables + ipset backend: the AMBIENT-* rule that marks the
 /// packet, the ipsets, the TPROXY rule of the ztunnel netns; the trace (iptables-nft's rules
 /// are nf_tables rules); a missing ipset member and a missing chain rule are drift.

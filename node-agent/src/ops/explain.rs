@@ -901,9 +901,8 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>)
             "node",
             "underlay",
             format!(
-                "the encapsulated packet to {}:{} keeps mark {}: {}{}",
-                SocketAddr::new(r, 0).ip(),
-                have.as_ref().and_then(|h| h.port).unwrap_or_default(),
+                "the encapsulated packet to {} keeps mark {}: {}{}",
+                SocketAddr::new(r, have.as_ref().and_then(|h| h.port).unwrap_or_default()),
                 mark_text(mark),
                 lookup_text(&ul),
                 if circular {
