@@ -118,8 +118,12 @@ pub struct ChurnReport {
     /// that should be, after the churn and after the kept pods' DEL.
     pub leaked: usize,
     pub missing: usize,
-    /// Seconds from the last call to the kernel matching the desired state.
+    /// Seconds from the last call to a look that found the kernel as desired (the first look
+    /// follows the last restart, and takes a while itself).
     pub converged_after_s: Option<f64>,
+    /// Lines off at the first look after the churn (the agent's pass 3 s after a restart
+    /// forgets pods whose DEL it missed and whose veth went after its start).
+    pub first_look_off: usize,
     /// The held captured connection echoed after every restart and at the end.
     pub connection_kept: bool,
     pub connection_echoes: usize,
@@ -158,7 +162,7 @@ impl ChurnReport {
             "churn drill (seed {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call)\n\
              what      count    p50 ms    p99 ms    max ms  failed by code\n{}{}{}\
              calls: {}, non-retryable: {}, gave up: {}, ADD not applied: {}\n\
-             kernel: leaked {}, missing {}, converged {} after the last call\n\
+             kernel: leaked {}, missing {}, converged {} after the last call ({} lines off at first)\n\
              held connection: {} ({} echoes)\n{}",
             self.seed,
             self.pods,
@@ -178,6 +182,7 @@ impl ChurnReport {
             self.converged_after_s
                 .map(|s| format!("{s:.1} s"))
                 .unwrap_or_else(|| "never".into()),
+            self.first_look_off,
             if self.connection_kept { "kept" } else { "CUT" },
             self.connection_echoes,
             if self.problems.is_empty() {
@@ -408,8 +413,10 @@ impl<'a> Churn<'a> {
         // After the churn: the kept pods, the lab's pods and the ztunnel, exactly.
         let settle = Duration::from_secs(self.args.settle);
         let want_leases: BTreeSet<String> = kept.iter().map(|u| u.ip.clone()).collect();
-        let (diff, converged) = self.converge(&reference, &want_leases, last_call, settle)?;
+        let (diff, converged, first_off) =
+            self.converge(&reference, &want_leases, last_call, settle)?;
         report.converged_after_s = converged;
+        report.first_look_off = first_off;
         let (mut leaked, mut missing) = diff;
 
         // The kept pods' DEL (the agent is up: they must go at once), then the node as before.
@@ -418,7 +425,7 @@ impl<'a> Churn<'a> {
             let _ = netns::delete_named(&u.pod.netns);
         }
         let last = Instant::now();
-        let ((l2, m2), after) = self.converge(&baseline, &BTreeSet::new(), last, settle)?;
+        let ((l2, m2), after, _) = self.converge(&baseline, &BTreeSet::new(), last, settle)?;
         leaked.extend(l2);
         missing.extend(m2);
         if after.is_none() {
@@ -537,7 +544,8 @@ impl<'a> Churn<'a> {
         leases: &BTreeSet<String>,
         since: Instant,
         settle: Duration,
-    ) -> Result<(Diff, Option<f64>)> {
+    ) -> Result<(Diff, Option<f64>, usize)> {
+        let mut first = None;
         loop {
             let now = self.view()?;
             let mut leaked = lines_only_in(&now.snapshot, &want.snapshot);
@@ -554,11 +562,17 @@ impl<'a> Churn<'a> {
             );
             leaked.extend(now.leases.difference(leases).map(|l| format!("lease {l}")));
             missing.extend(leases.difference(&now.leases).map(|l| format!("lease {l}")));
+            if first.is_none() && !(leaked.is_empty() && missing.is_empty()) {
+                let some: Vec<&String> = leaked.iter().chain(&missing).take(4).collect();
+                eprintln!("drill: not settled yet, e.g. {some:?}");
+            }
+            let off = *first.get_or_insert(leaked.len() + missing.len());
             if leaked.is_empty() && missing.is_empty() {
-                return Ok(((leaked, missing), Some(since.elapsed().as_secs_f64())));
+                let after = since.elapsed().as_secs_f64();
+                return Ok(((leaked, missing), Some(after), off));
             }
             if since.elapsed() >= settle {
-                return Ok(((leaked, missing), None));
+                return Ok(((leaked, missing), None, off));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
