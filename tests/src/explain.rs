@@ -386,15 +386,23 @@ pub fn run_http(opts: &ExplainOptions, req: &HttpRequest) -> Result<LabPath> {
         if let (Some((ep, true)), "allowed") =
             (likely_endpoint(&d), d["decision"].as_str().unwrap_or(""))
         {
+            let hop = SocketAddr::new(ep.ip(), HBONE_PORT);
+            // The waypoint's own node first, when the endpoint is on another one: its HBONE
+            // connection leaves by the underlay.
+            if let Some(nw) = st
+                .node(&wp.node)
+                .filter(|n| node_of(&st, ep.ip()).is_some_and(|e| e.name != n.name))
+            {
+                let e = agent_explain(&opts.prefix, nw, &wp.ip.to_string(), hop, None)?;
+                legs.push(Leg {
+                    node: nw.name.clone(),
+                    reason: format!("HBONE from the waypoint to {ep}, leaving its node"),
+                    explanation: e,
+                });
+            }
             if let Some(n3) = node_of(&st, ep.ip()) {
-                let e = agent_explain_hbone(
-                    &opts.prefix,
-                    n3,
-                    &wp.ip.to_string(),
-                    SocketAddr::new(ep.ip(), HBONE_PORT),
-                    Some(ep),
-                    None,
-                )?;
+                let e =
+                    agent_explain_hbone(&opts.prefix, n3, &wp.ip.to_string(), hop, Some(ep), None)?;
                 legs.push(Leg {
                     node: n3.name.clone(),
                     reason: format!("HBONE from the waypoint to {ep}"),
@@ -415,9 +423,13 @@ pub fn run_http(opts: &ExplainOptions, req: &HttpRequest) -> Result<LabPath> {
 /// The human form: each leg's steps, ztunnel's decision, the verdicts, the trace.
 pub fn render(p: &LabPath) -> String {
     let mut s = format!("{} → {}\n", p.from, p.to);
+    let onward = p
+        .legs
+        .iter()
+        .position(|l| l.reason.starts_with("HBONE from the waypoint"));
     for (i, leg) in p.legs.iter().enumerate() {
         // The waypoint's decision sits between ztunnel's hop to it and its hop onward.
-        if leg.reason.starts_with("HBONE from the waypoint") {
+        if Some(i) == onward {
             if let Some(w) = &p.waypoint {
                 s += &waypoint_lines(w);
             }
@@ -481,14 +493,8 @@ pub fn render(p: &LabPath) -> String {
             }
         }
     }
-    if let Some(w) = &p.waypoint {
-        if !p
-            .legs
-            .iter()
-            .any(|l| l.reason.starts_with("HBONE from the waypoint"))
-        {
-            s += &waypoint_lines(w);
-        }
+    if let (Some(w), None) = (&p.waypoint, onward) {
+        s += &waypoint_lines(w);
     }
     s
 }

@@ -259,6 +259,32 @@ fn explain_names_the_capture_matrix_steps_and_the_trace_agrees() {
         .filter_map(|b| b["weight"].as_u64())
         .collect();
     assert_eq!(weights, [90, 10], "{wp}");
+    // reviews-v1 (90%) is on node A: the waypoint's HBONE leaves node B uncaptured, then
+    // node A captures it to its ztunnel's 15008.
+    let n = p.legs.len();
+    assert!(n >= 2, "{p:?}");
+    let (leave, arrive) = (&p.legs[n - 2], &p.legs[n - 1]);
+    assert_eq!(
+        (leave.node.as_str(), arrive.node.as_str()),
+        ("B", "A"),
+        "{p:?}"
+    );
+    assert!(
+        leave.reason.contains("leaving its node"),
+        "{}",
+        leave.reason
+    );
+    assert!(
+        verdict(&leave.explanation).starts_with("not captured"),
+        "{}",
+        verdict(&leave.explanation)
+    );
+    has(
+        &arrive.explanation,
+        "ztunnel",
+        "tproxy",
+        &["inbound HBONE: tproxy 15008"],
+    );
     let text = explain::render(&p);
     assert!(
         text.contains("rule demo/reviews#1") && text.contains("weight 90"),
