@@ -10,7 +10,7 @@
 //!   listener, two descriptors per connection;
 //! - **15008**: `a-plain` dials `b-app:15008` directly, half of its connections silent after
 //!   the TCP handshake, half stalled in the middle of a TLS ClientHello: ztunnel B's HBONE
-//!   listener, which must time the handshakes out.
+//!   listener, which must time the handshakes out (the last ones are kept open until it has).
 //!
 //! Before and during each flood the victims (`a-client` → `b-client:9080` over HBONE through
 //! both ztunnels, `b-plain` → `b-client:9080` through ztunnel B's 15006) open connection
@@ -42,7 +42,7 @@ use crate::ztunnel;
 
 pub const DEFAULT_PREFIX: &str = "flood";
 /// The open-files limit the lab's processes get (ztunnel's per-source cap defaults to a
-/// quarter of it: 4096), the same on every machine; the flood itself then takes more.
+/// quarter of it: 4096), the same on every machine whose hard limit allows it.
 pub const LAB_NOFILE: u64 = 16_384;
 /// A victim's connect + greeting: beyond this it failed.
 const VICTIM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,7 +51,12 @@ const VICTIM_PAUSE: Duration = Duration::from_millis(20);
 /// Descriptors above the baseline a ztunnel may keep after the flood (beside idle pooled
 /// HBONE connections).
 const RELEASE_SLACK: u64 = 16;
-const RELEASE_WAIT: Duration = Duration::from_secs(15);
+/// How long a ztunnel gets to close a flood's connections once it stops (it may still be
+/// working through them on a saturated machine).
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+/// After a 15008 flood, how long its stalled handshakes are kept open: past ztunnel's
+/// handshake timeout (its --connect-timeout, 5 s in the lab), so that ztunnel times them out.
+const STALLED_LINGER: Duration = Duration::from_secs(6);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FloodArgs {
@@ -299,17 +304,26 @@ pub fn run(args: &FloodArgs) -> Result<()> {
     Ok(())
 }
 
-/// Sets this process's open-files limit, soft and hard (as root either way).
+/// Sets this process's open-files limit to `n`, soft and hard; where the hard limit is lower
+/// and may not be raised (no CAP_SYS_RESOURCE), both to the hard limit.
 fn set_nofile(n: u64) -> Result<()> {
-    let lim = libc::rlimit {
+    let mut lim = libc::rlimit {
         rlim_cur: n,
         rlim_max: n,
     };
-    // SAFETY: setrlimit only reads the struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setrlimit RLIMIT_NOFILE");
+    // SAFETY: setrlimit and getrlimit only read and write the local struct.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            return Ok(());
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                return Ok(());
+            }
+        }
     }
-    Ok(())
+    Err(std::io::Error::last_os_error()).context("setrlimit RLIMIT_NOFILE")
 }
 
 /// Brings a lab up (its processes with [`LAB_NOFILE`] open files), floods it, tears it down.
@@ -327,7 +341,7 @@ pub fn flood(lab_bin: &std::path::Path, args: &FloodArgs) -> Result<FloodReport>
     let lab = Lab::up(&args.prefix, opts);
     std::env::remove_var("ZTUNNEL_MAX_CONNECTIONS_PER_SOURCE");
     let mut lab = lab?;
-    // The flood holds more than the lab's limit.
+    // As root, the flood itself may hold more than the lab's limit.
     soak::raise_nofile(1 << 20);
     let result = (|| {
         let state = LabState::load(lab.prefix())?.context("no lab state")?;
@@ -606,6 +620,9 @@ fn run_flood(phase: &Phase, args: &FloodArgs, stop: &AtomicBool) -> Result<Flood
         stopped.store(true, Ordering::Relaxed);
         // Connects in flight end within their timeout.
         while tasks.join_next().await.is_some() {}
+        if phase.modes.contains(&Mode::StallTls) {
+            tokio::time::sleep(STALLED_LINGER).await;
+        }
     });
     held.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let secs = start.elapsed().as_secs_f64();

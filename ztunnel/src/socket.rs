@@ -15,6 +15,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+/// Connections the kernel queues for `accept` on a data-plane listener (clamped to
+/// `net.core.somaxconn`, 4096 by default). A flood from one pod fills a short queue faster
+/// than ztunnel accepts (and refuses) its connections, and then the SYNs of every other pod
+/// are dropped too: each costs that pod a 1 s retransmission. 1024 overflowed under
+/// `ambient-lab flood`.
+pub const LISTEN_BACKLOG: i32 = 65_535;
+
 /// A bound, listening socket (not yet registered with a runtime). An IPv6 address gets an
 /// IPv6-only socket: each family has a socket of its own (its own IP_TRANSPARENT or
 /// IPV6_TRANSPARENT, and native addresses: no v4-mapped `::ffff:a.b.c.d` to unwrap), so `[::]`
@@ -45,7 +52,7 @@ fn open_listener(
         set_transparent(&s, addr.ip()).map_err(|e| (opt, e))?;
     }
     s.bind(&addr.into()).map_err(|e| ("bind", e))?;
-    s.listen(1024).map_err(|e| ("listen on", e))?;
+    s.listen(LISTEN_BACKLOG).map_err(|e| ("listen on", e))?;
     s.set_nonblocking(true).map_err(|e| ("O_NONBLOCK on", e))?;
     Ok(s.into())
 }

@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::h2::{relay_h2, H2Stream, Sent};
-use super::limits::Source;
+use super::limits::{Permit, Source};
 use super::{forwarded_for, ConnLog, Error, Inputs};
 use crate::identity::Identity;
 use crate::rbac;
@@ -30,21 +30,28 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
         pi.drain.clone(),
         "inbound",
         |tcp| tcp.local_addr().ok(),
-        move |tcp, peer, dialed| serve_dialed(p.clone(), tcp, peer, dialed),
+        move |tcp, peer, dialed| {
+            let conn = p.admit_addr(peer.ip()).map(|permit| (tcp, permit));
+            serve_dialed(p.clone(), conn, peer, dialed)
+        },
     )
     .await
 }
 
 /// One connection to `dialed` (under TPROXY: the pod's `ip:15008`). A waypoint terminates
 /// HBONE itself: its connections are passed to it untouched; every other pod's are ours.
-pub async fn serve_dialed(pi: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr, dialed: SocketAddr) {
-    // Counted by address from the accept on: a stalled handshake holds a socket too.
-    let _permit = match pi.limits.acquire(Source::Addr(peer.ip().to_canonical())) {
-        Ok(p) => p,
-        Err(e) => {
-            refused(&pi, peer, &e);
-            return;
-        }
+///
+/// `conn` holds the connection's place under its peer address's cap, counted from the accept
+/// on (a stalled handshake holds a socket too), or why it has none: then it is closed already.
+pub async fn serve_dialed(
+    pi: Arc<Inputs>,
+    conn: Result<(TcpStream, Permit), Error>,
+    peer: SocketAddr,
+    dialed: SocketAddr,
+) {
+    let (tcp, _permit) = match conn {
+        Ok(c) => c,
+        Err(e) => return refused(&pi, peer, &e),
     };
     let to_waypoint = {
         let st = pi.state.get();

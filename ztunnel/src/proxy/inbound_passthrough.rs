@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::h2::{relay_tcp, Relayed};
+use super::limits::Permit;
 use super::{ConnLog, Error, Inputs};
 use crate::rbac;
 use crate::socket;
@@ -20,15 +21,29 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
         "inbound plaintext",
         // Under TPROXY the original destination is the socket's local address.
         move |tcp| fixed.or_else(|| socket::orig_dst(tcp).ok()),
-        move |tcp, peer, dst| handle(p.clone(), tcp, peer, dst),
+        move |tcp, peer, dst| {
+            let conn = p.admit(peer.ip()).map(|permit| (tcp, permit));
+            handle(p.clone(), conn, peer, dst)
+        },
     )
     .await
 }
 
-pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+/// One connection with its place under the source's cap (or why it has none: then it is
+/// closed already).
+pub async fn handle(
+    pi: Arc<Inputs>,
+    conn: Result<(TcpStream, Permit), Error>,
+    src: SocketAddr,
+    dst: SocketAddr,
+) {
     let mut log = ConnLog::new("inbound_plaintext", src, dst);
     log.reporters = &["destination"];
     log.route = "passthrough";
+    let (mut tcp, _permit) = match conn {
+        Ok(c) => c,
+        Err(e) => return log.refused(&pi.metrics, &e),
+    };
     let (received, sent, result) = match proxy(&pi, &mut tcp, &mut log).await {
         Ok(r) => (r.up, r.down, r.result.map_err(|e| e.to_string())),
         Err(e) => {
@@ -47,10 +62,6 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
         .ok_or(Error::NotLocalDestination(dst))?
         .clone();
     log.src_workload = state.workload_by_ip(src.ip()).cloned();
-    let _permit = pi.limits.acquire(super::limits::Source::of(
-        log.src_workload.as_deref(),
-        src.ip(),
-    ))?;
     log.dst_identity = Some(wl.identity.clone());
     log.dst_workload = Some(wl.clone());
     log.upstream = Some(dst);

@@ -104,6 +104,21 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// A place for a new connection from `src` under its source's cap (its workload's, else its
+    /// address's). Taken in the accept loop itself, before the connection waits for a task: a
+    /// refused one is closed at once, and a flood's queued connections hold no descriptors.
+    pub fn admit(&self, src: IpAddr) -> Result<limits::Permit, Error> {
+        let state = self.state.get();
+        let wl = state.workload_by_ip(src).map(|w| w.as_ref());
+        self.limits.acquire(limits::Source::of(wl, src))
+    }
+
+    /// The same by address only (15008, before the handshake says who the peer is).
+    pub fn admit_addr(&self, src: IpAddr) -> Result<limits::Permit, Error> {
+        self.limits
+            .acquire(limits::Source::Addr(src.to_canonical()))
+    }
+
     pub fn is_self(&self, dst: SocketAddr) -> bool {
         is_self_in(&self.own_addrs, &self.own_ports, dst)
     }
@@ -159,6 +174,13 @@ impl ConnLog {
             start: Instant::now(),
             opened: Vec::new(),
         }
+    }
+
+    /// A connection refused before it was handled (see [`Inputs::admit`]): its log line.
+    pub fn refused(self, m: &Metrics, e: &Error) {
+        let mut log = self;
+        log.refusal = e.refusal();
+        log.finish(m, 0, 0, Err(e.to_string()));
     }
 
     /// The connection is established: count it opened.

@@ -13,6 +13,7 @@ use ambient_net::consts::port;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::h2::{relay_h2, relay_tcp, ConnectRequest, Early, Relayed};
+use super::limits::Permit;
 use super::pool::PoolKey;
 use super::{ConnLog, Error, Inputs};
 use crate::config::{Protocol, WaypointRef};
@@ -240,13 +241,30 @@ pub async fn serve(pi: Arc<Inputs>, listener: TcpListener) {
         "outbound",
         // Under TPROXY the original destination is the socket's local address.
         move |tcp| fixed.or_else(|| socket::orig_dst(tcp).ok()),
-        move |tcp, peer, dst| handle(p.clone(), tcp, peer, dst),
+        move |tcp, peer, dst| {
+            let conn = p.admit(peer.ip()).map(|permit| (tcp, permit));
+            handle(p.clone(), conn, peer, dst)
+        },
     )
     .await
 }
 
-/// One captured connection from `src` to its original destination `dst`.
-pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+/// One captured connection from `src` to its original destination `dst`, with its place
+/// under the source's cap (or why it has none: then it is closed already).
+pub async fn handle(
+    pi: Arc<Inputs>,
+    conn: Result<(TcpStream, Permit), Error>,
+    src: SocketAddr,
+    dst: SocketAddr,
+) {
+    let (mut tcp, _permit) = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            let mut log = ConnLog::new("outbound", src, dst);
+            log.reporters = &["source"];
+            return log.refused(&pi.metrics, &e);
+        }
+    };
     if dst.port() == port::INBOUND_HBONE {
         let local_hbone = pi
             .state
@@ -257,7 +275,8 @@ pub async fn handle(pi: Arc<Inputs>, mut tcp: TcpStream, src: SocketAddr, dst: S
             // A client speaking HBONE itself (see [`route`]) to a pod of this node: on a remote
             // node this connection would arrive on that ztunnel's 15008; here it is ours to
             // terminate, as if it had.
-            super::inbound::serve_dialed(pi, tcp, src, dst).await;
+            let conn = pi.admit_addr(src.ip()).map(|permit| (tcp, permit));
+            super::inbound::serve_dialed(pi, conn, src, dst).await;
             return;
         }
     }
@@ -287,10 +306,6 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
     if src_wl.node != state.node {
         return Err(Error::NotLocalSource(src.ip()));
     }
-    // Held until the relay ends (this function returns).
-    let _permit = pi
-        .limits
-        .acquire(super::limits::Source::of(Some(&src_wl), src.ip()))?;
     log.src_identity = Some(src_wl.identity.clone());
     log.src_workload = Some(src_wl.clone());
     let mut rng = fastrand::Rng::new();
