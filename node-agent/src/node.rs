@@ -347,8 +347,16 @@ impl Node {
     /// Enrolls one pod attachment: the one code path for CNI ADD and the Kubernetes watcher.
     pub(crate) async fn enroll_attachment(&mut self, pod: PodInfo) -> anyhow::Result<Reply> {
         let key = store::key(&pod.container_id, &pod.if_name);
-        if self.state.pods.contains_key(&key) {
-            return Ok(Reply::ok(true, "already enrolled"));
+        if let Some(old) = self.state.pods.get(&key) {
+            if self.nl.link_by_name(&old.host_veth).await?.is_some() {
+                return Ok(Reply::ok(true, "already enrolled"));
+            }
+            // The attachment ADDed again after a DEL the agent missed (answered while it was
+            // down), before the record was forgotten: the old record names a veth that is
+            // gone; answering "already enrolled" would leave the new one uncaptured.
+            warn!(pod = %format!("{}/{}", old.namespace, old.name), veth = %old.host_veth,
+                  "ADD of an attachment whose recorded veth is gone: enrolling it afresh");
+            self.remove_attachment(&key).await?;
         }
         // The same pod already enrolled under another attachment id (the watcher found it
         // before its CNI ADD reached us): the new record replaces it once in place.

@@ -151,3 +151,72 @@ fn a_del_answered_while_the_agent_is_down_leaves_nothing_behind() {
     assert_eq!(held.echo(b"kept\n").unwrap(), b"kept\n");
     drop(restarted);
 }
+
+/// The veth of a pod's record gone without a DEL reaching the agent (as when the DEL was
+/// answered while it was down and it restarted before the primary plugin removed the veth),
+/// then the same attachment ADDed again (a runtime retrying in the same sandbox): the agent
+/// enrolls the new veth. It used to answer "already enrolled" from the stale record, which
+/// left the pod's new veth out of the sets, so its own traffic was dropped as spoofed.
+#[test]
+fn an_add_again_after_a_missed_del_enrolls_the_new_veth() {
+    let lab = Lab::up(
+        &unique_prefix("tagn"),
+        LabOptions::new(LAB).arg("--dataplane").arg("none"),
+    )
+    .expect("lab up");
+    let pod = lab.pod("a-app").clone();
+    let ip = pod.ip.unwrap().to_string();
+    let old = pod.host_veth.clone().expect("a-app's host veth");
+    let iifs = |lab: &Lab| {
+        let out = lab
+            .exec(
+                "nodeA",
+                &[
+                    "nft",
+                    "list",
+                    "set",
+                    "inet",
+                    "ambient-node",
+                    "ztunnel-pods-iifs",
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        iifs(&lab).contains(&format!("\"{old}\" . {ip}")),
+        "{}",
+        iifs(&lab)
+    );
+
+    // What the primary plugin's DEL does (the veth deleted, host-local's lease released),
+    // without the agent hearing of it.
+    let del = lab.exec("nodeA", &["ip", "link", "del", &old]).unwrap();
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    let state = LabState::load(lab.prefix()).unwrap().unwrap();
+    let cni = &state.node("A").unwrap().cni;
+    std::fs::remove_file(cni.ipam_data_dir.join(&cni.network).join(&ip)).unwrap();
+    let add = lab.cni("add", "a-app").unwrap();
+    assert!(
+        add.status.success(),
+        "ADD again: {}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let result: Value = serde_json::from_slice(&add.stdout).unwrap();
+    let again = ambient_lab::cni::parse_result(&result).unwrap();
+    let new = again.host_veth.expect("the new host veth");
+    assert_ne!(new, old);
+    let set = iifs(&lab);
+    assert!(
+        set.contains(&format!("\"{new}\" . {}", again.ip)),
+        "the new veth is enrolled: {set}"
+    );
+    assert!(
+        !set.contains(&format!("\"{old}\" ")),
+        "the old one is gone: {set}"
+    );
+}

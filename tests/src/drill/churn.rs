@@ -75,6 +75,10 @@ pub struct ChurnArgs {
     /// Longest pause between a kill and the restart, in ms (each one random below it).
     #[arg(long, default_value_t = 300)]
     pub max_downtime_ms: u64,
+    /// Retry a failed ADD in the same sandbox (the same container id, as some runtimes do)
+    /// instead of a new one, as kubelet does.
+    #[arg(long)]
+    pub same_sandbox: bool,
     /// How long the kernel may take to converge once the last call returned, in seconds.
     #[arg(long, default_value_t = 45)]
     pub settle: u64,
@@ -584,6 +588,7 @@ impl<'a> Churn<'a> {
 
     /// Sandbox `attempt` of pod `i` of a kind (`cp` churned, `ck` kept).
     fn pod(&self, kind: &str, i: usize, attempt: u32) -> Pod {
+        let attempt = if self.args.same_sandbox { 0 } else { attempt };
         Pod {
             netns: format!("{}-{kind}{i}", self.net.prefix),
             container_id: format!("{}-{kind}{i}-{attempt}", self.net.prefix),
