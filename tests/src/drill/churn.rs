@@ -270,6 +270,9 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Set when every worker is done.
     done: AtomicBool,
+    /// Set when the killer could not restart the agent: the workers stop taking pods and
+    /// retrying (the agent stays down), so the drill fails fast instead of at its bounds.
+    abort: AtomicBool,
     stats: Mutex<Stats>,
 }
 
@@ -382,7 +385,7 @@ impl<'a> Churn<'a> {
                         let mut rng = Rng::new(lifetimes ^ (w as u64 + 1));
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= self.args.pods {
+                            if i >= self.args.pods || self.shared.abort.load(Ordering::Acquire) {
                                 break;
                             }
                             self.churn_pod(i, &mut rng);
@@ -415,7 +418,11 @@ impl<'a> Churn<'a> {
         }
 
         // After the churn: the kept pods, the lab's pods and the ztunnel, exactly.
-        let settle = Duration::from_secs(self.args.settle);
+        // (Without an agent nothing converges: one look then.)
+        let settle = match self.shared.abort.load(Ordering::Acquire) {
+            true => Duration::ZERO,
+            false => Duration::from_secs(self.args.settle),
+        };
         let want_leases: BTreeSet<String> = kept.iter().map(|u| u.ip.clone()).collect();
         let (diff, converged, first_off) =
             self.converge(&reference, &want_leases, last_call, settle)?;
@@ -667,7 +674,8 @@ impl<'a> Churn<'a> {
                 Some(c) => {
                     self.teardown(&pod);
                     attempt += 1;
-                    if c != RETRYABLE || attempt >= MAX_ADD_ATTEMPTS {
+                    let abort = self.shared.abort.load(Ordering::Acquire);
+                    if c != RETRYABLE || attempt >= MAX_ADD_ATTEMPTS || abort {
                         if c == RETRYABLE {
                             self.stats().gave_up.push(format!(
                                 "{}: {attempt} ADDs failed, the last: {}",
@@ -782,6 +790,7 @@ impl<'a> Churn<'a> {
             let t = Instant::now();
             if let Err(e) = sigkill(&current) {
                 kill.problem = Some(format!("kill {k}: {e:#}"));
+                self.shared.abort.store(true, Ordering::Release);
                 kills.push(kill);
                 break;
             }
@@ -799,6 +808,7 @@ impl<'a> Churn<'a> {
                 Ok(s) => s,
                 Err(e) => {
                     kill.problem = Some(format!("restart {k}: {e:#}"));
+                    self.shared.abort.store(true, Ordering::Release);
                     kills.push(kill);
                     break;
                 }
