@@ -277,7 +277,8 @@ struct Counters {
     resets: AtomicU64,
     timeouts: AtomicU64,
     wrong: AtomicU64,
-    first_error: Mutex<Option<String>>,
+    /// The first error of each kind, in the order they happened.
+    first_errors: Mutex<Vec<String>>,
 }
 
 impl Counters {
@@ -288,10 +289,12 @@ impl Counters {
             + self.wrong.load(Ordering::Relaxed)
     }
 
+    /// Counts a failure; the first of its kind (`counter`) is kept.
     fn fail(&self, counter: &AtomicU64, what: String) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-        first.get_or_insert(what);
+        if counter.fetch_add(1, Ordering::Relaxed) == 0 {
+            let mut first = self.first_errors.lock().unwrap_or_else(|p| p.into_inner());
+            first.push(what);
+        }
     }
 }
 
@@ -359,7 +362,8 @@ pub struct SoakReport {
     pub resets: u64,
     pub timeouts: u64,
     pub wrong: u64,
-    pub first_error: Option<String>,
+    /// The first connect failure, reset, timeout and wrong answer, as they happened.
+    pub first_errors: Vec<String>,
     /// Lines of both ztunnels' logs during the soak: refused or failed connections.
     pub ztunnel_refused: usize,
     pub ztunnel_failed: usize,
@@ -449,8 +453,8 @@ impl SoakReport {
             self.released,
             if self.pass { "PASS" } else { "FAIL" }
         );
-        if let Some(e) = &self.first_error {
-            out += &format!("first error: {e}\n");
+        for e in &self.first_errors {
+            out += &format!("first of its kind: {e}\n");
         }
         out
     }
@@ -633,8 +637,8 @@ fn soak_on(lab: &Lab, state: &LabState, args: &SoakArgs, nofile: u64) -> Result<
     let released = is_released(&after, &baseline);
     let c = &counters;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let first_error = c
-        .first_error
+    let first_errors = c
+        .first_errors
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
@@ -658,7 +662,7 @@ fn soak_on(lab: &Lab, state: &LabState, args: &SoakArgs, nofile: u64) -> Result<
         resets: load(&c.resets),
         timeouts: load(&c.timeouts),
         wrong: load(&c.wrong),
-        first_error,
+        first_errors,
         ztunnel_refused: refused,
         ztunnel_failed: failed,
         criterion,
@@ -832,11 +836,12 @@ impl Slot {
     /// A connection with the server's greeting read and checked, or None (counted).
     async fn open(&mut self) -> Option<BufReader<TcpStream>> {
         let to = self.server();
-        let limit = (tokio::time::Instant::now() + OP_TIMEOUT).min(self.plan.deadline);
         let permit = tokio::select! {
             p = self.opening.acquire() => p.ok()?,
             _ = sleep_until(self.plan.deadline) => return None,
         };
+        // From the permit on: waiting for one is the ramp's pace, not the mesh's latency.
+        let limit = (tokio::time::Instant::now() + OP_TIMEOUT).min(self.plan.deadline);
         let opened = timeout_at(limit, async {
             let tcp = TcpStream::connect(to).await?;
             tcp.set_nodelay(true)?;

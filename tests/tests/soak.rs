@@ -50,8 +50,8 @@ fn five_hundred_connections_for_twenty_seconds_stay_flat_and_nothing_fails() {
             report.wrong
         ),
         (0, 0, 0, 0),
-        "first error: {:?}",
-        report.first_error
+        "first errors: {:?}",
+        report.first_errors
     );
     assert_eq!((report.ztunnel_refused, report.ztunnel_failed), (0, 0));
     // Each ztunnel holds a descriptor per connection while they are open.
