@@ -15,9 +15,11 @@ if [ "$rc" = 124 ]; then echo "test.sh: cargo test did not finish in 40 minutes 
 [ "$rc" = 0 ] || exit "$rc"
 # The second firewall backend: the lab suites of the node path again on iptables + ipset
 # (capture matrix, CNI enroll/remove, agent SIGKILL restart, cleanup, kube-proxy coexistence
-# against iptables-mode Services, the state-directory recovery).
+# against iptables-mode Services, the state-directory recovery, the real data plane through
+# ztunnel-init's iptables TPROXY rules).
 AMBIENT_LAB_FIREWALL=iptables timeout -k 30 900 \
-  cargo test -p ambient-lab --test redirection --test agent_state_recovery -- --test-threads=2
+  cargo test -p ambient-lab --test redirection --test agent_state_recovery --test hbone \
+  -- --test-threads=2
 # Nothing may be left behind.
 left=$(ls /run/netns 2>/dev/null | grep -E '^(amb|t[0-9a-z]+|nfttest)' || true)
 if [ -n "$left" ]; then echo "leftover network namespaces: $left" >&2; exit 1; fi

@@ -115,11 +115,14 @@ fn health_ready(node_netns: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Runs `ztunnel-init` in the ztunnel pod netns and requires exit 0.
+/// Runs `ztunnel-init` in the ztunnel pod netns and requires exit 0. `firewall` is its
+/// `--firewall` (the lab's choice, so an iptables lab programs the ztunnel netns with
+/// iptables too; auto picks nftables here).
 pub fn run_ztunnel_init(
     bin: &Path,
     pod_netns: &str,
     tunnel_state: &Path,
+    firewall: &str,
     log: &Path,
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -133,7 +136,9 @@ pub fn run_ztunnel_init(
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut cmd = Command::new(bin);
-    cmd.arg("--tunnel-state").arg(tunnel_state);
+    cmd.arg("--tunnel-state")
+        .arg(tunnel_state)
+        .args(["--firewall", firewall]);
     netns::command_in(&mut cmd, &netns::named_path(pod_netns))?;
     let out = procs::run_capture(&mut cmd, None, INIT_TIMEOUT)
         .with_context(|| format!("ztunnel-init in {pod_netns}"))?;

@@ -686,6 +686,7 @@ impl Builder<'_> {
             bin,
             &pod_netns,
             &a.state_dir.join(agent::TUNNEL_STATE_FILE),
+            &self.opts.firewall,
             &log,
         )?;
         self.state.save()?;

@@ -676,6 +676,7 @@ impl Ctx<'_> {
             &bins.join("ztunnel-init"),
             &netns_name,
             &agent.state_dir.join(agent::TUNNEL_STATE_FILE),
+            "auto",
             &st.run_dir.join(format!("{id}-init.log")),
         )?;
         let t2 = Instant::now();
