@@ -245,12 +245,9 @@ pub fn explain(state: &State, src: IpAddr, dst: SocketAddr) -> Value {
         .map(|p| json!({"policy": p.key(), "action": p.action, "matches": p.matches(&conn)}))
         .collect();
     out["policies"] = policies.into();
-    let waypoints = state.required_waypoints(&wl, target.port());
-    let verdict = if !waypoints.is_empty() && !waypoints.contains(&src_wl.identity) {
-        Err(rbac::Denied::BypassedWaypoint(waypoints[0].to_string()))
-    } else {
-        rbac::authorize(state.policies_for(&wl), &conn)
-    };
+    let verdict = state
+        .check_waypoint(&wl, target.port(), Some(&src_wl.identity))
+        .and_then(|()| rbac::authorize(state.policies_for(&wl), &conn));
     match verdict {
         Ok(()) => out["decision"] = "allowed".into(),
         Err(d) => {
@@ -341,13 +338,10 @@ pub fn explain_inbound(state: &State, c: Inbound) -> Value {
     out["policies"] = policies.into();
     let waypoints = state.required_waypoints(wl, target.port());
     out["requiredWaypoints"] = json!(waypoints);
-    let verdict = match &peer {
-        Some(id) if !waypoints.is_empty() && !waypoints.contains(id) => {
-            Err(rbac::Denied::BypassedWaypoint(waypoints[0].to_string()))
-        }
-        // As 15006 does: plaintext is checked against the policies only.
-        _ => rbac::authorize(state.policies_for(wl), &conn),
-    };
+    // As 15008 and 15006 do: the waypoint first (plaintext has no identity), then policies.
+    let verdict = state
+        .check_waypoint(wl, target.port(), peer.as_ref())
+        .and_then(|()| rbac::authorize(state.policies_for(wl), &conn));
     match verdict {
         Ok(()) => {
             out["decision"] = "allowed".into();
@@ -527,6 +521,10 @@ policies:
             q("src=10.0.3.1&dst=10.0.3.2:15008&authority=10.0.3.2:5432"),
         );
         assert_eq!(v["decision"], "allowed", "{v:#}");
+        // Plaintext has no identity: a port behind the waypoint refuses it (15006 does).
+        let v = explain_inbound(&st, q("src=10.0.0.1&dst=10.0.3.2:5432"));
+        assert_eq!(v["decision"], "denied", "{v:#}");
+        assert!(v["reason"].as_str().unwrap().contains("waypoint"), "{v:#}");
         // The waypoint's own 15008 is relayed to it.
         let v = explain_inbound(
             &st,

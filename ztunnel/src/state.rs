@@ -391,6 +391,24 @@ impl State {
         self.waypoints.contains(&ip)
     }
 
+    /// Behind a waypoint, only the waypoint may send `target_port`'s traffic to `wl`: anything
+    /// else has bypassed the L7 policy it enforces. `peer` is the tunnel's identity; plaintext
+    /// (15006) has none, so a port behind a waypoint refuses it (a client outside the mesh
+    /// reaches such a service through an ingress or by joining the mesh).
+    pub fn check_waypoint(
+        &self,
+        wl: &Workload,
+        target_port: u16,
+        peer: Option<&Identity>,
+    ) -> Result<(), crate::rbac::Denied> {
+        let waypoints = self.required_waypoints(wl, target_port);
+        match (waypoints.first(), peer) {
+            (None, _) => Ok(()),
+            (Some(_), Some(id)) if waypoints.contains(id) => Ok(()),
+            (Some(wp), _) => Err(crate::rbac::Denied::BypassedWaypoint(wp.to_string())),
+        }
+    }
+
     /// The identities a connection to `wl` for `target_port` must come from when it is
     /// behind a waypoint: its own waypoint's, and those of the waypoints of its services whose
     /// target port this is (for a waypoint service: every endpoint's). Empty: not behind a

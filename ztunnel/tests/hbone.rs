@@ -318,6 +318,57 @@ async fn outbound_passthrough_unknown_source_and_self() {
     a.shutdown().await;
 }
 
+/// Plaintext to a port behind a waypoint would skip the waypoint's L7 policy: 15006 refuses it
+/// (cause "denied", counted), as 15008 refuses a tunnel that is not the waypoint's; a port of a
+/// pod not behind one still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_plaintext_to_a_port_behind_a_waypoint_is_refused() {
+    let test = async {
+        let m = Mesh::new(60).await;
+        let b = m.node_b().await;
+        let s = connect_from(m.ip(50), b.addrs.inbound_plaintext)
+            .await
+            .unwrap();
+        assert_eq!(tcp_echo(s, b"before").await.unwrap(), b"before");
+        // echo's service gets a waypoint (a workload of node-a).
+        let gen = b.state.status().generation;
+        let text = std::fs::read_to_string(&m.config_b).unwrap();
+        let waypoint = format!(
+            "workloads:\n- name: waypoint\n  namespace: demo\n  serviceAccount: waypoint\n  \
+             workloadIps: [{}]\n  protocol: HBONE\n  node: node-a\n",
+            m.ip(41)
+        );
+        let text = text.replacen("workloads:\n", &waypoint, 1).replacen(
+            "  hostname: echo.demo.svc.cluster.local\n",
+            &format!(
+                "  hostname: echo.demo.svc.cluster.local\n  waypoint: {{address: {}}}\n",
+                m.ip(41)
+            ),
+            1,
+        );
+        std::fs::write(&m.config_b, text).unwrap();
+        eventually(|| b.state.status().generation > gen).await;
+        let s = connect_from(m.ip(50), b.addrs.inbound_plaintext)
+            .await
+            .unwrap();
+        assert!(tcp_echo(s, b"after").await.unwrap_or_default().is_empty());
+        assert_eq!(m.echo.peers.lock().unwrap().len(), 1, "echo reached once");
+        let (_, metrics) = http_get(b.addrs.metrics, "/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("ztunnel_refused_connections_total")
+                    && l.contains("cause=\"denied\"")
+                    && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        b.shutdown().await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), test)
+        .await
+        .expect("bounded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_plaintext_is_authorized_and_spoofed() {
     let m = Mesh::new(8).await;

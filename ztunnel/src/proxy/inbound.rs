@@ -201,15 +201,9 @@ pub fn admit<B>(
         Some(f) if f.ip() == src_ip => f,
         _ => tunnel.peer,
     };
-    // Behind a waypoint, only the waypoint may send this port's traffic: anything else has
-    // bypassed the L7 policy the waypoint enforces.
-    let waypoints = state.required_waypoints(wl, target.port());
-    if !waypoints.is_empty() && !waypoints.contains(&tunnel.peer_identity) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            Error::Denied(rbac::Denied::BypassedWaypoint(waypoints[0].to_string())),
-        ));
-    }
+    state
+        .check_waypoint(wl, target.port(), Some(&tunnel.peer_identity))
+        .map_err(|d| (StatusCode::UNAUTHORIZED, Error::Denied(d)))?;
     let conn = rbac::Connection {
         src_identity: Some(&tunnel.peer_identity),
         src_ip,

@@ -1,6 +1,7 @@
 //! 15006: plaintext from clients outside the mesh to a pod of this node. The original
 //! destination is the socket's local address (TPROXY); the connection is authorized without an
-//! identity and connected to the pod from the client's own IP.
+//! identity and connected to the pod from the client's own IP. A port behind a waypoint refuses
+//! plaintext, as 15008 refuses a tunnel that is not the waypoint's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,6 +71,8 @@ async fn proxy(pi: &Inputs, tcp: &mut TcpStream, log: &mut ConnLog) -> Result<Re
         src_ip: src.ip(),
         dst,
     };
+    // Plaintext to a port behind a waypoint would skip its L7 policy.
+    state.check_waypoint(&wl, dst.port(), None)?;
     rbac::authorize(state.policies_for(&wl), &conn)?;
     drop(state);
     let mut up = socket::connect(
