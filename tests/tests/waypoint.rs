@@ -542,4 +542,10 @@ fn a_direct_hbone_connect_that_bypasses_the_waypoint_is_refused() {
         })
         .unwrap();
     assert_eq!(r, Ok(400));
+    // Plaintext from outside the mesh straight to the pod behind the waypoint: ztunnel B refuses
+    // it at 15006 (it would skip the waypoint's L7 policy); a pod no waypoint covers answers.
+    let r = lab.http_get("a-plain", target, "/");
+    assert!(r.is_err(), "plaintext bypassed the waypoint: {r:?}");
+    let app_http = SocketAddr::new(lab.pod_ip("b-app").into(), 8080);
+    assert_eq!(lab.http_get("a-plain", app_http, "/").unwrap().status, 200);
 }
