@@ -44,8 +44,10 @@ pub const DEFAULT_PREFIX: &str = "flood";
 /// The open-files limit the lab's processes get (ztunnel's per-source cap defaults to a
 /// quarter of it: 4096), the same on every machine whose hard limit allows it.
 pub const LAB_NOFILE: u64 = 16_384;
-/// A victim's connect + greeting: beyond this it failed.
-const VICTIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A victim's connect + greeting: beyond this it failed. Long enough for two SYN
+/// retransmissions (1 s + 2 s + 4 s): a victim whose SYN a flooded accept queue dropped is
+/// slowed, which its latency shows; one that gets no answer at all has failed.
+const VICTIM_TIMEOUT: Duration = Duration::from_secs(15);
 /// Between a victim's connections.
 const VICTIM_PAUSE: Duration = Duration::from_millis(20);
 /// Descriptors above the baseline a ztunnel may keep after the flood (beside idle pooled

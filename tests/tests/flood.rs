@@ -44,7 +44,7 @@ fn a_flood_from_one_pod_starves_nobody_and_is_released() {
         // Slower on a saturated 2-core machine (the flood, both ztunnels and the servers share
         // it; a SYN dropped from a full accept queue costs a 1 s retransmission), not starved.
         assert!(
-            p.during.p99_ms < 5000.0,
+            p.during.p99_ms < 10_000.0,
             "{l}: victims starved: {:?}",
             p.during
         );
