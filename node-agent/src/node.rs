@@ -999,17 +999,9 @@ mod tests {
     #[test]
     fn pods_whose_veth_is_gone_are_found() {
         let rec = |n: u8, veth: &str| PodRecord {
-            container_id: format!("c{n}"),
-            if_name: "eth0".into(),
-            namespace: "demo".into(),
-            name: format!("p{n}"),
-            uid: String::new(),
-            netns: format!("/run/netns/p{n}"),
-            ips: vec![IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, n))],
             host_veth: veth.into(),
             host_bridge: Some("cni0".into()),
-            gateway: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
-            gateway6: None,
+            ..PodRecord::sample(n)
         };
         let mut state = AgentState::default();
         for (n, veth) in [(1, "veth1"), (2, "veth2"), (3, "veth3")] {

@@ -594,22 +594,9 @@ impl Node {
 mod tests {
     use super::*;
     use crate::store::PodRecord;
-    use std::net::Ipv4Addr;
 
     fn pod(n: u8) -> PodRecord {
-        PodRecord {
-            container_id: format!("c{n}"),
-            if_name: "eth0".into(),
-            namespace: "demo".into(),
-            name: format!("p{n}"),
-            uid: String::new(),
-            netns: format!("/run/netns/p{n}"),
-            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
-            host_veth: format!("veth{n}"),
-            host_bridge: None,
-            gateway: Ipv4Addr::new(10, 0, 0, 1).into(),
-            gateway6: None,
-        }
+        PodRecord::sample(n)
     }
 
     fn saved(dir: &Path, pods: &[u8]) -> (Store, AgentState) {

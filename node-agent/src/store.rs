@@ -35,6 +35,27 @@ pub struct PodRecord {
     pub gateway6: Option<Ipv6Addr>,
 }
 
+/// Unit tests' pod: `demo/p<n>` at 10.0.0.<n> behind `veth<n>`, gateway 10.0.0.1, no bridge.
+#[cfg(test)]
+impl PodRecord {
+    pub fn sample(n: u8) -> PodRecord {
+        use std::net::Ipv4Addr;
+        PodRecord {
+            container_id: format!("c{n}"),
+            if_name: "eth0".into(),
+            namespace: "demo".into(),
+            name: format!("p{n}"),
+            uid: String::new(),
+            netns: format!("/run/netns/p{n}"),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
+            host_veth: format!("veth{n}"),
+            host_bridge: None,
+            gateway: Ipv4Addr::new(10, 0, 0, 1).into(),
+            gateway6: None,
+        }
+    }
+}
+
 impl PodRecord {
     /// The node's addresses toward the pod, by family.
     pub fn gateways(&self) -> DualAddr {
@@ -389,19 +410,7 @@ mod tests {
     }
 
     fn pod(n: u8) -> (String, PodRecord) {
-        let rec = PodRecord {
-            container_id: format!("c{n}"),
-            if_name: "eth0".into(),
-            namespace: "demo".into(),
-            name: format!("p{n}"),
-            uid: String::new(),
-            netns: format!("/run/netns/p{n}"),
-            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))],
-            host_veth: format!("veth{n}"),
-            host_bridge: None,
-            gateway: Ipv4Addr::new(10, 0, 0, 1).into(),
-            gateway6: None,
-        };
+        let rec = PodRecord::sample(n);
         (key(&rec.container_id, &rec.if_name), rec)
     }
 
