@@ -167,7 +167,11 @@ impl Growing {
             // and no new data came to raise readiness again), ~1 transfer in 10 under load.
             let n = match r.as_ref().try_read_buf(&mut self.buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Drained: wait for the next data without holding a buffer.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.buf = BytesMut::new();
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if n == 0 {
