@@ -164,6 +164,23 @@ pub mod port {
     pub const DNS: u16 = 15053;
 }
 
+/// The ztunnel netns's per-source limit on new connections into 15001/15006/15008: a
+/// source's SYNs beyond this rate (after a burst) are dropped before conntrack, so one pod's
+/// connection flood cannot fill ztunnel's accept queues and take its CPU from everyone else's
+/// connections (a dropped SYN is retransmitted by the sender after 1 s: a flooder slows itself).
+/// Not in the original; ztunnel-init's `--new-connections-per-source` changes it, 0 turns it off.
+pub mod syn_limit {
+    /// New connections per second per source address.
+    pub const PER_SECOND: u32 = 1000;
+    /// Connections a source may open at once beyond the rate.
+    pub const BURST: u32 = 2000;
+    /// A source's bucket is forgotten after this many idle seconds.
+    pub const IDLE_SECONDS: u32 = 10;
+    /// The nft meters (one per family table) and the iptables hashlimit names.
+    pub const METER: &str = "ztunnel-syn-limit";
+    pub const METER_V6: &str = "ztunnel-syn-limit6";
+}
+
 /// Membership (SPEC §1).
 pub mod membership {
     pub const NAMESPACE_LABEL: &str = "istio.io/dataplane-mode";

@@ -16,7 +16,7 @@ use ambient_net::firewall::{pod_elements, FirewallDriver, FirewallKind};
 use ambient_net::iptables::{self, chain, Fam};
 use ambient_net::model::PodSource;
 use ambient_net::netns;
-use ambient_net::nft::{NodeNft, NodeRules, ZtunnelRules};
+use ambient_net::nft::{NodeNft, NodeRules, SynLimit, ZtunnelRules};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -313,6 +313,7 @@ fn ztunnel_tproxy_rules_in_a_fresh_netns() {
         ztunnel_ip: Ipv4Addr::new(10, 4, 4, 2).into(),
         ztunnel_ip6: Some("fd00::2".parse().unwrap()),
         pod_iface: "eth0".into(),
+        syn_limit: Some(SynLimit::DEFAULT),
     };
     assert!(ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());
     assert!(!ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());
@@ -333,6 +334,27 @@ fn ztunnel_tproxy_rules_in_a_fresh_netns() {
         v6.contains("-j TPROXY --on-port 15006 --on-ip ::1 --tproxy-mark 0x400/0xfff"),
         "{v6}"
     );
+    // The per-source SYN limit, before conntrack, in both families.
+    for (saved, name) in [(&v4, "ztunnel-syn-limit "), (&v6, "ztunnel-syn-limit6 ")] {
+        assert!(
+            saved.contains("-A PREROUTING -m comment --comment ambient-node -j AMBIENT-SYN-LIMIT"),
+            "{saved}"
+        );
+        assert!(
+            saved.contains("-A AMBIENT-SYN-LIMIT -i pistio+ -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m hashlimit --hashlimit-above 1000/sec --hashlimit-burst 2000 --hashlimit-mode srcip --hashlimit-name ")
+                && saved.contains(name)
+                && saved.contains("-j DROP"),
+            "{saved}"
+        );
+    }
+    // No limit: its chains go, the TPROXY chains stay.
+    desired.syn_limit = None;
+    assert!(ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());
+    assert!(!ns.save(Fam::V4).contains("AMBIENT-SYN-LIMIT"));
+    assert!(ns.save(Fam::V6).contains("AMBIENT-PREROUTING"));
+    desired.syn_limit = Some(SynLimit::DEFAULT);
+    assert!(ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());
+    assert!(!ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());
     // Without an IPv6 address the v6 chain goes.
     desired.ztunnel_ip6 = None;
     assert!(ns.run(|| fw().reconcile_ztunnel(&desired)).unwrap());

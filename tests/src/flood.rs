@@ -48,6 +48,10 @@ pub const LAB_NOFILE: u64 = 16_384;
 /// retransmissions (1 s + 2 s + 4 s): a victim whose SYN a flooded accept queue dropped is
 /// slowed, which its latency shows; one that gets no answer at all has failed.
 const VICTIM_TIMEOUT: Duration = Duration::from_secs(15);
+/// Victims' p99 connect latency during a flood must stay below this: a victim SYN lost to a
+/// full accept queue costs a 1 s retransmission, so above it the flood starves others.
+pub const VICTIM_P99_MS: f64 = 1_500.0;
+
 /// Between a victim's connections.
 const VICTIM_PAUSE: Duration = Duration::from_millis(20);
 /// Descriptors above the baseline a ztunnel may keep after the flood (beside idle pooled
@@ -214,7 +218,8 @@ pub struct PhaseReport {
     pub peak_fds: u64,
     pub after: [ProcSample; 2],
     pub released: bool,
-    /// `ztunnel_refused_connections_total` of the flooded ztunnel during the flood, by cause.
+    /// `ztunnel_refused_connections_total` of the flooded ztunnel during the flood, by cause,
+    /// and `syn-limit`: SYNs its netns's per-source limit dropped before they reached it.
     pub refused: Vec<(String, u64)>,
     /// Its WARN lines about refusals during the flood (once per cause and minute).
     pub refusal_warnings: usize,
@@ -376,7 +381,7 @@ fn flood_on(lab: &Lab, state: &LabState, args: &FloodArgs) -> Result<FloodReport
         let zt = &zts[phase.ztunnel];
         let baseline = zt.sample()?;
         let before = measure_victims(lab, secs, || {})?;
-        let metrics_before = refused_metrics(lab, phase.ztunnel)?;
+        let metrics_before = refused_counts(lab, phase.ztunnel)?;
         let log = state
             .process(&zt.name)
             .map(|p| p.log.clone())
@@ -402,7 +407,7 @@ fn flood_on(lab: &Lab, state: &LabState, args: &FloodArgs) -> Result<FloodReport
             Ok((flood, during?))
         })?;
         let after = released(&zts, &baseline, phase.ztunnel)?;
-        let metrics_after = refused_metrics(lab, phase.ztunnel)?;
+        let metrics_after = refused_counts(lab, phase.ztunnel)?;
         let refused = metrics_after
             .iter()
             .map(|(cause, n)| {
@@ -435,6 +440,7 @@ fn flood_on(lab: &Lab, state: &LabState, args: &FloodArgs) -> Result<FloodReport
         p.before.failures == 0
             && p.during.failures == 0
             && p.during.connections > 0
+            && p.during.p99_ms < VICTIM_P99_MS
             && p.released
             && p.flood.established > 0
     });
@@ -463,6 +469,17 @@ fn released(zts: &[Ztunnel; 2], baseline: &ProcSample, which: usize) -> Result<[
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// [`refused_metrics`] and the SYNs the ztunnel netns's per-source limit dropped.
+fn refused_counts(lab: &Lab, which: usize) -> Result<Vec<(String, u64)>> {
+    let mut out = refused_metrics(lab, which)?;
+    let netns = ["a-ztunnel", "b-ztunnel"][which];
+    let drops = lab
+        .run_in(netns, ambient_net::nft::syn_limit_drops)?
+        .with_context(|| format!("{netns}: the syn-limit counters"))?;
+    out.push(("syn-limit".into(), drops));
+    Ok(out)
 }
 
 /// `ztunnel_refused_connections_total` of a ztunnel (0: A, 1: B), summed by cause.

@@ -1,6 +1,7 @@
 //! A connection flood at ztunnel's 15001, 15006 and 15008 from one pod (issue 13, "Load"):
-//! other pods' connections through the same ztunnels keep working while it runs (none fails;
-//! their connect latency before and during is reported), the flooding source is held to its
+//! other pods' connections through the same ztunnels keep working while it runs (none fails,
+//! none waits for a SYN retransmission; their connect latency before and during is reported),
+//! the flooder's SYNs over its rate are dropped in the ztunnel netns, it is held to its
 //! per-source cap (refused beyond it, the refusal logged once and counted), the stalled TLS
 //! handshakes on 15008 time out, and once the flood stops both ztunnels are back at their
 //! baseline descriptors. Bounded to about a minute and a half (150 s at most). Needs root.
@@ -8,7 +9,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ambient_lab::flood::{flood, FloodArgs};
+use ambient_lab::flood::{flood, FloodArgs, VICTIM_P99_MS};
 use ambient_lab::unique_prefix;
 
 const LAB: &str = env!("CARGO_BIN_EXE_ambient-lab");
@@ -31,6 +32,10 @@ fn a_flood_from_one_pod_starves_nobody_and_is_released() {
     // quarter of it.
     assert_eq!(report.cap as u64, report.ztunnel_nofile[0] / 4);
     assert_eq!(report.phases.len(), 3);
+    let cause = |l: u16, c: &str| {
+        let p = report.phases.iter().find(|p| p.listener == l).unwrap();
+        p.refused.iter().find(|(x, _)| x == c).map_or(0, |x| x.1)
+    };
     for p in &report.phases {
         let l = p.listener;
         assert!(
@@ -41,13 +46,15 @@ fn a_flood_from_one_pod_starves_nobody_and_is_released() {
         assert_eq!(p.before.failures, 0, "{l}: {:?}", p.before.first_error);
         assert_eq!(p.during.failures, 0, "{l}: {:?}", p.during.first_error);
         assert!(p.during.connections >= 10, "{l}: {:?}", p.during);
-        // Slower on a saturated 2-core machine (the flood, both ztunnels and the servers share
-        // it; a SYN dropped from a full accept queue costs a 1 s retransmission), not starved.
+        // The flooder's SYNs over its rate are dropped in the ztunnel netns, so the accept
+        // queues and the CPU stay the victims' too: none of their SYNs is lost (that would
+        // cost them a 1 s retransmission), however busy this 2-core machine is.
         assert!(
-            p.during.p99_ms < 10_000.0,
+            p.during.p99_ms < VICTIM_P99_MS,
             "{l}: victims starved: {:?}",
             p.during
         );
+        assert!(cause(l, "syn-limit") > 0, "{l}: {:?}", p.refused);
         assert!(
             p.released,
             "{l}: not released: {:?} (baseline {:?})",
@@ -60,10 +67,6 @@ fn a_flood_from_one_pod_starves_nobody_and_is_released() {
             p.refusal_warnings
         );
     }
-    let cause = |l: u16, c: &str| {
-        let p = report.phases.iter().find(|p| p.listener == l).unwrap();
-        p.refused.iter().find(|(x, _)| x == c).map_or(0, |x| x.1)
-    };
     // 15001 and 15006: the flood holds more than the cap; the excess is refused and the
     // ztunnel holds about the cap's worth (one descriptor per connection on 15001, two on 15006).
     for (l, per_conn) in [(15001, 1), (15006, 2)] {

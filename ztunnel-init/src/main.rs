@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use ambient_net::consts::zt_rule;
 use ambient_net::firewall::{FirewallKind, FirewallMode};
 use ambient_net::model::{self, DualAddr, TunnelChoice, TunnelMode};
-use ambient_net::nft::ZtunnelRules;
+use ambient_net::nft::{SynLimit, ZtunnelRules};
 use ambient_net::nl::{self, Netlink};
 use anyhow::{anyhow, Context};
 use clap::Parser;
@@ -36,9 +36,23 @@ struct Cli {
     /// The pod's interface toward the node.
     #[arg(long, default_value = "eth0")]
     pod_iface: String,
+    /// New connections per second one source address may open into ztunnel's listeners
+    /// (15001/15006/15008) before its SYNs are dropped, ahead of conntrack; 0: no limit.
+    /// One pod's connection flood then cannot starve the others' connections.
+    #[arg(long, default_value_t = ambient_net::consts::syn_limit::PER_SECOND)]
+    new_connections_per_source: u32,
+    /// New connections a source may open at once beyond that rate.
+    #[arg(long, default_value_t = ambient_net::consts::syn_limit::BURST)]
+    new_connections_burst: u32,
     /// Remove what ztunnel-init created instead.
     #[arg(long)]
     cleanup: bool,
+}
+
+impl Cli {
+    fn syn_limit(&self) -> Option<SynLimit> {
+        SynLimit::new(self.new_connections_per_source, self.new_connections_burst)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ztunnel_ip: own_ip,
         ztunnel_ip6: own.v6.filter(|_| own_ip.is_ipv4()),
         pod_iface: cli.pod_iface.clone(),
+        syn_limit: cli.syn_limit(),
     })?;
     info!(
         ?choice,
@@ -140,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ?own,
         ?changes,
         firewall = fw.name(),
+        syn_limit = ?cli.syn_limit(),
         nft_changed,
         "ztunnel netns ready"
     );

@@ -23,7 +23,10 @@ mod tests;
 use std::collections::BTreeMap;
 
 pub use exec::{detect_variant, program, variant, Variant, IPTABLES_ENV};
-pub use render::{chain, node_chains, ztunnel_chain, ChainRules, Fam, RuleLine, JUMP_COMMENT};
+pub use render::{
+    chain, node_chains, ztunnel_chain, ztunnel_syn_limit_chain, ChainRules, Fam, RuleLine,
+    JUMP_COMMENT,
+};
 
 use crate::nft::{NodeNft, PodElement, RuleTag, ZtunnelRules};
 
@@ -343,16 +346,33 @@ pub fn cleanup_node() -> Result<(), IptablesError> {
     ipset::destroy()
 }
 
-/// Brings the ztunnel netns chains to `desired`: one per family the pod has an address of,
-/// the other family's removed; `Ok(true)` on a change.
+/// Our ztunnel netns chains as (table, name).
+const ZTUNNEL_CHAINS: [(&str, &str); 2] =
+    [("mangle", chain::PREROUTING), ("raw", chain::SYN_LIMIT)];
+
+/// Brings the ztunnel netns chains to `desired`: the TPROXY chain (and the SYN limit's)
+/// of each family the pod has an address of; the others removed. `Ok(true)` on a change.
 pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, IptablesError> {
     desired.validate().map_err(invalid)?;
     let mut changed = false;
     for f in families() {
-        changed |= match ztunnel_chain(desired, f) {
-            Some(c) => reconcile_chains(f, &[c])?,
-            None => cleanup_chains(f, &[("mangle", chain::PREROUTING)])?,
-        };
+        let want: Vec<ChainRules> = [
+            ztunnel_chain(desired, f),
+            ztunnel_syn_limit_chain(desired, f),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let gone: Vec<(&str, &str)> = ZTUNNEL_CHAINS
+            .into_iter()
+            .filter(|(t, n)| !want.iter().any(|c| c.table == *t && c.name == *n))
+            .collect();
+        if !want.is_empty() {
+            changed |= reconcile_chains(f, &want)?;
+        }
+        if !gone.is_empty() {
+            changed |= cleanup_chains(f, &gone)?;
+        }
     }
     Ok(changed)
 }
@@ -360,7 +380,7 @@ pub fn reconcile_ztunnel(desired: &ZtunnelRules) -> Result<bool, IptablesError> 
 /// Cleanup of the ztunnel netns chains (both families).
 pub fn cleanup_ztunnel() -> Result<(), IptablesError> {
     for f in families() {
-        cleanup_chains(f, &[("mangle", chain::PREROUTING)])?;
+        cleanup_chains(f, &ZTUNNEL_CHAINS)?;
     }
     Ok(())
 }

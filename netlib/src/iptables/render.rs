@@ -81,6 +81,8 @@ pub mod chain {
     pub const OUTPUT: &str = "AMBIENT-OUTPUT";
     pub const NAT_PREROUTING: &str = "AMBIENT-NAT-PREROUTING";
     pub const NAT_POSTROUTING: &str = "AMBIENT-NAT-POSTROUTING";
+    /// The ztunnel netns's per-source SYN limit (raw: before conntrack).
+    pub const SYN_LIMIT: &str = "AMBIENT-SYN-LIMIT";
 }
 
 /// The comment of the jump from a built-in chain into ours.
@@ -337,6 +339,44 @@ fn nat_bypass() -> Vec<RuleLine> {
 }
 
 // ---- ztunnel netns (SPEC §3) --------------------------------------------------------------
+
+/// The ztunnel netns's per-source SYN limit of family `f` (raw PREROUTING; as the nft
+/// backend's `syn-limit` chain): `hashlimit` keeps one bucket per source address.
+pub fn ztunnel_syn_limit_chain(r: &ZtunnelRules, f: Fam) -> Option<ChainRules> {
+    let l = r.syn_limit?;
+    // Only for a family the pod has (as the TPROXY chain).
+    let own = r.own_ips();
+    match f {
+        Fam::V4 => own.v4.map(drop)?,
+        Fam::V6 => own.v6.map(drop)?,
+    };
+    let (name, text) = match f {
+        Fam::V4 => (
+            consts::syn_limit::METER,
+            "new connections from one source over its rate: drop",
+        ),
+        Fam::V6 => (
+            consts::syn_limit::METER_V6,
+            "IPv6 new connections from one source over its rate: drop",
+        ),
+    };
+    // `pistio+`: pistioin and pistioout, one bucket per source whichever way it came.
+    let matches = format!(
+        "-i pistio+ -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m hashlimit \
+         --hashlimit-above {}/sec --hashlimit-burst {} --hashlimit-mode srcip \
+         --hashlimit-name {name} --hashlimit-htable-expire {}",
+        l.per_second,
+        l.burst,
+        consts::syn_limit::IDLE_SECONDS * 1000
+    );
+    let rules = vec![rule(text, matches, "DROP")];
+    Some(ChainRules {
+        table: "raw",
+        name: chain::SYN_LIMIT,
+        hook: "PREROUTING",
+        rules,
+    })
+}
 
 /// The ztunnel netns chain of family `f` (mangle, jumped to from PREROUTING); `None` when the
 /// pod has no address of that family.

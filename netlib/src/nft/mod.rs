@@ -74,10 +74,14 @@ pub mod chain {
     pub const NAT_PREROUTING: &str = "nat-prerouting";
     /// kube-proxy coexistence: identity SNAT for captured traffic.
     pub const NAT_POSTROUTING: &str = "nat-postrouting";
+    /// The ztunnel netns's per-source SYN limit, before conntrack.
+    pub const SYN_LIMIT: &str = "syn-limit";
 }
 
 /// nftables hook priorities (the kernel's named values).
 pub mod prio {
+    /// `raw`: before conntrack.
+    pub const RAW: i32 = -300;
     /// `mangle`: after conntrack, before any NAT.
     pub const MANGLE: i32 = -150;
     /// `dstnat` (kube-proxy's NAT prerouting priority).
@@ -176,6 +180,27 @@ pub struct ZtunnelRules {
     pub ztunnel_ip6: Option<Ipv6Addr>,
     /// The pod's own interface, normally `eth0`.
     pub pod_iface: String,
+    /// New connections per source into the listeners (`consts::syn_limit`); `None`: no limit.
+    pub syn_limit: Option<SynLimit>,
+}
+
+/// A per-source rate of new connections (SYNs) beyond which they are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl SynLimit {
+    pub const DEFAULT: SynLimit = SynLimit {
+        per_second: crate::consts::syn_limit::PER_SECOND,
+        burst: crate::consts::syn_limit::BURST,
+    };
+
+    /// `per_second` 0 means no limit.
+    pub fn new(per_second: u32, burst: u32) -> Option<SynLimit> {
+        (per_second > 0).then_some(SynLimit { per_second, burst })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -720,6 +745,21 @@ pub fn observe_ztunnel() -> Result<Option<ObservedZtunnel>, NftError> {
 /// Reads the ztunnel netns' IPv6 table (`None` when it does not exist).
 pub fn observe_ztunnel6() -> Result<Option<ObservedZtunnel>, NftError> {
     observe(ZTUNNEL6)
+}
+
+/// SYNs the ztunnel netns's per-source limit has dropped (both families), from its rules'
+/// counters; 0 when it has no limit.
+pub fn syn_limit_drops() -> Result<u64, NftError> {
+    let mut n = 0;
+    for t in [observe_ztunnel()?, observe_ztunnel6()?]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(c) = t.chains.get(chain::SYN_LIMIT) {
+            n += c.rules.iter().filter_map(|r| r.packets).sum::<u64>();
+        }
+    }
+    Ok(n)
 }
 
 /// Attempts per reconcile: a concurrent change (a CNI DEL removing an element the plan

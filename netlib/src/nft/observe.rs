@@ -46,6 +46,8 @@ pub struct ObservedRule {
     pub comment: Option<String>,
     /// The `[ambient i/n fingerprint]` tag of the comment, when it has one.
     pub tag: Option<RuleTag>,
+    /// Packets its (first) counter has counted, when it has one.
+    pub packets: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -220,6 +222,10 @@ pub fn parse_table(json: &str, table: &str) -> Result<ObservedTable, NftError> {
                         handle: body.get("handle").and_then(Value::as_u64),
                         comment: comment.map(str::to_string),
                         tag: comment.and_then(RuleTag::parse),
+                        packets: body.get("expr").and_then(Value::as_array).and_then(|e| {
+                            e.iter()
+                                .find_map(|x| x.get("counter")?.get("packets")?.as_u64())
+                        }),
                     });
                 }
                 "set" => {

@@ -9,11 +9,13 @@ use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nftables::expr::{
-    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, CT,
+    BinaryOperation, Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    SetItem, CT,
 };
 use nftables::schema::{Chain, Rule};
 use nftables::stmt::{
-    Counter, Limit, Log, LogLevel, Mangle, Match, NATFamily, Operator, Statement, TProxy, NAT,
+    Counter, Limit, Log, LogLevel, Mangle, Match, Meter, NATFamily, Operator, Statement, TProxy,
+    NAT,
 };
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -768,5 +770,63 @@ fn ztunnel_chains_of(r: &ZtunnelRules, f: Fam) -> Vec<ChainSpec> {
             ],
         ));
     }
-    vec![filter_chain(chain::PREROUTING, NfHook::Prerouting, rules)]
+    let mut chains = vec![filter_chain(chain::PREROUTING, NfHook::Prerouting, rules)];
+    if let Some(l) = r.syn_limit {
+        chains.push(ChainSpec {
+            prio: prio::RAW,
+            ..filter_chain(chain::SYN_LIMIT, NfHook::Prerouting, vec![syn_limit(f, l)])
+        });
+    }
+    chains
+}
+
+/// A captured connection's SYN from a source over its rate: dropped (counted), before
+/// conntrack and TPROXY. One token bucket per source address, in a meter (a dynamic set)
+/// whose idle entries expire; a full meter limits nobody rather than everybody.
+fn syn_limit(f: Fam, l: super::SynLimit) -> RuleSpec {
+    let captured = Expression::Named(NamedExpression::Set(vec![
+        SetItem::Element(text(consts::PISTIOIN.name)),
+        SetItem::Element(text(consts::PISTIOOUT.name)),
+    ]));
+    let flags = and(
+        payload("tcp", "flags"),
+        Expression::List(vec![text("fin"), text("syn"), text("rst"), text("ack")]),
+    );
+    let (meter, text_) = match f {
+        Fam::V4 => (
+            consts::syn_limit::METER,
+            "new connections from one source over its rate: drop",
+        ),
+        Fam::V6 => (
+            consts::syn_limit::METER_V6,
+            "IPv6 new connections from one source over its rate: drop",
+        ),
+    };
+    rule(
+        text_,
+        vec![
+            eq(meta(MetaKey::Iifname), captured),
+            eq(flags, text("syn")),
+            Statement::Meter(Meter {
+                name: Cow::Borrowed(meter),
+                key: Expression::Named(NamedExpression::Elem(Elem {
+                    val: Box::new(payload(f.proto(), "saddr")),
+                    timeout: Some(consts::syn_limit::IDLE_SECONDS),
+                    expires: None,
+                    comment: None,
+                    counter: None,
+                })),
+                stmt: Box::new(Statement::Limit(Limit {
+                    rate: l.per_second,
+                    rate_unit: None,
+                    per: Some(Cow::Borrowed("second")),
+                    burst: Some(l.burst),
+                    burst_unit: None,
+                    inv: Some(true),
+                })),
+            }),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ],
+    )
 }

@@ -308,6 +308,7 @@ fn ztunnel_table_in_a_fresh_netns() {
         ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
         ztunnel_ip6: None,
         pod_iface: "eth0".into(),
+        syn_limit: Some(SynLimit::DEFAULT),
     };
     assert!(ns.run(|| reconcile_ztunnel(&z)).unwrap());
     assert!(!ns.run(|| reconcile_ztunnel(&z)).unwrap());
@@ -319,6 +320,8 @@ fn ztunnel_table_in_a_fresh_netns() {
         "iifname \"pistioout\" meta l4proto tcp tproxy to 127.0.0.1:15001 meta mark set meta mark & 0xfffff400 | 0x00000400 accept",
         "iifname \"pistioin\" meta l4proto tcp tproxy to 127.0.0.1:15006 meta mark set meta mark & 0xfffff400 | 0x00000400 accept",
         "iifname \"eth0\" meta l4proto tcp ip daddr != 10.4.4.18 meta mark set meta mark & 0xfffff4d3 | 0x000004d3",
+        "type filter hook prerouting priority raw; policy accept;",
+        "iifname { \"pistioin\", \"pistioout\" } tcp flags syn / fin,syn,rst,ack meter ztunnel-syn-limit size 65535 { ip saddr timeout 10s limit rate over 1000/second burst 2000 packets } counter packets 0 bytes 0 drop",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
@@ -331,6 +334,17 @@ fn ztunnel_table_in_a_fresh_netns() {
     assert!(!ns.run(|| reconcile_ztunnel(&z2)).unwrap());
     let obs = ns.run(observe_ztunnel).unwrap().unwrap();
     assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 4);
+    assert_eq!(obs.chains[chain::SYN_LIMIT].rule_count(), 1);
+    // No limit: its chain goes, the TPROXY rules stay.
+    let z3 = ZtunnelRules {
+        syn_limit: None,
+        ..z2.clone()
+    };
+    assert!(ns.run(|| reconcile_ztunnel(&z3)).unwrap());
+    let obs = ns.run(observe_ztunnel).unwrap().unwrap();
+    assert!(!obs.chains.contains_key(chain::SYN_LIMIT));
+    assert_eq!(obs.chains[chain::PREROUTING].rule_count(), 4);
+    assert!(ns.run(|| reconcile_ztunnel(&z2)).unwrap());
     assert!(ns
         .nft(&["list", "ruleset"])
         .contains("ip daddr != 10.4.4.30"));

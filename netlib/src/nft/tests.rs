@@ -449,9 +449,48 @@ fn ztunnel_chain_reads_like_the_spec() {
         ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
         ztunnel_ip6: None,
         pod_iface: "eth0".into(),
+        syn_limit: Some(SynLimit::DEFAULT),
     };
     let chains = ztunnel_chains(&z);
-    assert_eq!(chains.len(), 1);
+    assert_eq!(chains.len(), 2);
+    // Before conntrack: a source's SYNs over its rate, on either tunnel, dropped.
+    let l = &chains[1];
+    assert_eq!(
+        (l.name, l.kind, l.hook, l.prio, l.rules.len()),
+        (
+            "syn-limit",
+            NfChainType::Filter,
+            NfHook::Prerouting,
+            -300,
+            1
+        )
+    );
+    let e: Vec<Value> = l.rules[0].expr.iter().map(js).collect();
+    assert_eq!(
+        e[0]["match"]["right"],
+        json!({"set": ["pistioin", "pistioout"]})
+    );
+    assert_eq!(e[1]["match"]["right"], json!("syn"));
+    assert_eq!(
+        e[2],
+        json!({"meter": {
+            "name": "ztunnel-syn-limit",
+            "key": {"elem": {
+                "val": {"payload": {"protocol": "ip", "field": "saddr"}},
+                "timeout": 10, "expires": null, "comment": null, "counter": null
+            }},
+            "stmt": {"limit": {"rate": 1000, "per": "second", "burst": 2000, "inv": true}}
+        }})
+    );
+    assert_eq!(e[4], json!({"drop": null}));
+    assert_eq!(
+        ztunnel_chains(&ZtunnelRules {
+            syn_limit: None,
+            ..z.clone()
+        })
+        .len(),
+        1
+    );
     let c = &chains[0];
     assert_eq!(
         (c.name, c.kind, c.hook, c.prio),
@@ -552,6 +591,7 @@ fn fingerprints_follow_the_inputs() {
             ztunnel_ip: Ipv4Addr::from(ip).into(),
             ztunnel_ip6: None,
             pod_iface: "eth0".into(),
+            syn_limit: Some(SynLimit::DEFAULT),
         })[0]
             .fingerprint()
     };
@@ -565,6 +605,7 @@ fn comments_carry_the_tag_and_fit_nft() {
         ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
         ztunnel_ip6: None,
         pod_iface: "eth0".into(),
+        syn_limit: Some(SynLimit::DEFAULT),
     };
     let all = node_chains(d.rules.as_ref())
         .into_iter()
@@ -733,6 +774,7 @@ fn model_apply(obs: Option<ObservedTable>, batch: &Nftables<'_>) -> Option<Obser
                         handle: Some(handle),
                         tag: comment.as_deref().and_then(RuleTag::parse),
                         comment,
+                        packets: None,
                     });
             }
             other => panic!("unexpected command {other:?}"),
@@ -984,6 +1026,7 @@ fn ztunnel_plan_is_idempotent() {
         ztunnel_ip: Ipv4Addr::new(10, 4, 4, 18).into(),
         ztunnel_ip6: None,
         pod_iface: "eth0".into(),
+        syn_limit: Some(SynLimit::DEFAULT),
     };
     let b = plan_ztunnel(&z, None);
     let v = js(&b);
@@ -1061,6 +1104,7 @@ fn bad_interface_names_are_refused() {
             ztunnel_ip: Ipv4Addr::new(10, 0, 0, 1).into(),
             ztunnel_ip6: None,
             pod_iface: name.into(),
+            syn_limit: Some(SynLimit::DEFAULT),
         };
         assert!(z.validate().is_err());
     }

@@ -79,6 +79,9 @@ pub fn compare(d: &Desired, k: &Kernel) -> Vec<Drift> {
                     ztunnel_ip: z.endpoint.ip,
                     ztunnel_ip6: z.endpoint.ip6,
                     pod_iface: "eth0".into(),
+                    // The per-source SYN limit is ztunnel-init's to choose (its flags): not
+                    // the agent's desired state, so only the TPROXY chain is compared.
+                    syn_limit: None,
                 };
                 let own = rules.own_ips();
                 match k.zt_firewall {
