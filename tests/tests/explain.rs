@@ -157,6 +157,16 @@ fn explain_names_the_capture_matrix_steps_and_the_trace_agrees() {
     has(
         a,
         "ztunnel",
+        "syn limit",
+        &[
+            "ip ztunnel syn-limit rule 1/1",
+            "new connections from one source over its rate: drop",
+            "SYNs dropped so far",
+        ],
+    );
+    has(
+        a,
+        "ztunnel",
         "ip rule",
         &["20000", "table 100: local 0.0.0.0/0 dev lo"],
     );
@@ -626,6 +636,12 @@ fn explain_walks_the_ipv6_path() {
         "ztunnel",
         "tproxy",
         &["ip6 ztunnel", "outbound: tproxy 15001", "[::1]:15001"],
+    );
+    has(
+        a,
+        "ztunnel",
+        "syn limit",
+        &["ip6 ztunnel syn-limit rule 1/1", "IPv6"],
     );
     has(
         a,

@@ -338,6 +338,8 @@ enum Hook {
     Output,
     /// The ztunnel netns' TPROXY rules.
     Ztunnel,
+    /// The ztunnel netns' per-source SYN limit (before conntrack).
+    ZtunnelSynLimit,
 }
 
 /// What the walk needs to know of the packet's family and the node's backend.
@@ -379,16 +381,21 @@ impl Filter {
                     Hook::Prerouting => (node, chain::PREROUTING),
                     Hook::NatPrerouting => (node, chain::NAT_PREROUTING),
                     Hook::Output => (node, chain::OUTPUT),
-                    Hook::Ztunnel => (
+                    Hook::Ztunnel | Hook::ZtunnelSynLimit => (
                         format!(
                             "{} {}",
                             if self.v6() { "ip6" } else { "ip" },
                             consts::ZTUNNEL_NFT_TABLE
                         ),
-                        chain::PREROUTING,
+                        if hook == Hook::Ztunnel {
+                            chain::PREROUTING
+                        } else {
+                            chain::SYN_LIMIT
+                        },
                     ),
                 };
-                k.nft_rule(self.v6() && hook == Hook::Ztunnel, self.v6(), chain, text)
+                let zt = matches!(hook, Hook::Ztunnel | Hook::ZtunnelSynLimit);
+                k.nft_rule(self.v6() && zt, self.v6(), chain, text)
                     .map(|(i, r, n)| {
                         format!(
                             "{table} {chain} rule {i}/{n} (handle {}) \"{}\"",
@@ -421,8 +428,18 @@ impl Filter {
     fn ipt_chain(&self, hook: Hook) -> (&'static str, &'static str) {
         match hook {
             Hook::Prerouting | Hook::Ztunnel => ("mangle", iptables::chain::PREROUTING),
+            Hook::ZtunnelSynLimit => ("raw", iptables::chain::SYN_LIMIT),
             Hook::NatPrerouting => ("nat", iptables::chain::NAT_PREROUTING),
             Hook::Output => ("mangle", iptables::chain::OUTPUT),
+        }
+    }
+
+    /// The ztunnel netns's nft table of this family.
+    fn zt_table<'k>(&self, k: &'k NsKernel) -> Option<&'k ambient_net::nft::ObservedTable> {
+        if self.v6() && k.nft6.is_some() {
+            k.nft6.as_ref()
+        } else {
+            k.nft.as_ref()
         }
     }
 
@@ -438,9 +455,14 @@ impl Filter {
                     if self.v6() { "ip6" } else { "ip" },
                     chain::PREROUTING
                 ),
+                Hook::ZtunnelSynLimit => format!(
+                    "chain ztunnel {} {}",
+                    if self.v6() { "ip6" } else { "ip" },
+                    chain::SYN_LIMIT
+                ),
             }],
             FirewallKind::Iptables => {
-                let prefix = if hook == Hook::Ztunnel {
+                let prefix = if matches!(hook, Hook::Ztunnel | Hook::ZtunnelSynLimit) {
                     "ztunnel "
                 } else {
                     ""
@@ -960,6 +982,29 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>)
         fw: k.zt_firewall,
         ..f
     };
+    // Before conntrack and TPROXY: a source over its rate of new connections loses its SYNs.
+    let limit_text = "new connections from one source over its rate: drop";
+    let limit = fz.rule_line(zk, Hook::ZtunnelSynLimit, limit_text, limit_text);
+    let dropped = (fz.fw == FirewallKind::Nftables)
+        .then(|| {
+            let c = fz.zt_table(zk)?.chains.get(chain::SYN_LIMIT)?;
+            Some(c.rules.iter().filter_map(|r| r.packets).sum::<u64>())
+        })
+        .flatten();
+    w.step(
+        "ztunnel",
+        "syn limit",
+        match (&limit, dropped) {
+            (Some(l), Some(n)) => format!("{l}: {n} SYNs dropped so far (all sources)"),
+            (Some(l), None) => l.clone(),
+            (None, _) => "no per-source limit on new connections \
+                          (ztunnel-init --new-connections-per-source=0)"
+                .into(),
+        },
+        None,
+        true,
+        &[],
+    );
     let line = fz.rule_line(zk, Hook::Ztunnel, text, text);
     let lo: IpAddr = if f.v6() {
         Ipv6Addr::LOCALHOST.into()
