@@ -1,5 +1,6 @@
 //! The churn drill's short form (issue 13, "Crashes in the middle of a change"):
-//! `ambient-lab drill churn` with 40 pods, 8 at a time, 5 agent SIGKILLs, on a lab of its own.
+//! `ambient-lab drill churn` with 40 pods, 8 at a time, 5 agent SIGKILLs (2 of the restarted
+//! agents killed again during their start-up), on a lab of its own.
 //! The drill fails unless every call succeeded or failed with code 11, the node's kernel
 //! state ends exactly as desired (0 leaked, 0 missing) and the held connection still echoes;
 //! the report is checked too. And the bug the drill found, alone: a CNI DEL answered while
@@ -23,6 +24,7 @@ fn forty_pods_through_five_agent_kills_leave_exactly_the_desired_state() {
     let mut cmd = Command::new(LAB);
     cmd.args(["drill", "churn", "--prefix", &prefix])
         .args(["--pods", "40", "--concurrency", "8", "--kills", "5"])
+        .args(["--startup-kills", "2"])
         .arg("--json")
         .arg(&json);
     // A run can be replayed: the drill prints its seed, this takes one back.
@@ -38,6 +40,8 @@ fn forty_pods_through_five_agent_kills_leave_exactly_the_desired_state() {
     let _ = std::fs::remove_file(&json);
     eprintln!("{stdout}");
     assert!(report["kills"].as_u64().unwrap() >= 5, "{report}");
+    // Two of the restarted agents were killed again while they started.
+    assert_eq!(report["startupKills"], 2, "{report}");
     assert_eq!(report["leaked"], 0, "{report}");
     assert_eq!(report["missing"], 0, "{report}");
     assert_eq!(report["nonRetryable"], 0, "{report}");

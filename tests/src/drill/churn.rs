@@ -49,6 +49,8 @@ const MAX_ADD_ATTEMPTS: u32 = 40;
 const MAX_DEL_ATTEMPTS: u32 = 40;
 /// How long a restarted agent may take to say "serving".
 const SERVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A start-up kill lands this soon (at most) after the agent's start.
+const STARTUP_KILL_MAX_MS: u64 = 200;
 /// The agent's process record in the lab state (node A).
 const AGENT_PROCESS: &str = "agent-a";
 
@@ -75,6 +77,11 @@ pub struct ChurnArgs {
     /// Longest pause between a kill and the restart, in ms (each one random below it).
     #[arg(long, default_value_t = 300)]
     pub max_downtime_ms: u64,
+    /// Of the kills, how many also SIGKILL the restarted agent again within
+    /// `STARTUP_KILL_MAX_MS` of its start (mid-recovery: reading its state, replaying the
+    /// journal, the first reconcile) before it is restarted for good.
+    #[arg(long, default_value_t = 5)]
+    pub startup_kills: usize,
     /// Retry a failed ADD in the same sandbox (the same container id, as some runtimes do)
     /// instead of a new one, as kubelet does.
     #[arg(long)]
@@ -100,6 +107,8 @@ pub struct ChurnReport {
     /// SIGKILLs of the agent, and of them those that hit it with CNI calls in flight.
     pub kills: usize,
     pub kills_mid_call: usize,
+    /// Restarted agents SIGKILLed again during their start-up.
+    pub startup_kills: usize,
     /// From each kill to the restarted agent's "serving" line, in ms.
     pub restart: Option<Latency>,
     /// Every CNI call made (ADD and DEL, retries included).
@@ -163,7 +172,7 @@ impl ChurnReport {
             None => format!("{name:<8} {:>6}\n", 0),
         };
         format!(
-            "churn drill (seed {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call)\n\
+            "churn drill (seed {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call, {} more during start-up)\n\
              what      count    p50 ms    p99 ms    max ms  failed by code\n{}{}{}\
              calls: {}, non-retryable: {}, gave up: {}, ADD not applied: {}\n\
              kernel: leaked {}, missing {}, converged {} after the last call ({} lines off at first)\n\
@@ -174,6 +183,7 @@ impl ChurnReport {
             self.keep,
             self.kills,
             self.kills_mid_call,
+            self.startup_kills,
             row("ADD ok", &self.add, Some(&self.add_failed)),
             row("DEL ok", &self.del, Some(&self.del_failed)),
             row("restart", &self.restart, None),
@@ -406,6 +416,7 @@ impl<'a> Churn<'a> {
 
         report.kills = kills.iter().filter(|k| k.killed).count();
         report.kills_mid_call = kills.iter().filter(|k| k.in_flight > 0).count();
+        report.startup_kills = kills.iter().filter(|k| k.startup_killed).count();
         let restarts: Vec<f64> = kills.iter().filter_map(|k| k.serving_ms).collect();
         report.restart = (!restarts.is_empty()).then(|| Latency::of(&restarts));
         report.connection_echoes = kills.iter().filter(|k| k.echoed).count();
@@ -774,6 +785,10 @@ impl<'a> Churn<'a> {
         let mut mark = 0;
         let mut prev = 0;
         let mut echo_ok = true;
+        let mut startup = BTreeSet::new();
+        while startup.len() < self.args.startup_kills.min(points.len()) {
+            startup.insert(rng.range(0, points.len() as u64 - 1) as usize);
+        }
         for (k, point) in points.iter().enumerate() {
             let target = mark + (point - prev);
             prev = *point;
@@ -803,6 +818,27 @@ impl<'a> Churn<'a> {
                 rng.range(0, self.args.max_downtime_ms),
             ));
             let name = format!("{AGENT_PROCESS}-churn{k}");
+            if startup.contains(&k) {
+                // Killed again while it recovers: its state read, the journal replayed, the
+                // first reconcile and the CNI calls already waiting on its socket.
+                let r = self
+                    .lab
+                    .spawn(&format!("{name}-startup"), "nodeA", &argv)
+                    .and_then(|mut first| {
+                        std::thread::sleep(Duration::from_millis(
+                            rng.range(0, STARTUP_KILL_MAX_MS),
+                        ));
+                        sigkill(&first.rec)?;
+                        first.stop()
+                    });
+                if let Err(e) = r {
+                    kill.problem = Some(format!("start-up kill {k}: {e:#}"));
+                    self.shared.abort.store(true, Ordering::Release);
+                    kills.push(kill);
+                    break;
+                }
+                kill.startup_killed = true;
+            }
             let s = self.lab.spawn(&name, "nodeA", &argv);
             let s = match s.and_then(|s| wait_serving(&s.rec).map(|()| s)) {
                 Ok(s) => s,
@@ -848,6 +884,8 @@ struct Kill {
     in_flight: usize,
     /// From the kill to the restarted agent's "serving".
     serving_ms: Option<f64>,
+    /// The first restarted agent was SIGKILLed again while it started.
+    startup_killed: bool,
     echoed: bool,
     problem: Option<String>,
 }
