@@ -23,13 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ambient_net::consts::POD_IIF_SET;
+use ambient_net::consts::{POD_IIF_SET, POD_IIF_SET_V6};
 use ambient_net::netns;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{kernel_state, CallOutcome, DrillNet, Latency, Pod};
+use super::{kernel_state, CallOutcome, DrillNet, Latency, NetSpec, Pod};
 use crate::harness::{HeldConnection, Lab, LabOptions, Spawned};
 use crate::snapshot::{lines_only_in, node_snapshot};
 use crate::state::{LabState, ProcessRecord};
@@ -40,6 +40,9 @@ pub const DEFAULT_PREFIX: &str = "churn";
 const NETWORK: &str = "churn";
 const CIDR: &str = "10.249.0.0/20";
 const GATEWAY: &str = "10.249.0.1";
+/// Its IPv6 range with `--ip-family dual`.
+const CIDR6: &str = "fd24:9::/112";
+const GATEWAY6: &str = "fd24:9::1";
 /// One CNI call: far above any healthy latency, even with the agent restarting.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// CNI's "try again later": the only failure kubelet is expected to see from ambient-cni.
@@ -71,6 +74,14 @@ pub struct ChurnArgs {
     /// The RNG seed (kill points, pauses, pod lifetimes); random when not given, and printed.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The drill network's families: ipv4, or dual (an IPv4 and an IPv6 address per pod; the
+    /// lab comes up dual-stack).
+    #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "dual"])]
+    pub ip_family: String,
+    /// The drill network's primary plugin: ptp, or bridge (its pods on one bridge of its own;
+    /// the lab comes up on bridge primaries too).
+    #[arg(long, default_value = "ptp", value_parser = ["ptp", "bridge"])]
+    pub primary: String,
     /// Pods ADDed before the churn and kept up through it (DELeted at the end).
     #[arg(long, default_value_t = 4)]
     pub keep: usize,
@@ -101,6 +112,8 @@ pub type ByCode = BTreeMap<u32, usize>;
 #[serde(rename_all = "camelCase")]
 pub struct ChurnReport {
     pub seed: u64,
+    pub ip_family: String,
+    pub primary: String,
     pub pods: usize,
     pub concurrency: usize,
     pub keep: usize,
@@ -172,12 +185,14 @@ impl ChurnReport {
             None => format!("{name:<8} {:>6}\n", 0),
         };
         format!(
-            "churn drill (seed {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call, {} more during start-up)\n\
+            "churn drill (seed {}, {} on {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call, {} more during start-up)\n\
              what      count    p50 ms    p99 ms    max ms  failed by code\n{}{}{}\
              calls: {}, non-retryable: {}, gave up: {}, ADD not applied: {}\n\
              kernel: leaked {}, missing {}, converged {} after the last call ({} lines off at first)\n\
              held connection: {} ({} echoes)\n{}",
             self.seed,
+            self.ip_family,
+            self.primary,
             self.pods,
             self.concurrency,
             self.keep,
@@ -267,7 +282,12 @@ pub fn churn_drill(lab_bin: &Path, args: &ChurnArgs) -> Result<ChurnReport> {
             .unwrap_or(1)
     });
     eprintln!("drill: churn seed {seed} (replay with --seed {seed})");
-    super::on_lab(&args.prefix, LabOptions::new(lab_bin), |lab, state| {
+    let opts = LabOptions::new(lab_bin)
+        .arg("--ip-family")
+        .arg(args.ip_family.clone())
+        .arg("--primary")
+        .arg(args.primary.clone());
+    super::on_lab(&args.prefix, opts, |lab, state| {
         Churn::new(lab, state, args, seed)?.run()
     })
 }
@@ -298,10 +318,10 @@ struct Stats {
     last_call: Option<Instant>,
 }
 
-/// One pod up: its sandbox, address and host veth.
+/// One pod up: its sandbox, addresses (IPv4 first) and host veth.
 struct Up {
     pod: Pod,
-    ip: String,
+    ips: Vec<String>,
     veth: String,
 }
 
@@ -326,8 +346,16 @@ impl<'a> Churn<'a> {
             node,
             super::cniclient(state)?,
             NETWORK,
-            CIDR,
-            GATEWAY,
+            &NetSpec {
+                primary: args.primary.clone(),
+                ranges: match args.ip_family.as_str() {
+                    "dual" => vec![
+                        (CIDR.into(), GATEWAY.into()),
+                        (CIDR6.into(), GATEWAY6.into()),
+                    ],
+                    _ => vec![(CIDR.into(), GATEWAY.into())],
+                },
+            },
             CALL_TIMEOUT,
         )?;
         Ok(Churn {
@@ -351,6 +379,8 @@ impl<'a> Churn<'a> {
         let started = Instant::now();
         let mut report = ChurnReport {
             seed: self.seed,
+            ip_family: self.args.ip_family.clone(),
+            primary: self.args.primary.clone(),
             pods: self.args.pods,
             concurrency: self.args.concurrency,
             keep: self.args.keep,
@@ -434,7 +464,7 @@ impl<'a> Churn<'a> {
             true => Duration::ZERO,
             false => Duration::from_secs(self.args.settle),
         };
-        let want_leases: BTreeSet<String> = kept.iter().map(|u| u.ip.clone()).collect();
+        let want_leases: BTreeSet<String> = kept.iter().flat_map(|u| u.ips.clone()).collect();
         let (diff, converged, first_off) =
             self.converge(&reference, &want_leases, last_call, settle)?;
         report.converged_after_s = converged;
@@ -522,11 +552,15 @@ impl<'a> Churn<'a> {
         // A rule more renumbers the agent's tags on its neighbours: compared without them.
         let (base, refd) = (untagged(&baseline.snapshot), untagged(&reference.snapshot));
         let added = lines_only_in(&refd, &base);
+        let bridge = NetSpec::bridge_name(NETWORK);
         let names_kept = |l: &str| {
             l.contains(GATEWAY)
-                || kept
-                    .iter()
-                    .any(|u| l.contains(&format!("{} ", u.ip)) || l.ends_with(&u.ip))
+                || l.contains(GATEWAY6)
+                // A bridge's first pod brings its same-bridge capture rules.
+                || (self.args.primary == "bridge" && l.contains(&bridge))
+                || kept.iter().flat_map(|u| &u.ips).any(|ip| {
+                    l.contains(&format!("{ip} ")) || l.ends_with(ip.as_str())
+                })
         };
         if let Some(l) = added.iter().find(|l| !names_kept(l)) {
             bail!("the kept pods' ADDs changed more than their own state: {l:?}");
@@ -539,20 +573,21 @@ impl<'a> Churn<'a> {
             bail!("the kept pods' ADDs removed {l:?}");
         }
         for u in kept {
-            let elem = format!("element \"{}\" . {}", u.veth, u.ip);
-            let route = format!("{} via", u.ip);
-            let in_set = added.iter().any(|l| l.contains(&elem));
-            let routed = added
-                .iter()
-                .any(|l| l.starts_with(&route) && l.contains("istioin"));
-            if !in_set || !routed || !reference.links.contains(&u.veth) {
-                bail!(
-                    "kept pod {} ({} on {}): {POD_IIF_SET} element {in_set}, table-100 route {routed}, veth {}",
-                    u.pod.name,
-                    u.ip,
-                    u.veth,
-                    reference.links.contains(&u.veth)
-                );
+            for ip in &u.ips {
+                let elem = format!("element \"{}\" . {ip}", u.veth);
+                let route = format!("{ip} via");
+                let in_set = added.iter().any(|l| l.contains(&elem));
+                let routed = added
+                    .iter()
+                    .any(|l| l.starts_with(&route) && l.contains("istioin"));
+                if !in_set || !routed || !reference.links.contains(&u.veth) {
+                    bail!(
+                        "kept pod {} ({ip} on {}): element {in_set}, table-100 route {routed}, veth {}",
+                        u.pod.name,
+                        u.veth,
+                        reference.links.contains(&u.veth)
+                    );
+                }
             }
         }
         Ok(())
@@ -644,11 +679,11 @@ impl<'a> Churn<'a> {
     fn up(&self, pod: &Pod, o: &CallOutcome) -> Result<Up> {
         let v: Value = serde_json::from_str(&o.stdout)
             .with_context(|| format!("ADD of {} printed no result: {:?}", pod.name, o.stdout))?;
-        let r = cni::parse_result(&v)?;
+        let r = cni::parse_addresses(&v)?;
         let veth = r.host_veth.context("the ADD result names no host veth")?;
         Ok(Up {
             pod: pod.clone(),
-            ip: r.ip.to_string(),
+            ips: r.ips.iter().map(ToString::to_string).collect(),
             veth,
         })
     }
@@ -745,25 +780,37 @@ impl<'a> Churn<'a> {
             let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
             Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
         };
-        let elem = format!("{{ \"{}\" . {} }}", u.veth, u.ip);
+        // The routed device: the bridge, for a pod behind one.
+        let dev = match self.args.primary.as_str() {
+            "bridge" => NetSpec::bridge_name(NETWORK),
+            _ => u.veth.clone(),
+        };
         let table = ambient_net::consts::NODE_NFT_TABLE;
-        let get = ["nft", "get", "element", "inet", table, POD_IIF_SET, &elem];
-        // A lookup that fails for another reason than "no such element" (a dump interrupted
-        // by a concurrent transaction) is asked again.
-        let mut set = run(&get)?;
-        for _ in 0..5 {
-            if set.0 || set.2.contains("No such file or directory") {
-                break;
+        for ip in &u.ips {
+            let v6 = ip.contains(':');
+            let (set, family) = match v6 {
+                true => (POD_IIF_SET_V6, "-6"),
+                false => (POD_IIF_SET, "-4"),
+            };
+            let elem = format!("{{ \"{dev}\" . {ip} }}");
+            let get = ["nft", "get", "element", "inet", table, set, &elem];
+            // A lookup that fails for another reason than "no such element" (a dump
+            // interrupted by a concurrent transaction) is asked again.
+            let mut found = run(&get)?;
+            for _ in 0..5 {
+                if found.0 || found.2.contains("No such file or directory") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                found = run(&get)?;
             }
-            std::thread::sleep(Duration::from_millis(50));
-            set = run(&get)?;
-        }
-        let route = run(&["ip", "-4", "route", "show", "table", "100", "exact", &u.ip])?;
-        if !set.0 || !set.1.contains(&u.ip) || !route.1.contains("istioin") {
-            return Err(format!(
-                "{} ({} on {}) after a successful ADD: element {:?} ({}), route {:?}",
-                u.pod.container_id, u.ip, u.veth, set.1, set.2, route.1
-            ));
+            let route = run(&["ip", family, "route", "show", "table", "100", "exact", ip])?;
+            if !found.0 || !found.1.contains(ip.as_str()) || !route.1.contains("istioin") {
+                return Err(format!(
+                    "{} ({ip} on {}) after a successful ADD: element {:?} ({}), route {:?}",
+                    u.pod.container_id, u.veth, found.1, found.2, route.1
+                ));
+            }
         }
         Ok(())
     }

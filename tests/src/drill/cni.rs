@@ -100,8 +100,7 @@ pub fn cni_drill(lab_bin: &Path, args: &CniArgs) -> Result<CniDrillReport> {
             node,
             super::cniclient(state)?,
             NETWORK,
-            CIDR,
-            GATEWAY,
+            &super::NetSpec::ptp_v4(CIDR, GATEWAY),
             CALL_TIMEOUT,
         )?;
         netns::run_in(&netns::named_path(&net.node.netns), || rounds(&net, args))?

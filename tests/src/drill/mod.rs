@@ -94,8 +94,31 @@ impl Latency {
 /// kernel.
 const NAMESPACE: &str = "demo";
 
-/// A drill's own CNI network in node A: a conflist of ptp + host-local on its own /20,
-/// chained to ambient-cni and node A's agent, and the libcni client that calls it.
+/// A drill network's primary plugin and address ranges.
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    /// `ptp`, or `bridge` (on a bridge of the network's own).
+    pub primary: String,
+    /// host-local range sets: (subnet, gateway), IPv4 first.
+    pub ranges: Vec<(String, String)>,
+}
+
+impl NetSpec {
+    pub fn ptp_v4(cidr: &str, gateway: &str) -> NetSpec {
+        NetSpec {
+            primary: "ptp".into(),
+            ranges: vec![(cidr.into(), gateway.into())],
+        }
+    }
+
+    /// The bridge a `bridge` network's pods hang on (≤ 15 bytes).
+    pub fn bridge_name(network: &str) -> String {
+        format!("{}br", &network[..network.len().min(12)])
+    }
+}
+
+/// A drill's own CNI network in node A: a conflist of ptp (or bridge) + host-local on its own
+/// ranges, chained to ambient-cni and node A's agent, and the libcni client that calls it.
 pub struct DrillNet {
     pub prefix: String,
     pub node: NodeState,
@@ -130,14 +153,13 @@ pub struct CallOutcome {
 }
 
 impl DrillNet {
-    /// Writes the network's conflist (`name`, `cidr`, `gateway`) next to node A's.
+    /// Writes the network's conflist (`name`, `spec`) next to node A's.
     pub fn new(
         state: &LabState,
         node: NodeState,
         cniclient: PathBuf,
         name: &str,
-        cidr: &str,
-        gateway: &str,
+        spec: &NetSpec,
         call_timeout: Duration,
     ) -> Result<DrillNet> {
         let agent = node.agent.clone().context("node A has no agent")?;
@@ -146,17 +168,35 @@ impl DrillNet {
         let ipam_dir = cni_dir.join(format!("{name}-ipam"));
         std::fs::create_dir_all(&conf_dir)?;
         std::fs::create_dir_all(&ipam_dir)?;
+        let ranges: Vec<Value> = spec
+            .ranges
+            .iter()
+            .map(|(subnet, gateway)| json!([{"subnet": subnet, "gateway": gateway}]))
+            .collect();
+        let routes: Vec<Value> = spec
+            .ranges
+            .iter()
+            .map(|(subnet, _)| match subnet.contains(':') {
+                true => json!({"dst": "::/0"}),
+                false => json!({"dst": "0.0.0.0/0"}),
+            })
+            .collect();
+        let mut primary = json!({
+            "type": spec.primary, "ipMasq": false, "mtu": lab_cni::POD_MTU,
+            "ipam": {
+                "type": "host-local",
+                "ranges": ranges,
+                "routes": routes,
+                "dataDir": ipam_dir,
+            },
+        });
+        if spec.primary == "bridge" {
+            primary["bridge"] = json!(NetSpec::bridge_name(name));
+            primary["isGateway"] = json!(true);
+        }
         let conflist = json!({
             "cniVersion": lab_cni::CNI_VERSION, "name": name,
-            "plugins": [{
-                "type": "ptp", "ipMasq": false, "mtu": lab_cni::POD_MTU,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": cidr, "gateway": gateway}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": ipam_dir,
-                },
-            }, {
+            "plugins": [primary, {
                 "type": "ambient-cni",
                 "agentSocket": agent.socket,
                 "logFile": node.cni.log_file.clone().unwrap_or_else(|| cni_dir.join(format!("{name}-cni.log"))),
