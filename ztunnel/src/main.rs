@@ -12,10 +12,7 @@ fn main() -> ExitCode {
     let nofile = process::raise_nofile_limit();
     let cli = Cli::parse();
     process::init_logging(&cli.log_format);
-    match nofile {
-        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
-    }
+    process::log_nofile_limit(&nofile);
     let cfg = Config::from(cli);
     tracing::info!(
         max = cfg.max_connections_per_source,

@@ -42,6 +42,14 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     nofile_limit()
 }
 
+/// Logs what [`raise_nofile_limit`] did (once logging is up).
+pub fn log_nofile_limit(r: &std::io::Result<(u64, u64)>) {
+    match r {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
+}
+
 /// Logs to stderr, `plain` or `json` (one object per line), filtered by `RUST_LOG` (default
 /// `info`).
 pub fn init_logging(format: &str) {
@@ -128,5 +136,25 @@ pub fn exit_code(name: &str, r: anyhow::Result<bool>) -> ExitCode {
             eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ztunnel and the waypoint both start with this: a soft limit below the hard one is
+    /// raised to it (lowering it first, as many init systems leave it).
+    #[test]
+    fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+        let (_, hard) = nofile_limit().unwrap();
+        let low = libc::rlimit {
+            rlim_cur: hard.min(1024),
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        assert_eq!(nofile_limit().unwrap(), (hard.min(1024), hard));
+        assert_eq!(raise_nofile_limit().unwrap(), (hard, hard));
     }
 }
