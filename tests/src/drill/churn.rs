@@ -82,6 +82,9 @@ pub struct ChurnArgs {
     /// the lab comes up on bridge primaries too).
     #[arg(long, default_value = "ptp", value_parser = ["ptp", "bridge"])]
     pub primary: String,
+    /// The node's firewall backend: nftables, or iptables (+ ipset).
+    #[arg(long, default_value = "nftables", value_parser = ["nftables", "iptables"])]
+    pub firewall: String,
     /// Pods ADDed before the churn and kept up through it (DELeted at the end).
     #[arg(long, default_value_t = 4)]
     pub keep: usize,
@@ -114,6 +117,7 @@ pub struct ChurnReport {
     pub seed: u64,
     pub ip_family: String,
     pub primary: String,
+    pub firewall: String,
     pub pods: usize,
     pub concurrency: usize,
     pub keep: usize,
@@ -185,7 +189,7 @@ impl ChurnReport {
             None => format!("{name:<8} {:>6}\n", 0),
         };
         format!(
-            "churn drill (seed {}, {} on {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call, {} more during start-up)\n\
+            "churn drill (seed {}, {} on {}, {}): {} pods, {} at a time, {} kept up; {} agent SIGKILLs ({} mid-call, {} more during start-up)\n\
              what      count    p50 ms    p99 ms    max ms  failed by code\n{}{}{}\
              calls: {}, non-retryable: {}, gave up: {}, ADD not applied: {}\n\
              kernel: leaked {}, missing {}, converged {} after the last call ({} lines off at first)\n\
@@ -193,6 +197,7 @@ impl ChurnReport {
             self.seed,
             self.ip_family,
             self.primary,
+            self.firewall,
             self.pods,
             self.concurrency,
             self.keep,
@@ -286,7 +291,9 @@ pub fn churn_drill(lab_bin: &Path, args: &ChurnArgs) -> Result<ChurnReport> {
         .arg("--ip-family")
         .arg(args.ip_family.clone())
         .arg("--primary")
-        .arg(args.primary.clone());
+        .arg(args.primary.clone())
+        .arg("--firewall")
+        .arg(args.firewall.clone());
     super::on_lab(&args.prefix, opts, |lab, state| {
         Churn::new(lab, state, args, seed)?.run()
     })
@@ -381,6 +388,7 @@ impl<'a> Churn<'a> {
             seed: self.seed,
             ip_family: self.args.ip_family.clone(),
             primary: self.args.primary.clone(),
+            firewall: self.args.firewall.clone(),
             pods: self.args.pods,
             concurrency: self.args.concurrency,
             keep: self.args.keep,
@@ -559,7 +567,9 @@ impl<'a> Churn<'a> {
                 // A bridge's first pod brings its same-bridge capture rules.
                 || (self.args.primary == "bridge" && l.contains(&bridge))
                 || kept.iter().flat_map(|u| &u.ips).any(|ip| {
-                    l.contains(&format!("{ip} ")) || l.ends_with(ip.as_str())
+                    l.contains(&format!("{ip} "))
+                        || l.contains(&format!("{ip},"))
+                        || l.ends_with(ip.as_str())
                 })
         };
         if let Some(l) = added.iter().find(|l| !names_kept(l)) {
@@ -574,7 +584,11 @@ impl<'a> Churn<'a> {
         }
         for u in kept {
             for ip in &u.ips {
-                let elem = format!("element \"{}\" . {ip}", u.veth);
+                let elem = match self.args.firewall.as_str() {
+                    // `ipset save`: "add ztunnel-pods-iifs[6] <ip>,<routed device>".
+                    "iptables" => format!(" {ip},{}", self.routed_dev(u)),
+                    _ => format!("element \"{}\" . {ip}", u.veth),
+                };
                 let route = format!("{ip} via");
                 let in_set = added.iter().any(|l| l.contains(&elem));
                 let routed = added
@@ -768,6 +782,14 @@ impl<'a> Churn<'a> {
         }
     }
 
+    /// The device the pod's packets are routed in on: the bridge, for a pod behind one.
+    fn routed_dev(&self, u: &Up) -> String {
+        match self.args.primary.as_str() {
+            "bridge" => NetSpec::bridge_name(NETWORK),
+            _ => u.veth.clone(),
+        }
+    }
+
     /// A successful ADD's pod is in the kernel: its `veth . ip` element and table-100 route
     /// (a kill after the reply may restart the agent meanwhile; its state is kept).
     fn applied(&self, u: &Up) -> std::result::Result<(), String> {
@@ -780,11 +802,7 @@ impl<'a> Churn<'a> {
             let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
             Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
         };
-        // The routed device: the bridge, for a pod behind one.
-        let dev = match self.args.primary.as_str() {
-            "bridge" => NetSpec::bridge_name(NETWORK),
-            _ => u.veth.clone(),
-        };
+        let dev = self.routed_dev(u);
         let table = ambient_net::consts::NODE_NFT_TABLE;
         for ip in &u.ips {
             let v6 = ip.contains(':');
@@ -793,19 +811,27 @@ impl<'a> Churn<'a> {
                 false => (POD_IIF_SET, "-4"),
             };
             let elem = format!("{{ \"{dev}\" . {ip} }}");
-            let get = ["nft", "get", "element", "inet", table, set, &elem];
+            let member = format!("{ip},{dev}");
+            let get: Vec<&str> = match self.args.firewall.as_str() {
+                "iptables" => vec!["ipset", "test", set, &member],
+                _ => vec!["nft", "get", "element", "inet", table, set, &elem],
+            };
             // A lookup that fails for another reason than "no such element" (a dump
             // interrupted by a concurrent transaction) is asked again.
             let mut found = run(&get)?;
             for _ in 0..5 {
-                if found.0 || found.2.contains("No such file or directory") {
+                if found.0
+                    || found.2.contains("No such file or directory")
+                    || found.2.contains("is NOT in set")
+                {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
                 found = run(&get)?;
             }
             let route = run(&["ip", family, "route", "show", "table", "100", "exact", ip])?;
-            if !found.0 || !found.1.contains(ip.as_str()) || !route.1.contains("istioin") {
+            let listed = found.1.contains(ip.as_str()) || found.2.contains("is in set");
+            if !found.0 || !listed || !route.1.contains("istioin") {
                 return Err(format!(
                     "{} ({ip} on {}) after a successful ADD: element {:?} ({}), route {:?}",
                     u.pod.container_id, u.veth, found.1, found.2, route.1
