@@ -179,6 +179,19 @@ pub mod syn_limit {
     /// The nft meters (one per family table) and the iptables hashlimit names.
     pub const METER: &str = "ztunnel-syn-limit";
     pub const METER_V6: &str = "ztunnel-syn-limit6";
+    /// The rule's comment text (the IPv6 one starts with "IPv6 ").
+    pub const TEXT: &str = "new connections from one source over its rate: drop";
+
+    /// (meter or hashlimit name, rule text) of a family.
+    pub fn names(v6: bool) -> (&'static str, &'static str) {
+        match v6 {
+            false => (METER, TEXT),
+            true => (
+                METER_V6,
+                "IPv6 new connections from one source over its rate: drop",
+            ),
+        }
+    }
 }
 
 /// Membership (SPEC §1).

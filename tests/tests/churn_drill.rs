@@ -32,20 +32,21 @@ fn forty_pods_through_five_agent_kills_leave_exactly_the_desired_state() {
 /// routes, and the bridge's same-bridge rules, exactly as desired afterwards.
 #[test]
 fn dual_stack_pods_on_a_bridge_through_agent_kills() {
-    let args = ["--pods", "20", "--kills", "3", "--startup-kills", "1"];
-    let mut all = args.to_vec();
-    all.extend(["--ip-family", "dual", "--primary", "bridge"]);
-    churn(&all, 24, 3, 1);
+    small_churn(&["--ip-family", "dual", "--primary", "bridge"]);
 }
 
 /// The same on the iptables + ipset backend (the pods' ipset members instead of nft
 /// elements), dual-stack.
 #[test]
 fn the_iptables_backend_through_agent_kills() {
-    let args = ["--pods", "20", "--kills", "3", "--startup-kills", "1"];
-    let mut all = args.to_vec();
-    all.extend(["--ip-family", "dual", "--firewall", "iptables"]);
-    churn(&all, 24, 3, 1);
+    small_churn(&["--ip-family", "dual", "--firewall", "iptables"]);
+}
+
+/// 20 pods through 3 kills (1 with a start-up kill) on a lab and drill network of `variant`.
+fn small_churn(variant: &[&str]) {
+    let mut args = vec!["--pods", "20", "--kills", "3", "--startup-kills", "1"];
+    args.extend(variant);
+    churn(&args, 24, 3, 1);
 }
 
 /// Runs the drill with `args` (4 pods kept) and checks its report: `adds` successful ADDs,

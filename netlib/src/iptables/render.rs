@@ -350,16 +350,7 @@ pub fn ztunnel_syn_limit_chain(r: &ZtunnelRules, f: Fam) -> Option<ChainRules> {
         Fam::V4 => own.v4.map(drop)?,
         Fam::V6 => own.v6.map(drop)?,
     };
-    let (name, text) = match f {
-        Fam::V4 => (
-            consts::syn_limit::METER,
-            "new connections from one source over its rate: drop",
-        ),
-        Fam::V6 => (
-            consts::syn_limit::METER_V6,
-            "IPv6 new connections from one source over its rate: drop",
-        ),
-    };
+    let (name, text) = consts::syn_limit::names(f == Fam::V6);
     // `pistio+`: pistioin and pistioout, one bucket per source whichever way it came.
     let matches = format!(
         "-i pistio+ -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m hashlimit \

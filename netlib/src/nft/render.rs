@@ -792,16 +792,7 @@ fn syn_limit(f: Fam, l: super::SynLimit) -> RuleSpec {
         payload("tcp", "flags"),
         Expression::List(vec![text("fin"), text("syn"), text("rst"), text("ack")]),
     );
-    let (meter, text_) = match f {
-        Fam::V4 => (
-            consts::syn_limit::METER,
-            "new connections from one source over its rate: drop",
-        ),
-        Fam::V6 => (
-            consts::syn_limit::METER_V6,
-            "IPv6 new connections from one source over its rate: drop",
-        ),
-    };
+    let (meter, text_) = consts::syn_limit::names(f == Fam::V6);
     rule(
         text_,
         vec![

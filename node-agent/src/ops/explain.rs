@@ -983,7 +983,7 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>)
         ..f
     };
     // Before conntrack and TPROXY: a source over its rate of new connections loses its SYNs.
-    let limit_text = "new connections from one source over its rate: drop";
+    let limit_text = consts::syn_limit::TEXT;
     let limit = fz.rule_line(zk, Hook::ZtunnelSynLimit, limit_text, limit_text);
     let dropped = (fz.fw == FirewallKind::Nftables)
         .then(|| {
