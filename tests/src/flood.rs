@@ -223,6 +223,9 @@ pub struct PhaseReport {
     pub refused: Vec<(String, u64)>,
     /// Its WARN lines about refusals during the flood (once per cause and minute).
     pub refusal_warnings: usize,
+    /// Its `ztunnel_refused_connections_total{cause="syn-limit"}` after the phase: the
+    /// kernel's drops as ztunnel reports them (read every 10 s, so behind the counters).
+    pub syn_limit_reported: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -434,6 +437,10 @@ fn flood_on(lab: &Lab, state: &LabState, args: &FloodArgs) -> Result<FloodReport
             after,
             refused,
             refusal_warnings: refusal_warnings(&log, log_from),
+            syn_limit_reported: refused_metrics(lab, phase.ztunnel)?
+                .iter()
+                .find(|(c, _)| c == "syn-limit")
+                .map_or(0, |x| x.1),
         });
     }
     let pass = reports.iter().all(|p| {
@@ -473,7 +480,11 @@ fn released(zts: &[Ztunnel; 2], baseline: &ProcSample, which: usize) -> Result<[
 
 /// [`refused_metrics`] and the SYNs the ztunnel netns's per-source limit dropped.
 fn refused_counts(lab: &Lab, which: usize) -> Result<Vec<(String, u64)>> {
-    let mut out = refused_metrics(lab, which)?;
+    // ztunnel reports the kernel's drops too, but only every 10 s: the counters are read here.
+    let mut out: Vec<(String, u64)> = refused_metrics(lab, which)?
+        .into_iter()
+        .filter(|(c, _)| c != "syn-limit")
+        .collect();
     let netns = ["a-ztunnel", "b-ztunnel"][which];
     let drops = lab
         .run_in(netns, ambient_net::nft::syn_limit_drops)?

@@ -230,6 +230,13 @@ pub async fn start(cfg: Config, side: Handle) -> anyhow::Result<Running> {
             background.clone(),
         ));
     }
+    // In its own netns (transparent): what the kernel's SYN limit drops before the listeners.
+    if cfg.transparent {
+        side.spawn(crate::syn_limit::report(
+            metrics.clone(),
+            background.clone(),
+        ));
+    }
     side.spawn(refresh_certificates(
         manager.clone(),
         state.clone(),

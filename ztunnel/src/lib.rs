@@ -34,4 +34,5 @@ pub mod rbac;
 pub mod refusals;
 pub mod socket;
 pub mod state;
+pub mod syn_limit;
 pub mod tls;

@@ -135,11 +135,16 @@ impl Metrics {
 
     /// Counts one refusal.
     pub fn refused(&self, direction: &str, cause: &str) {
+        self.refused_n(direction, cause, 1);
+    }
+
+    /// Counts `n` refusals.
+    pub fn refused_n(&self, direction: &str, cause: &str, n: u64) {
         let l = RefusalLabels {
             direction: direction.to_string(),
             cause: cause.to_string(),
         };
-        self.refused_by_cause.get_or_create(&l).inc();
+        self.refused_by_cause.get_or_create(&l).inc_by(n);
     }
 
     pub fn encode(&self) -> String {
