@@ -351,11 +351,15 @@ pub fn ztunnel_syn_limit_chain(r: &ZtunnelRules, f: Fam) -> Option<ChainRules> {
         Fam::V6 => own.v6.map(drop)?,
     };
     let (name, text) = consts::syn_limit::names(f == Fam::V6);
-    // `pistio+`: pistioin and pistioout, one bucket per source whichever way it came.
+    // `pistio+`: pistioin and pistioout (their common prefix, iptables' wildcard), one bucket
+    // per source whichever way it came.
+    let (a, b) = (consts::PISTIOIN.name, consts::PISTIOOUT.name);
+    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     let matches = format!(
-        "-i pistio+ -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m hashlimit \
+        "-i {}+ -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m hashlimit \
          --hashlimit-above {}/sec --hashlimit-burst {} --hashlimit-mode srcip \
          --hashlimit-name {name} --hashlimit-htable-expire {}",
+        &a[..common],
         l.per_second,
         l.burst,
         consts::syn_limit::IDLE_SECONDS * 1000
