@@ -756,7 +756,7 @@ pub fn syn_limit_drops() -> Result<u64, NftError> {
         .flatten()
     {
         if let Some(c) = t.chains.get(chain::SYN_LIMIT) {
-            n += c.rules.iter().filter_map(|r| r.packets).sum::<u64>();
+            n += c.packets();
         }
     }
     Ok(n)

@@ -86,6 +86,11 @@ impl ObservedChain {
             && self.policy.as_deref().unwrap_or("accept") == "accept"
     }
 
+    /// Packets the rules' counters have counted, summed.
+    pub fn packets(&self) -> u64 {
+        self.rules.iter().filter_map(|r| r.packets).sum()
+    }
+
     /// The rules are exactly the ones `spec` renders: same count, and rule i's tag says
     /// "i of n" with the chain's current fingerprint.
     pub fn same_rules(&self, spec: &ChainSpec) -> bool {

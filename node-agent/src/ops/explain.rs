@@ -986,10 +986,7 @@ fn walk(w: &mut Walk<'_>, src: &Source, to: SocketAddr) -> (String, Option<u16>)
     let limit_text = consts::syn_limit::TEXT;
     let limit = fz.rule_line(zk, Hook::ZtunnelSynLimit, limit_text, limit_text);
     let dropped = (fz.fw == FirewallKind::Nftables)
-        .then(|| {
-            let c = fz.zt_table(zk)?.chains.get(chain::SYN_LIMIT)?;
-            Some(c.rules.iter().filter_map(|r| r.packets).sum::<u64>())
-        })
+        .then(|| Some(fz.zt_table(zk)?.chains.get(chain::SYN_LIMIT)?.packets()))
         .flatten();
     w.step(
         "ztunnel",
